@@ -1,0 +1,326 @@
+"""Regularizers J(θ): value, proximal map and a subgradient.
+
+Every regularizer here is positively 1-homogeneous (a norm, or a norm plus the indicator of a
+cone), so the elastic-net proximal map the Bregman optimizers need reduces to the plain one:
+
+    prox_{δJ}(δ·v) = δ · prox_J(v)                                   [note: homogeneity]
+
+which is why a regularizer only has to provide ``shrink(x, t) = prox_{tJ}(x)``. The Bregman step
+calls ``shrink(v, 1)`` and multiplies by δ; ProxSGD calls ``shrink(θ − τg, τ)``.
+
+Group regularizers act on rows of a ``(rows, n)`` view of the tensor. ``group_size(shape)``
+returns n (1 for the element-wise ones) and is what the fused kernels receive: they only know
+"element-wise L1-type map" or "row map with threshold λ·√n".
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Regularizer",
+    "NoReg",
+    "L1",
+    "L1Pos",
+    "GroupL1L2",
+    "KernelL1L2",
+    "SparseGroupL1L2",
+    "Nuclear",
+    "regularizer_from_dict",
+]
+
+
+def _check_lamda(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"Invalid {name}: {value} (must be a finite number >= 0)")
+    return value
+
+
+def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
+    """sign(x)·max(|x| − thr, 0)."""
+    return torch.sign(x) * torch.clamp(x.abs() - thr, min=0.0)
+
+
+def _row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
+    """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
+    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows
+    return torch.where(norm > thr, 1.0 - thr / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+
+
+class Regularizer:
+    """Base class. ``kind`` tells the fused backends which map to run:
+
+    ``"none"``, ``"l1"``, ``"l1pos"`` (element-wise), ``"group"``, ``"sparse_group"`` (row maps),
+    ``"nuclear"`` (reference backend only).
+    """
+
+    kind = "none"
+
+    # -- the three things every regularizer provides -------------------------------------------
+    def value(self, theta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shrink(self, x: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+        """prox_{tJ}(x), out of place, in x's dtype."""
+        raise NotImplementedError
+
+    def subgradient(self, theta: torch.Tensor) -> torch.Tensor:
+        """An element p of ∂J(θ) with prox_J(θ/δ + p)·δ = θ for every δ > 0."""
+        raise NotImplementedError
+
+    # -- shared helpers -------------------------------------------------------------------------
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.value(theta)
+
+    def group_size(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """Length n of the rows this regularizer couples (1 for element-wise maps)."""
+        return 1
+
+    def lamdas(self) -> tuple[float, float]:
+        """(λ of the element-wise soft-threshold, λ of the row shrink before its √n factor).
+
+        This pair, ``kind`` and ``group_size`` are all a fused kernel needs to know.
+        """
+        return 0.0, 0.0
+
+    def thresholds(self, shape) -> tuple[float, float]:
+        """(element-wise threshold, row threshold λ_group·√n) for t = 1."""
+        l1, group = self.lamdas()
+        return l1, group * math.sqrt(self.group_size(shape))
+
+    def check_param(self, p: torch.Tensor) -> None:
+        """Raise ValueError if this regularizer cannot act on a tensor of p's shape."""
+        self.group_size(p.shape)
+
+    def prox(self, v: torch.Tensor, delta: float) -> torch.Tensor:
+        """The elastic-net map θ = prox_{δJ}(δ·v) used by the Bregman optimizers."""
+        return self.shrink(v, 1.0) * delta
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form stored in optimizer checkpoints (loadable with weights_only=True)."""
+        return {"name": type(self).__name__, **self._params()}
+
+    def _params(self) -> dict[str, float]:
+        return {}
+
+    def scale_strength(self, factor: float) -> None:
+        """Multiply every λ by ``factor`` (used by the λ scheduler)."""
+        for key, val in self._params().items():
+            setattr(self, key, _check_lamda(key, val * factor))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in self._params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._params() == other._params()  # type: ignore[union-attr]
+
+    __hash__ = None  # mutable (the λ scheduler changes λ)
+
+
+class NoReg(Regularizer):
+    """J = 0: LinBreg becomes SGD (δ = 1), AdaBreg becomes Adam."""
+
+    kind = "none"
+
+    def value(self, theta):
+        return theta.new_zeros((), dtype=_opmath(theta.dtype))
+
+    def shrink(self, x, t=1.0):
+        return x.clone()
+
+    def subgradient(self, theta):
+        return torch.zeros_like(theta)
+
+
+class _LamdaReg(Regularizer):
+    def __init__(self, lamda: float):
+        self.lamda = _check_lamda("lamda", lamda)
+
+    def _params(self):
+        return {"lamda": self.lamda}
+
+
+class L1(_LamdaReg):
+    """J(θ) = λ‖θ‖₁ (element-wise sparsity)."""
+
+    kind = "l1"
+
+    def value(self, theta):
+        return self.lamda * theta.to(_opmath(theta.dtype)).abs().sum()
+
+    def shrink(self, x, t=1.0):
+        return soft_threshold(x, t * self.lamda)
+
+    def subgradient(self, theta):
+        return self.lamda * torch.sign(theta)
+
+    def lamdas(self):
+        return self.lamda, 0.0
+
+
+class L1Pos(L1):
+    """J(θ) = λ‖θ‖₁ + ι(θ ≥ 0). Negative initial weights are projected to 0 by the first step."""
+
+    kind = "l1pos"
+
+    def shrink(self, x, t=1.0):
+        return torch.clamp(x - t * self.lamda, min=0.0)
+
+
+class GroupL1L2(_LamdaReg):
+    """J(θ) = λ·√n·Σ_r ‖θ_r‖₂ over the rows of θ.flatten(1) (n = row length): neuron sparsity.
+
+    A 1-D tensor is one row per element (n = 1), i.e. plain L1.
+    """
+
+    kind = "group"
+
+    def group_size(self, shape):
+        shape = tuple(shape)
+        if len(shape) == 0:
+            return 1
+        return math.prod(shape[1:])
+
+    def lamdas(self):
+        return 0.0, self.lamda
+
+    def _rows(self, x):
+        n = self.group_size(x.shape)
+        return x.reshape(-1, n) if n > 0 else x.reshape(0, 0)
+
+    def value(self, theta):
+        n = self.group_size(theta.shape)
+        if theta.numel() == 0:
+            return theta.new_zeros((), dtype=_opmath(theta.dtype))
+        rows = self._rows(theta.to(_opmath(theta.dtype)))
+        return self.lamda * math.sqrt(n) * torch.linalg.vector_norm(rows, dim=1).sum()
+
+    def shrink(self, x, t=1.0):
+        if x.numel() == 0:
+            return x.clone()
+        _, thr = self.thresholds(x.shape)
+        rows = self._rows(x)
+        return (rows * _row_scale(rows, t * thr)).reshape(x.shape)
+
+    def subgradient(self, theta):
+        if theta.numel() == 0:
+            return torch.zeros_like(theta)
+        _, thr = self.thresholds(theta.shape)
+        rows = self._rows(theta)
+        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        p = torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+        return (thr * p).reshape(theta.shape)
+
+
+class KernelL1L2(GroupL1L2):
+    """Group sparsity over the kh×kw kernels of a conv weight (out, in, kh, kw): n = kh·kw."""
+
+    def group_size(self, shape):
+        shape = tuple(shape)
+        if len(shape) < 3:
+            raise ValueError(
+                f"KernelL1L2 needs conv weights with at least 3 dims (out, in, *kernel); got shape {list(shape)}. "
+                "Use L1 or GroupL1L2 for linear layers and biases."
+            )
+        return math.prod(shape[2:])
+
+
+class SparseGroupL1L2(GroupL1L2):
+    """J(θ) = λ₁‖θ‖₁ + λ₂·√n·Σ_r ‖θ_r‖₂ (rows of θ.flatten(1)).
+
+    Its prox is soft-thresholding followed by the group shrink; λ₁ and λ₂ enter exactly once each
+    (the research code multiplied λ in twice here).
+    """
+
+    kind = "sparse_group"
+
+    def __init__(self, lamda_l1: float, lamda_group: float):
+        self.lamda_l1 = _check_lamda("lamda_l1", lamda_l1)
+        self.lamda_group = _check_lamda("lamda_group", lamda_group)
+
+    def _params(self):
+        return {"lamda_l1": self.lamda_l1, "lamda_group": self.lamda_group}
+
+    def lamdas(self):
+        return self.lamda_l1, self.lamda_group
+
+    def value(self, theta):
+        if theta.numel() == 0:
+            return theta.new_zeros((), dtype=_opmath(theta.dtype))
+        t = theta.to(_opmath(theta.dtype))
+        n = self.group_size(theta.shape)
+        group = torch.linalg.vector_norm(self._rows(t), dim=1).sum()
+        return self.lamda_l1 * t.abs().sum() + self.lamda_group * math.sqrt(n) * group
+
+    def shrink(self, x, t=1.0):
+        if x.numel() == 0:
+            return x.clone()
+        l1, thr = self.thresholds(x.shape)
+        rows = self._rows(soft_threshold(x, t * l1))
+        return (rows * _row_scale(rows, t * thr)).reshape(x.shape)
+
+    def subgradient(self, theta):
+        if theta.numel() == 0:
+            return torch.zeros_like(theta)
+        _, thr = self.thresholds(theta.shape)
+        rows = self._rows(theta)
+        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        p = torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+        return self.lamda_l1 * torch.sign(theta) + (thr * p).reshape(theta.shape)
+
+
+class Nuclear(_LamdaReg):
+    """J(θ) = λ‖θ.flatten(1)‖_* (low rank). Needs an SVD per step: reference backend only."""
+
+    kind = "nuclear"
+
+    def group_size(self, shape):
+        if len(tuple(shape)) < 2:
+            raise ValueError(f"Nuclear needs a tensor with at least 2 dims; got shape {list(shape)}")
+        return 1
+
+    def _mat(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def value(self, theta):
+        if theta.numel() == 0:
+            return theta.new_zeros((), dtype=_opmath(theta.dtype))
+        return self.lamda * torch.linalg.matrix_norm(self._mat(theta.to(_opmath(theta.dtype))), ord="nuc")
+
+    def shrink(self, x, t=1.0):
+        if x.numel() == 0:
+            return x.clone()
+        u, s, vh = torch.linalg.svd(self._mat(x), full_matrices=False)
+        s = torch.clamp(s - t * self.lamda, min=0.0)
+        return ((u * s) @ vh).reshape(x.shape)
+
+    def subgradient(self, theta):
+        if theta.numel() == 0:
+            return torch.zeros_like(theta)
+        u, s, vh = torch.linalg.svd(self._mat(theta), full_matrices=False)
+        # only the directions of the non-zero singular values: then prox(δ·v₀) = θ₀ exactly
+        tol = s.max() * max(theta.shape[0], self._mat(theta).shape[1]) * torch.finfo(s.dtype).eps
+        keep = (s > tol).to(s.dtype)
+        return (self.lamda * (u * keep) @ vh).reshape(theta.shape)
+
+
+_REGISTRY = {cls.__name__: cls for cls in (NoReg, L1, L1Pos, GroupL1L2, KernelL1L2, SparseGroupL1L2, Nuclear)}
+
+
+def regularizer_from_dict(d: dict[str, Any]) -> Regularizer:
+    """Inverse of ``Regularizer.to_dict``."""
+    d = dict(d)
+    name = d.pop("name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown regularizer {name!r} in checkpoint; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**d)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

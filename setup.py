@@ -1,0 +1,70 @@
+"""Build script. The C++ CPU extension is built at install by default; the CUDA extension only when
+asked for or when a CUDA toolkit and a GPU are both present.
+
+Switches (environment):
+  BREGMAN_FUSED_BUILD_CPU=0      skip the C++ CPU extension (it is JIT-built on first use instead)
+  BREGMAN_FUSED_BUILD_CUDA=1|0   force / forbid the CUDA extension (default: toolkit found AND GPU visible)
+  TORCH_CUDA_ARCH_LIST           CUDA archs to build for (e.g. "9.0"), as for any torch extension
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed
+(otherwise pip first copies a multi-GB torch into a throw-away build environment).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_spec():
+    """bregman_fused/_build.py (sources and flags, shared with the JIT build) without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bregman_build", os.path.join(ROOT, "bregman_fused", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _want_cuda(cuda_home) -> bool:
+    switch = os.environ.get("BREGMAN_FUSED_BUILD_CUDA", "")
+    if switch == "0":
+        return False
+    if switch == "1":
+        return True
+    import torch
+
+    return cuda_home is not None and torch.cuda.is_available()
+
+
+def extensions():
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension
+    except ImportError:  # no torch in the build environment: pure-Python install, JIT build on first use
+        return [], {}
+    build = _load_build_spec()
+    cpu_extension, cuda_extension = build.cpu_extension, build.cuda_extension
+
+    modules = []
+    if os.environ.get("BREGMAN_FUSED_BUILD_CPU", "1") != "0":
+        modules.append(cpu_extension(ROOT))
+    if _want_cuda(CUDA_HOME) and glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        modules.append(cuda_extension(ROOT))
+    return modules, ({"build_ext": BuildExtension.with_options(use_ninja=True)} if modules else {})
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="bregman_fused",
+    version="0.1.0",
+    description="Sparse neural-network training with Bregman iterations (LinBreg, AdaBreg, ProxSGD), fused kernels",
+    packages=find_packages(include=["bregman_fused", "bregman_fused.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
+    extras_require={"test": ["pytest", "pytest-benchmark"], "vision": ["torchvision"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["bregman-train=bregman_fused.train:main"]},
+)

@@ -1,0 +1,161 @@
+"""The cross-check table: every backend is run against the reference on these configs.
+
+One config = optimizer × regularizer × dtype × shape. Backends import ``CONFIGS`` (or build a
+smaller table with ``make_configs``) and call ``run_and_compare``; nothing backend-specific lives
+here. Tolerances are derived from the reference's own error in the tested dtype (see
+``tolerance``), never hand-picked per case.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+import torch
+
+import bregman_fused as bf
+
+# (name, optimizer class, hyper-parameters). lr values are large enough that coordinates cross the
+# thresholds in both directions within a few steps.
+OPTIMIZERS = {
+    "linbreg": (bf.LinBreg, dict(lr=0.1, delta=1.3)),
+    "linbreg_momentum": (bf.LinBreg, dict(lr=0.1, delta=0.7, momentum=0.8)),
+    "adabreg": (bf.AdaBreg, dict(lr=0.05, delta=1.1, betas=(0.8, 0.95), eps=1e-6)),
+    "proxsgd": (bf.ProxSGD, dict(lr=0.1)),
+}
+
+# name -> (factory, which shapes it accepts)
+REGULARIZERS: dict[str, tuple[Callable[[], bf.Regularizer], Callable[[tuple], bool]]] = {
+    "none": (lambda: bf.NoReg(), lambda s: True),
+    "l1": (lambda: bf.L1(lamda=0.25), lambda s: True),
+    "l1pos": (lambda: bf.L1Pos(lamda=0.25), lambda s: True),
+    "group": (lambda: bf.GroupL1L2(lamda=0.08), lambda s: True),
+    "kernel": (lambda: bf.KernelL1L2(lamda=0.1), lambda s: len(s) >= 3),
+    "sparse_group": (lambda: bf.SparseGroupL1L2(lamda_l1=0.1, lamda_group=0.05), lambda s: True),
+    "nuclear": (lambda: bf.Nuclear(lamda=0.2), lambda s: len(s) >= 2),
+}
+
+# odd sizes on purpose: empty, one element, primes, 1023, conv weights, long and short rows
+SHAPES = [(0,), (1,), (7,), (1023,), (3, 0), (13, 7), (5, 37), (2, 3, 5, 5), (6, 4, 3, 3), (4, 1, 1, 1)]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    optimizer: str
+    reg: str
+    dtype: torch.dtype
+    shape: tuple
+    non_contiguous: bool = False
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        nc = "-noncontig" if self.non_contiguous else ""
+        return f"{self.optimizer}-{self.reg}-{dt}-{'x'.join(map(str, self.shape))}{nc}"
+
+
+def make_configs(optimizers=None, regs=None, dtypes=None, shapes=None, non_contiguous=True) -> list[Config]:
+    out = []
+    for opt, reg, dtype, shape in itertools.product(
+        optimizers or OPTIMIZERS, regs or REGULARIZERS, dtypes or DTYPES, shapes or SHAPES
+    ):
+        if REGULARIZERS[reg][1](shape):
+            out.append(Config(opt, reg, dtype, shape))
+    if non_contiguous:
+        # transposed 2-D and 4-D params: every kernel must handle strided params and grads
+        for opt, reg, dtype in itertools.product(optimizers or OPTIMIZERS, regs or REGULARIZERS, dtypes or DTYPES):
+            for shape in [(9, 6), (3, 2, 3, 5)]:
+                if REGULARIZERS[reg][1](shape):
+                    out.append(Config(opt, reg, dtype, shape, non_contiguous=True))
+    return out
+
+
+CONFIGS = make_configs()
+NUM_STEPS = 5
+
+
+def _make_param(shape, dtype, non_contiguous, gen) -> torch.Tensor:
+    if non_contiguous:
+        # allocate the transposed shape and transpose back: same logical shape, other strides
+        base = torch.randn(tuple(reversed(shape)), generator=gen, dtype=torch.float64)
+        return base.permute(*reversed(range(len(shape)))).to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def inputs(cfg: Config, num_steps: int = NUM_STEPS, seed: int = 0):
+    """Initial θ and the gradient of every step, all in cfg.dtype (θ possibly non-contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = _make_param(cfg.shape, cfg.dtype, cfg.non_contiguous, gen) * 0.5
+    if cfg.reg == "l1pos":
+        theta = theta.abs()
+    # a few exact zeros in θ₀, as in a sparse init
+    if theta.numel():
+        mask = torch.rand(cfg.shape, generator=gen) < 0.3
+        theta = theta.masked_fill(mask, 0)
+    grads = [_make_param(cfg.shape, cfg.dtype, cfg.non_contiguous, gen) for _ in range(num_steps)]
+    return theta, grads
+
+
+def run(cfg: Config, backend: str, device="cpu", dtype=None, num_steps: int = NUM_STEPS, seed: int = 0):
+    """Run ``num_steps`` steps; return (θ, state dict of that param, optimizer). ``dtype`` overrides
+    cfg.dtype (used for the float64 reference of a float32 run: the same inputs, upcast)."""
+    theta0, grads = inputs(cfg, num_steps, seed)
+    dtype = dtype or cfg.dtype
+    cls, hyper = OPTIMIZERS[cfg.optimizer]
+    p = theta0.to(device=device, dtype=dtype)
+    if cfg.non_contiguous and p.is_contiguous() and p.dim() > 1:
+        p = p.t().contiguous().t() if p.dim() == 2 else p.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    p = torch.nn.Parameter(p)
+    opt = cls([p], reg=REGULARIZERS[cfg.reg][0](), backend=backend, **hyper)
+    for g in grads:
+        p.grad = g.to(device=device, dtype=dtype)
+        opt.step()
+    return p.detach(), opt.state[p], opt
+
+
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def tolerance(ref_lowp: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """A backend may be off the float64 reference by at most twice the reference's own error in
+    ``dtype`` plus a few units of rounding of that dtype at the tensor's scale."""
+    if ref64.numel() == 0:
+        return 0.0
+    own_error = (ref_lowp.double() - ref64.double()).abs().max().item()
+    scale = max(1.0, ref64.double().abs().max().item())
+    return 2.0 * own_error + 8.0 * _ulp(dtype) * scale
+
+
+STATE_KEYS = ("dual", "momentum_buffer", "exp_avg", "exp_avg_sq")
+
+
+def assert_matches_reference(cfg: Config, backend: str, device="cpu", num_steps: int = NUM_STEPS):
+    """The check every backend runs: params AND every state tensor after ``num_steps`` steps."""
+    theta, state, opt = run(cfg, backend, device, num_steps=num_steps)
+    ref_theta, ref_state, _ = run(cfg, "reference", "cpu", num_steps=num_steps)
+    ref64_theta, ref64_state, _ = run(cfg, "reference", "cpu", dtype=torch.float64, num_steps=num_steps)
+
+    theta = theta.cpu()
+    assert theta.dtype == cfg.dtype and theta.shape == torch.Size(cfg.shape)
+    tol = tolerance(ref_theta, ref64_theta, cfg.dtype)
+    err = (theta.double() - ref64_theta).abs().max().item() if theta.numel() else 0.0
+    assert err <= tol, f"{cfg.id} [{backend}] θ off the float64 reference by {err:.3g} > tol {tol:.3g}"
+
+    assert set(state) == set(ref_state), f"{cfg.id} [{backend}] state keys {set(state)} != {set(ref_state)}"
+    assert float(state["step"]) == float(ref_state["step"]) == num_steps
+    for key in STATE_KEYS:
+        if key not in ref_state:
+            continue
+        got = state[key].cpu()
+        assert got.dtype == ref_state[key].dtype, f"{cfg.id} [{backend}] {key} dtype {got.dtype}"
+        tol = tolerance(ref_state[key], ref64_state[key], ref_state[key].dtype)
+        err = (got.double() - ref64_state[key]).abs().max().item() if got.numel() else 0.0
+        assert err <= tol, f"{cfg.id} [{backend}] {key} off the float64 reference by {err:.3g} > tol {tol:.3g}"
+
+    # the kernels' non-zero counts must be exact for the θ they wrote
+    counts = opt._nonzeros()
+    (p,) = opt.param_groups[0]["params"]
+    assert int(counts[p]) == int(torch.count_nonzero(p)), f"{cfg.id} [{backend}] non-zero count"
