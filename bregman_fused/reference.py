@@ -49,7 +49,7 @@ def step(
             g = g / grad_scale.to(device=g.device, dtype=state_dtype)
         steps[i] += 1
         if kind == "proxsgd":
-            theta = reg.shrink(p.to(state_dtype) - lr * g, lr)
+            theta = reg.shrink(torch.add(p.to(state_dtype), g, alpha=-lr), lr)
         else:
             v = duals[i]
             if kind == "linbreg":
