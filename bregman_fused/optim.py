@@ -7,7 +7,9 @@ freely between backends and devices: ``step``, ``dual``, ``momentum_buffer``, ``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -40,6 +42,16 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """Params of one group that share a device and dtype: one backend call per step."""
+
+    key: tuple  # (device, dtype)
+    params: list[torch.Tensor]
+    fn: Callable[..., Any]  # the backend's step, chosen by functional.select_backend
+    lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
+
+
 class _BregmanBase(Optimizer):
     """Shared machinery of LinBreg, AdaBreg and ProxSGD."""
 
@@ -54,6 +66,8 @@ class _BregmanBase(Optimizer):
         super().__init__(params, defaults)
         # latest per-tensor non-zero counts written by the backends: {(group index, bucket key): (params, counts)}
         self._counts: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        # cached buckets per group index: (signature, params with grad, buckets)
+        self._plans: dict[int, tuple[tuple, list[torch.Tensor], list[_Bucket]]] = {}
 
     # -- argument checks ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -111,27 +125,44 @@ class _BregmanBase(Optimizer):
 
     # -- step -----------------------------------------------------------------------------------
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        # torch's .grad setter already rejects grads of another device, dtype or shape
         out = []
         for p in group["params"]:
             g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if g.is_complex():
-                raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
-            if g.device != p.device:
-                raise RuntimeError(f"grad is on {g.device} but its parameter is on {p.device}")
-            if g.shape != p.shape:
-                raise RuntimeError(f"grad has shape {list(g.shape)} but its parameter has shape {list(p.shape)}")
-            out.append(p)
+            if g is not None:
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                out.append(p)
         return out
 
-    def _group_lists(self, group, params) -> dict[str, list[torch.Tensor]]:
+    def _state_signature(self, group: dict[str, Any]) -> tuple:
+        """Group settings that decide which state lists a bucket needs (cache key part)."""
+        return ()
+
+    def _group_lists(self, group, params, states) -> dict[str, list[torch.Tensor]]:
         raise NotImplementedError
 
     def _hyper(self, group) -> dict[str, float]:
         raise NotImplementedError
+
+    def _buckets(self, group_index: int, group: dict[str, Any]) -> list[_Bucket]:
+        """The group's (device, dtype) buckets and their backends, cached while the set of params
+        with grads, the backend, the regularizer type and the state layout stay the same.
+        [note: step overhead] Rebuilding the lists costs ~µs per tensor in Python, which is a
+        measurable share of a fused step on a CPU (and most of it for thousands of small tensors)."""
+        params = self._params_with_grad(group)
+        signature = (self.backend, type(group["reg"]), self._state_signature(group))
+        cached = self._plans.get(group_index)
+        if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
+                and all(map(operator.is_, cached[1], params))):
+            return cached[2]
+        by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_key[(p.device, p.dtype)].append(p)
+        buckets = [_Bucket(key, bucket, select_backend(self.backend, key[0], group["reg"])[1])
+                   for key, bucket in by_key.items()]
+        self._plans[group_index] = (signature, params, buckets)
+        return buckets
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -148,30 +179,31 @@ class _BregmanBase(Optimizer):
         plan = []
         for group_index, group in enumerate(self.param_groups):
             self._check_group(group)
-            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            for p in self._params_with_grad(group):
-                buckets[(p.device, p.dtype)].append(p)  # one backend call per (device, dtype) bucket
-            for key, bucket in buckets.items():
-                _, fn = select_backend(self.backend, key[0], group["reg"])
-                plan.append((group_index, group, key, bucket, fn))
-        for group_index, group, key, bucket, fn in plan:
-            states = [self._init_state(p, group) for p in bucket]
-            lists = self._group_lists(group, bucket, states)
-            counts = fn(
-                self._kind,
-                bucket,
-                [p.grad for p in bucket],
-                lists.get("dual", []),
-                lists.get("exp_avg", []),
-                lists.get("exp_avg_sq", []),
-                [s["step"] for s in states],
-                reg=group["reg"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                **self._hyper(group),
-            )
-            if counts is not None:
-                self._counts[(group_index, key)] = (bucket, counts)
+            plan.append((group_index, group, self._buckets(group_index, group)))
+        for group_index, group, buckets in plan:
+            hyper = self._hyper(group)
+            for bucket in buckets:
+                lists = bucket.lists
+                if lists is None:  # first step of this bucket: lazy state, then cache the lists
+                    states = [self._init_state(p, group) for p in bucket.params]
+                    lists = self._group_lists(group, bucket.params, states)
+                    lists["step"] = [s["step"] for s in states]
+                    bucket.lists = lists
+                counts = bucket.fn(
+                    self._kind,
+                    bucket.params,
+                    [p.grad for p in bucket.params],
+                    lists.get("dual", []),
+                    lists.get("exp_avg", []),
+                    lists.get("exp_avg_sq", []),
+                    lists["step"],
+                    reg=group["reg"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                    **hyper,
+                )
+                if counts is not None:
+                    self._counts[(group_index, bucket.key)] = (bucket.params, counts)
         return loss
 
     # -- metrics --------------------------------------------------------------------------------
@@ -228,6 +260,7 @@ class _BregmanBase(Optimizer):
                 elif key == "step":
                     self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).clone()
         self._counts.clear()
+        self._plans.clear()
 
 
 class LinBreg(_BregmanBase):
@@ -247,6 +280,9 @@ class LinBreg(_BregmanBase):
     def _check_group(self, group):
         super()._check_group(group)
         _in_unit_interval("momentum", group["momentum"])
+
+    def _state_signature(self, group):
+        return (group["momentum"] > 0,)
 
     def _group_lists(self, group, params, states):
         lists = {"dual": [s["dual"] for s in states]}
