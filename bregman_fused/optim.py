@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from . import distributed as dist_utils
 from .functional import check_backend_name, select_backend
 from .regularizers import NoReg, Regularizer, regularizer_from_dict
 
@@ -83,6 +84,7 @@ class _BregmanBase(Optimizer):
                 if not p.is_floating_point():
                     raise ValueError(f"{type(self).__name__} needs floating-point parameters (got {p.dtype})")
                 self.param_groups[-1]["reg"].check_param(p)
+                dist_utils.check_sharding(p, self.param_groups[-1]["reg"])
         except Exception:
             self.param_groups.pop()
             raise
@@ -105,10 +107,15 @@ class _BregmanBase(Optimizer):
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32)
             if self._has_dual:
-                # v₀ = θ₀/δ + p₀ with p₀ ∈ ∂J(θ₀): then prox_{δJ}(δ·v₀) = θ₀ and step 1 starts from the user's θ
-                theta = p.detach().to(state_dtype(p))
-                state["dual"] = (theta / group["delta"] + group["reg"].subgradient(theta)).contiguous()
+                state["dual"] = dist_utils.like_param(self._dual_from_theta(p, group).contiguous(), p)
         return state
+
+    @staticmethod
+    def _dual_from_theta(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """v = θ/δ + p with p ∈ ∂J(θ): then prox_{δJ}(δ·v) = θ, so a step continues from the current θ.
+        Computed on the local shard (whole groups, see distributed.check_sharding)."""
+        theta = dist_utils.local(p.detach()).to(state_dtype(p))
+        return theta / group["delta"] + group["reg"].subgradient(theta)
 
     def reinit_dual(self, group_index: int | None = None) -> None:
         """Recompute the duals from the current θ (v = θ/δ + ∂J(θ)), e.g. after λ or δ changed.
@@ -120,8 +127,7 @@ class _BregmanBase(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "dual" in state:
-                    theta = p.detach().to(state_dtype(p))
-                    state["dual"].copy_(theta / group["delta"] + group["reg"].subgradient(theta))
+                    dist_utils.local(state["dual"]).copy_(self._dual_from_theta(p, group))
 
     # -- step -----------------------------------------------------------------------------------
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
@@ -187,12 +193,15 @@ class _BregmanBase(Optimizer):
                 if lists is None:  # first step of this bucket: lazy state, then cache the lists
                     states = [self._init_state(p, group) for p in bucket.params]
                     lists = self._group_lists(group, bucket.params, states)
+                    # backends update plain tensors: the local shards of DTensor params and states
+                    lists = {k: [dist_utils.local(t) for t in ts] for k, ts in lists.items()}
+                    lists["param"] = [dist_utils.local(p) for p in bucket.params]
                     lists["step"] = [s["step"] for s in states]
                     bucket.lists = lists
                 counts = bucket.fn(
                     self._kind,
-                    bucket.params,
-                    [p.grad for p in bucket.params],
+                    lists["param"],
+                    [dist_utils.local(p.grad) for p in bucket.params],
                     lists.get("dual", []),
                     lists.get("exp_avg", []),
                     lists.get("exp_avg_sq", []),
@@ -216,22 +225,26 @@ class _BregmanBase(Optimizer):
 
     def density(self) -> float:
         """Fraction of non-zero entries over all regularized parameters (over all parameters if
-        none is regularized), from the counts the kernels wrote during the last step."""
+        none is regularized), from the counts the kernels wrote during the last step.
+
+        With DTensor (FSDP2) parameters this sums over all ranks: call it on every rank."""
         regularized = [p for g in self.param_groups if g["reg"].kind != "none" for p in g["params"]]
         params = regularized or [p for g in self.param_groups for p in g["params"]]
         counts = self._nonzeros()
-        total = sum(p.numel() for p in params)
-        if total == 0:
-            return 0.0
         # a parameter that has not been stepped yet (or had no grad) is counted directly
-        nnz = sum(int(counts[p]) if p in counts else int(torch.count_nonzero(p)) for p in params)
-        return nnz / total
+        nnz = [(float(counts[p]) if p in counts else float(torch.count_nonzero(dist_utils.local(p))), p) for p in params]
+        numel = [(float(dist_utils.local(p).numel()), p) for p in params]
+        total = dist_utils.global_sum(numel)
+        return dist_utils.global_sum(nnz) / total if total > 0 else 0.0
 
     @torch.no_grad()
     def evaluate_reg(self) -> list[float]:
-        """J(θ) of each param group (0 for unregularized groups)."""
-        return [float(sum((g["reg"].value(p) for p in g["params"]), torch.zeros((), dtype=torch.float64)))
-                for g in self.param_groups]
+        """J(θ) of each param group (0 for unregularized groups); summed over ranks for DTensors."""
+        out = []
+        for g in self.param_groups:
+            parts = [(float(g["reg"].value(dist_utils.local(p))), p) for p in g["params"]]
+            out.append(dist_utils.global_sum(parts) if parts else 0.0)
+        return out
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

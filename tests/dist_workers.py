@@ -1,0 +1,136 @@
+"""Worker functions for tests/test_distributed.py (spawned processes import them by name)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import bregman_fused as bf
+
+GLOBAL_BATCH = 8
+STEPS = 4
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # odd sizes: FSDP2 shards them unevenly over 2 ranks
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 5, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(5 * 4 * 4, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
+    )
+    with torch.no_grad():  # a sparse start, as in the paper: zero kernels, rows and entries
+        m[0].weight[torch.rand(5, 1) < 0.5] = 0
+        m[3].weight[torch.rand(7) < 0.5] = 0
+        m[3].weight[torch.rand(7, 80) < 0.5] = 0
+    return m
+
+
+def batches(n: int = STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, 1, 6, 6, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g))
+            for _ in range(n)]
+
+
+def optimizer(m: torch.nn.Module, name: str, reg: str, backend: str):
+    regs = {"l1": lambda: bf.L1(0.02), "group": lambda: bf.GroupL1L2(0.02)}
+    conv_reg = bf.KernelL1L2(0.02) if reg == "group" else bf.L1(0.02)
+    groups = [
+        {"params": [m[0].weight], "reg": conv_reg},
+        {"params": [m[3].weight, m[5].weight], "reg": regs[reg]()},
+        {"params": [m[0].bias, m[3].bias, m[5].bias]},
+    ]
+    if name == "linbreg":
+        return bf.LinBreg(groups, lr=0.1, momentum=0.5, backend=backend)
+    return bf.AdaBreg(groups, lr=1e-2, backend=backend)
+
+
+def train(m, opt, data, rank: int = 0, world: int = 1):
+    for x, y in data:
+        per_rank = GLOBAL_BATCH // world
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+
+def full_params(m) -> list[torch.Tensor]:
+    out = []
+    for p in m.parameters():
+        p = p.detach()
+        out.append(p.full_tensor() if hasattr(p, "full_tensor") else p.clone())
+    return out
+
+
+def _init(rank: int, world: int, init_file: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+    _init(rank, world, init_file)
+    try:
+        results = {}
+        for name, reg in combos:
+            m = torch.nn.parallel.DistributedDataParallel(model())
+            opt = optimizer(m.module, name, reg, backend)
+            train(m, opt, batches(), rank, world)
+            results[f"{name}-{reg}"] = {"params": full_params(m.module), "density": opt.density()}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard(m):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in m:
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            fully_shard(layer)
+    fully_shard(m)
+    return m
+
+
+def fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str,
+                checkpoint_after: int = -1):
+    _init(rank, world, init_file)
+    try:
+        results = {}
+        for name, reg in combos:
+            results[f"{name}-{reg}"] = _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after):
+        m = _shard(model())
+        opt = optimizer(m, name, reg, backend)
+        data = batches()
+        if checkpoint_after >= 0:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            train(m, opt, data[:checkpoint_after], rank, world)
+            model_sd, optim_sd = get_state_dict(m, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+            data = data[checkpoint_after:]
+        train(m, opt, data, rank, world)
+        density, reg_values = opt.density(), opt.evaluate_reg()  # collectives: every rank calls them
+        return {"params": full_params(m), "density": density, "reg": reg_values}
+
+
+def resume_single_process(ckpt_dir: str, name: str, reg: str, backend: str, checkpoint_after: int):
+    """Load a checkpoint written by 2 FSDP2 ranks into an unsharded model in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    m = model(seed=99)  # different init: everything must come from the checkpoint
+    opt = optimizer(m, name, reg, backend)
+    model_sd, optim_sd = get_state_dict(m, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(ckpt_dir, "ckpt"))
+    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(m, opt, batches()[checkpoint_after:])
+    return full_params(m), opt

@@ -1,0 +1,108 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo, loopback) against a single unsharded process."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_workers as W
+import bregman_fused as bf
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def _spawn(fn, tmp_path, *args):
+    init_file = str(tmp_path / "init")
+    ctx = mp.start_processes(fn, args=(WORLD, init_file, str(tmp_path), *args), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    # bounded in time: a hung collective fails the test instead of hanging CI. join() returns
+    # after each process that ends (True once all have); it raises if a worker failed
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    return torch.load(tmp_path / "result.pt", weights_only=True)
+
+
+def _single(name, reg, backend):
+    m = W.model()
+    opt = W.optimizer(m, name, reg, backend)
+    W.train(m, opt, W.batches())
+    return W.full_params(m), opt
+
+
+def _assert_close(params, expected):
+    for a, b in zip(params, expected):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+# one spawn per test runs all its combinations: starting 2 processes costs seconds each time
+COMBOS = [("linbreg", "l1"), ("linbreg", "group"), ("adabreg", "l1"), ("adabreg", "group")]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    combos = [("linbreg", "l1"), ("adabreg", "group")]
+    results = _spawn(W.ddp_worker, tmp_path, combos, "auto")
+    for name, reg in combos:
+        got = results[f"{name}-{reg}"]
+        expected, opt = _single(name, reg, "auto")
+        _assert_close(got["params"], expected)
+        assert got["density"] == pytest.approx(opt.density())
+
+
+def test_fsdp2_matches_unsharded(tmp_path):
+    results = _spawn(W.fsdp_worker, tmp_path, COMBOS, "auto")
+    for name, reg in COMBOS:
+        got = results[f"{name}-{reg}"]
+        expected, opt = _single(name, reg, "auto")
+        _assert_close(got["params"], expected)
+        # density and J(θ) are global values (summed over the shards), equal to the unsharded ones
+        assert got["density"] == pytest.approx(opt.density(), abs=1e-6), (name, reg)
+        assert got["reg"] == pytest.approx(opt.evaluate_reg(), rel=1e-5), (name, reg)
+        assert 0.0 < got["density"] < 1.0, (name, reg)  # the regularizer did something
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
+    after = 2
+    got = _spawn(W.fsdp_worker, tmp_path, [("adabreg", "group")], "auto", after)["adabreg-group"]
+    resumed, _ = W.resume_single_process(str(tmp_path), "adabreg", "group", "auto", after)
+    expected, _ = _single("adabreg", "group", "auto")
+    _assert_close(resumed, expected)
+    _assert_close(resumed, got["params"])
+
+
+def _shard1_worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    W._init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+        errors = {}
+        for name, reg in [("group", bf.GroupL1L2(0.1)), ("l1", bf.L1(0.1))]:
+            try:
+                bf.LinBreg([w], reg=reg)
+                errors[name] = ""
+            except ValueError as e:
+                errors[name] = str(e)
+        if rank == 0:
+            torch.save(errors, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_splitting_sharding_is_refused(tmp_path):
+    errors = _spawn(_shard1_worker, tmp_path)
+    assert "splits them across ranks" in errors["group"]
+    assert errors["l1"] == ""  # element-wise maps are exact on any shard
