@@ -1,0 +1,410 @@
+"""Triton kernels of the bregman_fused backend.
+
+The per-element math (dual updates, proximal maps, row factor) is written once, as ``@triton.jit``
+helpers that mirror ``csrc/bregman_math.h`` formula by formula and in the same op order; the two
+kernels below only differ in how they walk memory:
+
+* ``elementwise_kernel`` — none / L1 / L1Pos: every program takes one (tensor, chunk) entry of the
+  bucket's table and runs the whole update on it in blocks of ``BLOCK`` elements.
+* ``row_kernel`` — GroupL1L2 / KernelL1L2 ("group") and SparseGroupL1L2 ("sparse_group"): every
+  program takes one (tensor, row range) entry, updates the dual of whole rows in registers, reduces
+  the norm of each row of the UPDATED dual (after the L1 soft-threshold for sparse_group) and then
+  writes θ. Rows longer than the tile take a second sweep. [note: row tiles]
+
+Both kernels update every tensor of a bucket in ONE launch: the tensors are reached through a
+table of base addresses (int64), cast to typed pointers in the kernel. [note: pointer table]
+Hyper-parameters come from a small float64 table (one row per tensor) that the host refills every
+step, so nothing that changes between steps (lr, step count, bias corrections) is a compile-time
+constant and changing lr never recompiles. [note: hyper table]
+
+[note: pointer table] Row t of ``table`` (int64, ``TABLE_COLS`` columns) holds the base addresses
+of param, grad, dual, exp_avg, exp_avg_sq, then numel, row length n, the slot of t in the counts
+output and the row-tile class. Unused states (ProxSGD has no dual, LinBreg β = 0 no momentum) hold
+0 and are never dereferenced. ``entries`` (int64, 3 columns) has one row per program: (tensor t,
+first element / row, end element / row). Every entry's first element is a multiple of BLOCK; with
+ALIGNED (all base addresses 16-byte aligned, checked on the host) the kernel tells the compiler so
+and full blocks are loaded unmasked, which lets it use 128-bit accesses.
+
+[note: row tiles] A program handles R rows of n ≤ C elements as one [R, C] tile, R·C = BLOCK,
+with C the smallest power of 4 ≥ n (class k: C = 4^k). The class is per tensor (table column) and
+chosen at run time by a ladder of ``if`` branches, so one launch serves conv kernels (n = 9) and
+long linear rows alike. Rows longer than BLOCK (class NUM_CLASSES) are walked in BLOCK-sized
+pieces twice: the first sweep updates and stores the states and accumulates Σu², the second reads
+the updated dual back (after a CTA barrier) and writes θ. ProxSGD has no dual: its second sweep
+recomputes the point θ − τg from θ and g, which are only overwritten in that sweep.
+
+[note: hyper table] Columns of a row of ``hp`` (float64, cast to the compute type in the kernel):
+lr, β1, 1−β1, β2, 1−β2, ε, (1−β)·τ, τ/(1−β1^t), √(1−β2^t), δ, element threshold, row threshold
+(λ₂·√n, both multiplied by τ for ProxSGD). They are computed in double on the host exactly as
+``reference.py`` computes them.
+
+Compute type: float32 for float32 / bfloat16 / float16 parameters (states are float32), float64 for
+float64 parameters. Divisions and square roots are the correctly rounded ones (``div_rn``,
+``sqrt_rn``) because the default float32 ``/`` on NVIDIA GPUs is an approximate division.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Codes shared with csrc/bregman_math.h (enum class Kind / Reg).
+KIND_LINBREG = tl.constexpr(0)
+KIND_ADABREG = tl.constexpr(1)
+KIND_PROXSGD = tl.constexpr(2)
+REG_NONE = tl.constexpr(0)
+REG_L1 = tl.constexpr(1)
+REG_L1POS = tl.constexpr(2)
+REG_GROUP = tl.constexpr(3)
+REG_SPARSE_GROUP = tl.constexpr(4)
+
+# Columns of the per-tensor pointer table. [note: pointer table]
+COL_PARAM = tl.constexpr(0)
+COL_GRAD = tl.constexpr(1)
+COL_DUAL = tl.constexpr(2)
+COL_EXP_AVG = tl.constexpr(3)
+COL_EXP_AVG_SQ = tl.constexpr(4)
+COL_NUMEL = tl.constexpr(5)
+COL_ROW_LEN = tl.constexpr(6)
+COL_COUNT_SLOT = tl.constexpr(7)
+COL_ROW_CLASS = tl.constexpr(8)
+TABLE_COLS = tl.constexpr(9)
+ENTRY_COLS = tl.constexpr(3)
+
+# Columns of the per-tensor hyper-parameter table. [note: hyper table]
+HP_LR = tl.constexpr(0)
+HP_BETA1 = tl.constexpr(1)
+HP_ONE_MINUS_BETA1 = tl.constexpr(2)
+HP_BETA2 = tl.constexpr(3)
+HP_ONE_MINUS_BETA2 = tl.constexpr(4)
+HP_EPS = tl.constexpr(5)
+HP_MOM_SCALE = tl.constexpr(6)
+HP_STEP_SIZE = tl.constexpr(7)
+HP_BC2_SQRT = tl.constexpr(8)
+HP_DELTA = tl.constexpr(9)
+HP_THR_L1 = tl.constexpr(10)
+HP_THR_ROW = tl.constexpr(11)
+HP_COLS = tl.constexpr(12)
+
+
+# ---- exact arithmetic building blocks --------------------------------------------------------
+@triton.jit
+def _div(a, b):
+    """a / b, correctly rounded (float32 '/' is approximate on NVIDIA GPUs; float64 '/' is exact)."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _sqrt(x):
+    """√x, correctly rounded, as ::sqrtf / ::sqrt in bregman_math.h."""
+    if x.dtype == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+# ---- dual / point updates (bregman_math.h: linbreg_update ... proxsgd_point) ------------------
+@triton.jit
+def linbreg_update(v, g, lr):
+    """LinBreg, β = 0: v ← v − τ·g."""
+    return v - lr * g
+
+
+@triton.jit
+def linbreg_momentum_update(v, m, g, beta1, mom_scale):
+    """LinBreg, β > 0: m ← β·m + (1−β)·τ·g ; v ← v − m."""
+    m = m * beta1 + mom_scale * g
+    v = v - m
+    return v, m
+
+
+@triton.jit
+def _lerp(a, b, w):
+    """torch.lerp(a, b, w) in torch's two-branch form (exact at w = 0 and w = 1)."""
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def adabreg_update(v, m, s, g, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt):
+    """AdaBreg: m ← β1·m + (1−β1)·g ; s ← β2·s + (1−β2)·g² ;
+    v ← v − (τ/(1−β1^t)) · m / (√s/√(1−β2^t) + ε)."""
+    m = _lerp(m, g, one_minus_beta1)
+    s = s * beta2 + one_minus_beta2 * g * g
+    denom = _div(_sqrt(s), bc2_sqrt) + eps
+    v = v - step_size * _div(m, denom)
+    return v, m, s
+
+
+@triton.jit
+def proxsgd_point(theta, g, lr):
+    """ProxSGD: the point θ − τ·g that prox_{τJ} is applied to."""
+    return theta - lr * g
+
+
+# ---- proximal maps (bregman_math.h: soft_threshold, elementwise_shrink, row_factor) -----------
+@triton.jit
+def soft_threshold(x, thr):
+    """sign(x)·max(|x| − thr, 0) written as x − clamp(x, −thr, thr) (same rounding, branch-free)."""
+    return x - tl.minimum(tl.maximum(x, -thr), thr)
+
+
+@triton.jit
+def elementwise_shrink(x, thr_l1, REG: tl.constexpr):
+    """The element-wise part of the map: the whole map for none/L1/L1Pos, the L1 part of
+    sparse_group, identity for group. Still to be scaled by δ (and the row factor)."""
+    if REG == REG_L1 or REG == REG_SPARSE_GROUP:
+        u = soft_threshold(x, thr_l1)
+    elif REG == REG_L1POS:
+        u = tl.maximum(x - thr_l1, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        u = x
+    return u
+
+
+@triton.jit
+def row_factor(sum_sq, thr_row):
+    """max(1 − thr/‖u_r‖, 0), 0 for a zero row; thr_row = λ₂·√n (·τ for ProxSGD)."""
+    norm = _sqrt(sum_sq)
+    safe = tl.where(norm > 0, norm, 1.0)
+    return tl.where(norm > thr_row, 1.0 - _div(thr_row, safe), 0.0)
+
+
+# ---- memory access shared by both kernels ------------------------------------------------------
+@triton.jit
+def _tensor_ptrs(table, t, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Typed pointers to param, grad, dual, exp_avg, exp_avg_sq of tensor t. [note: pointer table]"""
+    row = table + t * TABLE_COLS
+    p = tl.load(row + COL_PARAM)
+    g = tl.load(row + COL_GRAD)
+    v = tl.load(row + COL_DUAL)
+    m = tl.load(row + COL_EXP_AVG)
+    s = tl.load(row + COL_EXP_AVG_SQ)
+    p = p.to(tl.pointer_type(P_DTYPE))
+    g = g.to(tl.pointer_type(G_DTYPE))
+    v = v.to(tl.pointer_type(S_DTYPE))
+    m = m.to(tl.pointer_type(S_DTYPE))
+    s = s.to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:
+        # the hint must sit on the pointers (the compiler does not carry it through int → pointer)
+        p = tl.multiple_of(p, 16)
+        g = tl.multiple_of(g, 16)
+        v = tl.multiple_of(v, 16)
+        m = tl.multiple_of(m, 16)
+        s = tl.multiple_of(s, 16)
+    return p, g, v, m, s
+
+
+@triton.jit
+def _load_hyper(hp, t, S_DTYPE: tl.constexpr):
+    row = hp + t * HP_COLS
+    return (
+        tl.load(row + HP_LR).to(S_DTYPE),
+        tl.load(row + HP_BETA1).to(S_DTYPE),
+        tl.load(row + HP_ONE_MINUS_BETA1).to(S_DTYPE),
+        tl.load(row + HP_BETA2).to(S_DTYPE),
+        tl.load(row + HP_ONE_MINUS_BETA2).to(S_DTYPE),
+        tl.load(row + HP_EPS).to(S_DTYPE),
+        tl.load(row + HP_MOM_SCALE).to(S_DTYPE),
+        tl.load(row + HP_STEP_SIZE).to(S_DTYPE),
+        tl.load(row + HP_BC2_SQRT).to(S_DTYPE),
+        tl.load(row + HP_DELTA).to(S_DTYPE),
+        tl.load(row + HP_THR_L1).to(S_DTYPE),
+        tl.load(row + HP_THR_ROW).to(S_DTYPE),
+    )
+
+
+@triton.jit
+def _load_grad(g_ptr, offs, mask, gs, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(S_DTYPE)
+    if HAS_GRAD_SCALE:
+        g = _div(g, gs)
+    return g
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
+            KIND: tl.constexpr, MOMENTUM: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """Load g and the states at ``offs``, update and store the states, return the point x that the
+    proximal map is applied to (the new dual v, or θ − τg for ProxSGD)."""
+    g = _load_grad(g_ptr, offs, mask, gs, S_DTYPE, HAS_GRAD_SCALE)
+    if KIND == KIND_PROXSGD:
+        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(S_DTYPE)
+        x = proxsgd_point(theta, g, hyp[HP_LR])
+    else:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        if KIND == KIND_ADABREG:
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+            s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+            v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
+                                     hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
+            tl.store(m_ptr + offs, m, mask=mask)
+            tl.store(s_ptr + offs, s, mask=mask)
+        elif MOMENTUM:
+            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+            v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
+            tl.store(m_ptr + offs, m, mask=mask)
+        else:
+            v = linbreg_update(v, g, hyp[HP_LR])
+        tl.store(v_ptr + offs, v, mask=mask)
+        x = v
+    return x
+
+
+@triton.jit
+def _store_theta(p_ptr, offs, theta, mask, P_DTYPE: tl.constexpr):
+    """Write θ in the parameter's dtype; return 1 where the written value is non-zero, else 0.
+
+    Callers add these per lane and reduce once per program (no cross-warp reduction per block)."""
+    out = theta.to(P_DTYPE)
+    tl.store(p_ptr + offs, out, mask=mask)
+    # count in the stored dtype (a tiny float32 value may round to 0 in bf16), compared widened
+    nonzero = (out.to(theta.dtype) != 0) & mask
+    return nonzero.to(tl.int32)
+
+
+# ---- element-wise kernel: none / L1 / L1Pos ---------------------------------------------------
+@triton.jit
+def _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
+                       KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
+                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+    theta = elementwise_shrink(x, hyp[HP_THR_L1], REG) * hyp[HP_DELTA]
+    return _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
+
+
+@triton.jit
+def elementwise_kernel(
+    table, entries, hp, counts, grad_scale, found_inf,
+    KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    entry = entries + pid * ENTRY_COLS
+    t = tl.load(entry)
+    start = tl.load(entry + 1)
+    end = tl.load(entry + 2)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, ALIGNED)
+    row = table + t * TABLE_COLS
+    slot = tl.load(row + COL_COUNT_SLOT)
+    hyp = _load_hyper(hp, t, S_DTYPE)
+    gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
+    # found_inf set: the program changes nothing and counts nothing (the host returns None)
+    ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
+    if ok:
+        nnz = tl.zeros((BLOCK,), tl.int32)
+        full_end = start + ((end - start) // BLOCK) * BLOCK
+        # full blocks under a constant all-true mask: no bounds check, vectorizable
+        all_true = tl.full((BLOCK,), 1, tl.int1)
+        for off in range(start, full_end, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, all_true, gs, hyp,
+                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE)
+        if full_end < end:
+            offs = full_end + tl.arange(0, BLOCK)
+            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, offs < end, gs, hyp,
+                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE)
+        tl.atomic_add(counts + slot, tl.sum(nnz).to(tl.int64))
+
+
+# ---- row kernel: group / sparse_group ---------------------------------------------------------
+@triton.jit
+def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+               KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
+               P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr):
+    """Rows [row_start, row_end) of length n ≤ C, R rows per [R, C] tile, one pass each."""
+    nnz = tl.zeros((R, C), tl.int32)
+    cols = tl.arange(0, C)[None, :]
+    for r0 in range(row_start, row_end, R):
+        rows = r0 + tl.arange(0, R)[:, None]
+        mask = (rows < row_end) & (cols < n)
+        offs = rows * n + cols
+        x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+        # masked lanes can hold 0/0 (AdaBreg with ε = 0): keep them out of the norms
+        u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
+        factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
+        theta = (u * factor[:, None]) * hyp[HP_DELTA]
+        nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
+    return tl.sum(nnz).to(tl.int64)
+
+
+@triton.jit
+def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+               KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
+               P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Rows [row_start, row_end) longer than BLOCK: two sweeps per row. [note: row tiles]"""
+    nnz = tl.zeros((BLOCK,), tl.int32)
+    lane = tl.arange(0, BLOCK)
+    for r in range(row_start, row_end):
+        base = r * n
+        acc = tl.zeros((BLOCK,), S_DTYPE)
+        for c0 in range(0, n, BLOCK):
+            mask = c0 + lane < n
+            offs = base + c0 + lane
+            x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
+                        KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+            u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
+            acc += u * u
+        factor = row_factor(tl.sum(acc, axis=0), hyp[HP_THR_ROW])
+        # the second sweep reads duals other threads of this program stored in the first one
+        tl.debug_barrier()
+        for c0 in range(0, n, BLOCK):
+            mask = c0 + lane < n
+            offs = base + c0 + lane
+            if KIND == KIND_PROXSGD:
+                g = _load_grad(g_ptr, offs, mask, gs, S_DTYPE, HAS_GRAD_SCALE)
+                theta_old = tl.load(p_ptr + offs, mask=mask, other=0.0).to(S_DTYPE)
+                x = proxsgd_point(theta_old, g, hyp[HP_LR])
+            else:
+                x = tl.load(v_ptr + offs, mask=mask, other=0.0)
+            u = elementwise_shrink(x, hyp[HP_THR_L1], REG)
+            theta = (u * factor) * hyp[HP_DELTA]
+            nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
+    return tl.sum(nnz).to(tl.int64)
+
+
+@triton.jit
+def row_kernel(
+    table, entries, hp, counts, grad_scale, found_inf,
+    KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_CLASSES: tl.constexpr,
+):
+    """BLOCK = 4^(NUM_CLASSES − 1); row class k < NUM_CLASSES: [BLOCK / 4^k, 4^k] tiles;
+    class NUM_CLASSES: rows longer than BLOCK."""
+    pid = tl.program_id(0).to(tl.int64)
+    entry = entries + pid * ENTRY_COLS
+    t = tl.load(entry)
+    row_start = tl.load(entry + 1)
+    row_end = tl.load(entry + 2)
+    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, False)
+    row = table + t * TABLE_COLS
+    n = tl.load(row + COL_ROW_LEN)
+    cls = tl.load(row + COL_ROW_CLASS)
+    slot = tl.load(row + COL_COUNT_SLOT)
+    hyp = _load_hyper(hp, t, S_DTYPE)
+    gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
+    # found_inf set: the program changes nothing and counts nothing (the host returns None)
+    ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
+    if ok:
+        for k in tl.static_range(NUM_CLASSES):
+            if cls == k:
+                nnz = _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+                                 KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE,
+                                 BLOCK >> (2 * k), 1 << (2 * k))
+                tl.atomic_add(counts + slot, nnz)
+        if cls == NUM_CLASSES:
+            nnz = _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+                             KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, BLOCK)
+            tl.atomic_add(counts + slot, nnz)

@@ -1,0 +1,366 @@
+"""Host side of the Triton backend: the (tensor, chunk) tables, their caches, and the launch.
+
+``step`` has exactly the signature and the return of ``reference.step``. Per (param dtype, grad
+dtype) bucket it launches ONE kernel (``kernels.elementwise_kernel`` for none/L1/L1Pos,
+``kernels.row_kernel`` for the group maps) over every tensor of the bucket.
+
+Tables [note: table caches]. The kernels reach the tensors through two int64 device tensors:
+``table`` (one row per tensor: base addresses, numel, row length, ...) and ``entries`` (one row per
+program: tensor, first and end element or row). ``entries`` depends only on the tensors' sizes
+and is cached by them; ``table`` depends on the data pointers and is cached by (device, dtypes,
+data_ptrs, sizes): the same tensors reuse the uploaded table, a re-allocated tensor (new
+data_ptr) or a different tensor list builds a new one, so a stale pointer is never used. A table
+never keeps a tensor alive; equal addresses with equal sizes mean an equal table. The per-step
+values (lr, bias corrections, thresholds) live in a separate small float64 table that is filled
+every step — changing lr never recompiles and never invalidates a cache.
+
+Launch configuration [note: launch rule]. GPU, element-wise kernel: BLOCK = 2048 elements with
+8 warps (8 fp32 per thread = two 128-bit accesses per tensor), and a chunk per program of
+BLOCK·k elements, k chosen so that there are about 8 programs per SM, capped at 32 blocks
+(65536 elements) per program; e.g. 100 M elements → ~1500 programs of 64 Ki elements. GPU, row
+kernel: tiles of 4096 elements (R rows × C columns, C a power of 4 ≥ n), 8 warps, about
+``chunk`` elements per program. Under the interpreter (CPU, tests) the blocks are 1024 elements
+and chunks as large as possible: the interpreter pays per program and per op, not per element.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton.language as tl
+
+from ..regularizers import Regularizer
+from . import kernels
+
+KINDS = {"linbreg": 0, "adabreg": 1, "proxsgd": 2}
+REGS = {"none": 0, "l1": 1, "l1pos": 2, "group": 3, "sparse_group": 4}
+ROW_REGS = ("group", "sparse_group")
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+# counters for tests and debugging: kernel launches and table (re)builds
+stats: collections.Counter = collections.Counter()
+
+
+# Triton decides at decoration time (import of kernels.py) whether @triton.jit functions are
+# compiled or interpreted; TRITON_INTERPRET set later changes nothing.
+_INTERPRETING = type(kernels.elementwise_kernel).__name__ == "InterpretedFunction"
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on the CPU)."""
+    return _INTERPRETING
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int  # element-wise kernel: elements per block
+    num_warps: int
+    row_block: int  # row kernel: elements per [R, C] tile, a power of 4
+    row_num_warps: int
+    max_chunk: int  # most elements (or row-tile elements) per program
+    programs_per_sm: int
+
+    @property
+    def num_row_classes(self) -> int:
+        return int(round(math.log(self.row_block, 4))) + 1
+
+
+GPU_CONFIG = LaunchConfig(block=2048, num_warps=8, row_block=4096, row_num_warps=8, max_chunk=65536,
+                          programs_per_sm=8)
+INTERPRETER_CONFIG = LaunchConfig(block=1024, num_warps=1, row_block=1024, row_num_warps=1, max_chunk=1 << 22,
+                                  programs_per_sm=1)
+
+
+def launch_config(device: torch.device) -> LaunchConfig:
+    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIG
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunk(total: int, granule: int, cfg: LaunchConfig, device: torch.device) -> int:
+    """Elements per program: enough programs to fill the device, at most cfg.max_chunk. [note: launch rule]"""
+    if interpreting():
+        return max(granule, cfg.max_chunk // granule * granule)
+    want = -(-total // (_sm_count(device) * cfg.programs_per_sm))
+    chunk = -(-want // granule) * granule
+    return max(granule, min(chunk, max(granule, cfg.max_chunk // granule * granule)))
+
+
+# ---- caches [note: table caches] --------------------------------------------------------------
+class _LRU(collections.OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or_build(self, key, build, stat: str):
+        try:
+            self.move_to_end(key)
+            return self[key]
+        except KeyError:
+            pass
+        stats[stat] += 1
+        value = build()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+_entries_cache = _LRU(64)
+_table_cache = _LRU(64)
+
+
+def clear_caches() -> None:
+    _entries_cache.clear()
+    _table_cache.clear()
+
+
+def _row_class(n: int, cfg: LaunchConfig) -> int:
+    """Smallest k with 4^k ≥ n, or num_row_classes for rows longer than the tile."""
+    k = 0
+    while (1 << (2 * k)) < n:
+        k += 1
+    return k if k < cfg.num_row_classes else cfg.num_row_classes
+
+
+def _build_entries(sizes, row_kernel: bool, cfg: LaunchConfig, device: torch.device):
+    """(tensor, start, end) per program: element ranges, or row ranges for the row kernel."""
+    total = sum(numel for numel, _ in sizes)
+    rows = []
+    if not row_kernel:
+        chunk = _chunk(total, cfg.block, cfg, device)
+        for t, (numel, _) in enumerate(sizes):
+            for start in range(0, numel, chunk):
+                rows.append((t, start, min(start + chunk, numel)))
+    else:
+        chunk = _chunk(total, cfg.row_block, cfg, device)
+        for t, (numel, n) in enumerate(sizes):
+            if numel == 0:
+                continue
+            num_rows = numel // n
+            k = _row_class(n, cfg)
+            if k < cfg.num_row_classes:
+                tile_rows = cfg.row_block >> (2 * k)
+                per_entry = tile_rows * max(1, chunk // cfg.row_block)
+            else:
+                per_entry = max(1, chunk // n)
+            for r in range(0, num_rows, per_entry):
+                rows.append((t, r, min(r + per_entry, num_rows)))
+    if not rows:
+        return None, 0
+    return torch.tensor(rows, dtype=torch.int64).to(device), len(rows)
+
+
+def _build_table(infos, cfg: LaunchConfig, device: torch.device):
+    rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg)) for p, g, v, m, s, numel, n, slot in infos]
+    table = torch.tensor(rows, dtype=torch.int64)
+    assert table.shape[1] == kernels.TABLE_COLS
+    return table.to(device)
+
+
+# ---- per-step hyper-parameters [note: hyper table] ---------------------------------------------
+def _hyper_rows(kind: str, step_counts, *, lr, beta1, beta2, eps, delta, reg: Regularizer, shapes):
+    """One float64 row per tensor, computed in double exactly as reference.py does."""
+    lamda_l1, _ = reg.lamdas()
+    prox_sgd = kind == "proxsgd"
+    t_scale = lr if prox_sgd else 1.0
+    rows = []
+    cache = {}
+    for t, shape in zip(step_counts, shapes):
+        key = (t, tuple(shape))
+        row = cache.get(key)
+        if row is None:
+            if kind == "adabreg":
+                step_size = lr / (1.0 - beta1**t)
+                bc2_sqrt = math.sqrt(1.0 - beta2**t)
+            else:
+                step_size, bc2_sqrt = 0.0, 1.0
+            thr_row = t_scale * reg.thresholds(shape)[1] if reg.kind in ROW_REGS else 0.0
+            row = [lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, (1.0 - beta1) * lr, step_size, bc2_sqrt,
+                   1.0 if prox_sgd else delta, t_scale * lamda_l1, thr_row]
+            cache[key] = row
+        rows.append(row)
+    return rows
+
+
+def _upload(rows, dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+# ---- argument checks -----------------------------------------------------------------------------
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _check(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, uses_dual, uses_m, uses_s):
+    if kind not in KINDS:
+        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KINDS)}")
+    n = len(params)
+
+    def need(name, lst, used):
+        if used and len(lst) != n:
+            raise ValueError(f"{name}: expected {n} tensors (one per param), got {len(lst)}")
+
+    need("grads", grads, True)
+    need("steps", steps, True)
+    need("duals", duals, uses_dual)
+    need("exp_avgs", exp_avgs, uses_m)
+    need("exp_avg_sqs", exp_avg_sqs, uses_s)
+    device = params[0].device
+    for i, p in enumerate(params):
+        if p.dtype not in _TL_DTYPES:
+            raise TypeError(f"params[{i}]: backend 'triton' supports float32/float64/bfloat16/float16, got {p.dtype}")
+        if p.device != device:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}: one device per call")
+        g = grads[i]
+        if g.device != device or g.shape != p.shape or g.dtype not in _TL_DTYPES:
+            raise ValueError(f"grads[{i}]: expected a floating tensor of shape {list(p.shape)} on {device}, "
+                             f"got {g.dtype} {list(g.shape)} on {g.device}")
+        for name, lst, used in (("duals", duals, uses_dual), ("exp_avgs", exp_avgs, uses_m),
+                                ("exp_avg_sqs", exp_avg_sqs, uses_s)):
+            if not used:
+                continue
+            st = lst[i]
+            if st.device != device or st.shape != p.shape or st.dtype != _state_dtype(p):
+                raise ValueError(f"{name}[{i}]: expected {_state_dtype(p)} of shape {list(p.shape)} on {device}, "
+                                 f"got {st.dtype} {list(st.shape)} on {st.device}")
+
+
+def _contiguous(t: torch.Tensor, writeback: list) -> torch.Tensor:
+    """A contiguous tensor to hand to the kernel; non-contiguous inputs get a copy that is copied
+    back after the launch (when ``writeback`` is a list)."""
+    if t.is_contiguous():
+        return t
+    c = t.contiguous()
+    if writeback is not None:
+        writeback.append((t, c))
+    return c
+
+
+def _is_aligned(addrs) -> bool:
+    return all(a % 16 == 0 for a in addrs)
+
+
+# ---- the step ---------------------------------------------------------------------------------------
+def step(
+    kind: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    duals: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    delta: float,
+    reg: Regularizer,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``reference.step`` with Triton kernels: update ``params`` and their states in place, return
+    the non-zeros of each new θ (int64, on the params' device), or None when ``found_inf`` is set."""
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = (
+        list(params), list(grads), list(duals), list(exp_avgs), list(exp_avg_sqs), list(steps))
+    if reg.kind not in REGS:
+        raise ValueError(f"backend 'triton' does not implement the {type(reg).__name__} regularizer "
+                         f"(kind {reg.kind!r}); use backend='reference'")
+    uses_dual = kind != "proxsgd"
+    uses_m = kind == "adabreg" or (kind == "linbreg" and beta1 > 0)
+    uses_s = kind == "adabreg"
+    if not params:
+        if kind not in KINDS:
+            raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KINDS)}")
+        return torch.zeros(0, dtype=torch.int64)
+    _check(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, uses_dual, uses_m, uses_s)
+    device = params[0].device
+    from . import unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}")
+
+    # found_inf is read by the kernel (no host sync before the launch); the host reads it only after
+    # the launch, for the CPU step counters and the return value
+    found_inf_dev = found_inf.to(device, non_blocking=True).reshape(()) if found_inf is not None else None
+    grad_scale_dev = None
+    if grad_scale is not None:
+        grad_scale_dev = grad_scale.to(device, non_blocking=True).reshape(())
+
+    # step counts after the increment, as reference.py's float32 `steps[i] += 1`
+    step_counts = [float(np.float32(float(s) + 1.0)) for s in steps]
+
+    writeback: list = []
+    c_params = [_contiguous(p, writeback) for p in params]
+    c_grads = [_contiguous(g, None) for g in grads]
+    c_duals = [_contiguous(v, writeback) for v in duals] if uses_dual else []
+    c_ms = [_contiguous(m, writeback) for m in exp_avgs] if uses_m else []
+    c_ss = [_contiguous(s, writeback) for s in exp_avg_sqs] if uses_s else []
+
+    counts = torch.zeros(len(params), dtype=torch.int64, device=device)
+    buckets: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, (p, g) in enumerate(zip(c_params, c_grads)):
+        buckets[(p.dtype, g.dtype)].append(i)
+
+    row_kernel = reg.kind in ROW_REGS
+    cfg = launch_config(device)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg)
+    for (p_dtype, g_dtype), idx in buckets.items():
+        row_lens = [reg.group_size(params[i].shape) if row_kernel else 1 for i in idx]
+        sizes = tuple((c_params[i].numel(), n) for i, n in zip(idx, row_lens))
+        entries, num_entries = _entries_cache.get_or_build(
+            (device, row_kernel, cfg, sizes), lambda: _build_entries(sizes, row_kernel, cfg, device), "entries_builds")
+        if num_entries == 0:
+            continue
+
+        def addr(lst, i):
+            return lst[i].data_ptr() if lst else 0
+
+        infos = tuple((c_params[i].data_ptr(), c_grads[i].data_ptr(), addr(c_duals, i), addr(c_ms, i),
+                       addr(c_ss, i), sizes[j][0], sizes[j][1], i) for j, i in enumerate(idx))
+        table = _table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
+                                          lambda: _build_table(infos, cfg, device), "table_builds")
+        hp = _upload(_hyper_rows(kind, [step_counts[i] for i in idx],
+                                 shapes=[params[i].shape for i in idx], **hyper), torch.float64, device)
+        s_dtype = _state_dtype(c_params[idx[0]])
+        args = (table, entries, hp, counts,
+                grad_scale_dev if grad_scale_dev is not None else hp,
+                found_inf_dev if found_inf_dev is not None else hp)
+        meta = dict(KIND=KINDS[kind], REG=REGS[reg.kind], MOMENTUM=bool(kind == "linbreg" and beta1 > 0),
+                    HAS_GRAD_SCALE=grad_scale_dev is not None, HAS_FOUND_INF=found_inf_dev is not None,
+                    P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], S_DTYPE=_TL_DTYPES[s_dtype])
+        options = {} if interpreting() else {"enable_fp_fusion": False}
+        stats["launches"] += 1
+        if row_kernel:
+            kernels.row_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.row_block,
+                                               NUM_CLASSES=cfg.num_row_classes,
+                                               num_warps=cfg.row_num_warps, **options)
+        else:
+            aligned = _is_aligned(a for info in infos for a in info[:5])
+            kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
+                                                       num_warps=cfg.num_warps, **options)
+
+    for orig, copy in writeback:
+        orig.copy_(copy)
+    if found_inf_dev is not None and bool(found_inf.item()):
+        return None
+    torch._foreach_add_(steps, 1.0)
+    return counts
