@@ -1,0 +1,223 @@
+// Row-group fused step (regularizers Group / SparseGroup) for LinBreg (± momentum), AdaBreg, ProxSGD.
+//
+// [note: row kernel] A row-regularized tensor is the contiguous (numel/n, n) view. θ_r needs the
+// norm of the row's UPDATED dual (after the L1 soft-threshold for SparseGroup), so whoever updates a
+// row must also own all of it:
+//  - short rows (n ≤ 32·kRowK): a group of G lanes (G a power of two ≤ 32, the smallest with
+//    G·kRowK ≥ n) owns one row; a block holds 256/G rows. Each lane updates its ≤ kRowK elements,
+//    keeps u in registers, the group reduces Σu² with shuffles, then writes θ.
+//  - medium rows (n ≤ 256·kRowK): one block per row, u in registers, block reduction, write.
+//  - long rows: one block per row in two sweeps: sweep 1 updates the states and sums u²; sweep 2
+//    re-derives u from the stored dual (ProxSGD: from the untouched θ and g, θ is only written in
+//    sweep 2, by the same thread that read it) and writes θ. Only these rows read memory twice.
+// The table's "chunks" are groups of rows: chunk c of a tensor is rows [c·rows_per_block, ...).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "fused_step_cuda.h"
+#include "multi_tensor_apply.cuh"
+
+namespace bregman_cuda {
+namespace {
+
+constexpr int kRowBlock = 256;
+constexpr int kRowK = 8;  // elements per thread held in registers in the one-sweep modes
+
+struct RowPlan {
+  int group;           // lanes per row; kRowBlock = the whole block
+  int rows_per_block;  // rows one block owns
+  bool two_pass;       // row too long for registers
+};
+
+// The same plan on the host (how many blocks) and in the kernel (which rows).
+__host__ __device__ __forceinline__ RowPlan row_plan(int64_t n) {
+  if (n <= 32 * kRowK) {
+    const int need = static_cast<int>((n + kRowK - 1) / kRowK);
+    int g = 1;
+    while (g < need) g *= 2;
+    return {g, kRowBlock / g, false};
+  }
+  return {kRowBlock, 1, n > static_cast<int64_t>(kRowBlock) * kRowK};
+}
+
+template <typename scalar_t, typename opmath_t, Kind K, bool Momentum>
+__global__ void __launch_bounds__(kRowBlock)
+    row_group_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
+                     const __grid_constant__ Hyper<opmath_t> h) {
+  constexpr int Depth = list_depth(K, Momentum);
+  __shared__ opmath_t scratch[kRowBlock / 32];
+
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int32_t index = meta.tensor_index[slot];
+  const int64_t n = meta.group_size[slot];
+  const int64_t rows = meta.numel[slot] / n;
+  const RowPlan plan = row_plan(n);
+  const int64_t first_row = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * plan.rows_per_block;
+
+  scalar_t* p = static_cast<scalar_t*>(meta.ptrs[kParam][slot]);
+  const scalar_t* g = static_cast<const scalar_t*>(meta.ptrs[kGrad][slot]);
+  opmath_t* v = nullptr;
+  opmath_t* m = nullptr;
+  opmath_t* s = nullptr;
+  if constexpr (Depth >= 3) v = static_cast<opmath_t*>(meta.ptrs[kDual][slot]);
+  if constexpr (Depth >= 4) m = static_cast<opmath_t*>(meta.ptrs[kExpAvg][slot]);
+  if constexpr (Depth >= 5) s = static_cast<opmath_t*>(meta.ptrs[kExpAvgSq][slot]);
+
+  unsigned int nnz = 0;
+  if (skip_step(h.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
+    const int64_t last_row = first_row + plan.rows_per_block < rows ? first_row + plan.rows_per_block : rows;
+    for (int64_t e = first_row * n + threadIdx.x; e < last_row * n; e += blockDim.x) nnz += is_nonzero(p[e]);
+    add_block_count(h.counts, index, nnz);
+    return;
+  }
+
+  const StepParams<opmath_t> hp = tensor_step_params(meta, h, slot);
+  // λ₂·√n (·τ), rounded once from double like the CPU backend's bregman::row_threshold
+  const opmath_t row_thr = static_cast<opmath_t>(device_row_threshold(h.kind, call_lr(h), h.lamda_group, n));
+  const Reg reg = h.reg;
+  const bool scaled = h.grad_scale != nullptr;
+  const opmath_t scale = scaled ? static_cast<opmath_t>(*h.grad_scale) : opmath_t(1);
+
+  auto grad_at = [&](int64_t e) -> opmath_t {
+    const opmath_t gi = static_cast<opmath_t>(g[e]);
+    return scaled ? unscale(gi, scale) : gi;
+  };
+  // Update element e's states; return u = the element-wise part of the map (identity for Group).
+  auto update = [&](int64_t e) -> opmath_t {
+    opmath_t vi = opmath_t(0), mi = opmath_t(0), si = opmath_t(0);
+    opmath_t theta_old = opmath_t(0);
+    if constexpr (K == Kind::ProxSGD) theta_old = static_cast<opmath_t>(p[e]);
+    if constexpr (Depth >= 3) vi = v[e];
+    if constexpr (Depth >= 4) mi = m[e];
+    if constexpr (Depth >= 5) si = s[e];
+    const opmath_t x = bregman::update_point<K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
+    if constexpr (Depth >= 3) v[e] = vi;
+    if constexpr (Depth >= 4) m[e] = mi;
+    if constexpr (Depth >= 5) s[e] = si;
+    return bregman::elementwise_shrink(reg, x, hp);
+  };
+  // Sweep 2 of long rows: the same u again, from what sweep 1 left in memory.
+  auto recompute = [&](int64_t e) -> opmath_t {
+    opmath_t x;
+    if constexpr (K == Kind::ProxSGD) {
+      x = bregman::proxsgd_point(static_cast<opmath_t>(p[e]), grad_at(e), hp);
+    } else {
+      x = v[e];  // the update functions return the updated dual itself
+    }
+    return bregman::elementwise_shrink(reg, x, hp);
+  };
+  // θ = (u · row factor) · δ, the reference's order
+  auto write = [&](int64_t e, opmath_t u, opmath_t factor) {
+    const scalar_t theta = static_cast<scalar_t>(bregman::row_theta(u, factor, hp));
+    p[e] = theta;
+    nnz += is_nonzero(theta);
+  };
+
+  if (plan.group < kRowBlock) {
+    // sub-warp groups: every lane reaches the shuffles, rows past the end contribute nothing
+    const int G = plan.group;
+    const int lane = static_cast<int>(threadIdx.x) % G;
+    const int64_t row = first_row + threadIdx.x / G;
+    const bool active = row < rows;
+    const int64_t base = row * n;
+    opmath_t u[kRowK];
+    opmath_t sum_sq = opmath_t(0);
+#pragma unroll
+    for (int k = 0; k < kRowK; ++k) {
+      const int64_t j = lane + static_cast<int64_t>(k) * G;
+      u[k] = opmath_t(0);
+      if (active && j < n) {
+        u[k] = update(base + j);
+        sum_sq += u[k] * u[k];
+      }
+    }
+    sum_sq = warp_sum(sum_sq, G);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+#pragma unroll
+    for (int k = 0; k < kRowK; ++k) {
+      const int64_t j = lane + static_cast<int64_t>(k) * G;
+      if (active && j < n) write(base + j, u[k], factor);
+    }
+  } else if (!plan.two_pass) {
+    // one row per block, held in registers
+    const int64_t base = first_row * n;
+    opmath_t u[kRowK];
+    opmath_t sum_sq = opmath_t(0);
+#pragma unroll
+    for (int k = 0; k < kRowK; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kRowBlock;
+      u[k] = opmath_t(0);
+      if (j < n) {
+        u[k] = update(base + j);
+        sum_sq += u[k] * u[k];
+      }
+    }
+    sum_sq = block_sum(sum_sq, scratch);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+#pragma unroll
+    for (int k = 0; k < kRowK; ++k) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kRowBlock;
+      if (j < n) write(base + j, u[k], factor);
+    }
+  } else {
+    // a row too long for registers: two sweeps, each element handled by the same thread in both
+    const int64_t base = first_row * n;
+    opmath_t sum_sq = opmath_t(0);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const opmath_t u = update(base + j);
+      sum_sq += u * u;
+    }
+    sum_sq = block_sum(sum_sq, scratch);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) write(base + j, recompute(base + j), factor);
+  }
+  add_block_count(h.counts, index, nnz);
+}
+
+template <typename scalar_t, Kind K, bool Momentum>
+void launch_typed(const StepInputs& in) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int Depth = list_depth(K, Momentum);
+  using Meta = TensorListMeta<Depth, opmath_t>;
+  const Hyper<opmath_t> hyper = make_hyper<opmath_t>(in);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  multi_tensor_apply<Meta>(
+      static_cast<int64_t>(in.params.size()),
+      [&](Meta& meta, int slot, int64_t i) { fill_slot<Depth, scalar_t>(meta, slot, i, in); },
+      [&](int64_t i) -> int64_t {
+        const int64_t numel = in.params[i].numel();
+        if (numel == 0) return 0;
+        const int64_t n = in.group_sizes[i];
+        const RowPlan plan = row_plan(n);
+        return (numel / n + plan.rows_per_block - 1) / plan.rows_per_block;
+      },
+      [&](const Meta& meta, int nblocks) {
+        row_group_kernel<scalar_t, opmath_t, K, Momentum><<<nblocks, kRowBlock, 0, stream>>>(meta, hyper);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+}  // namespace
+
+void launch_row_group(const StepInputs& in) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.params[0].scalar_type(), "bregman_fused_row_group",
+                                  [&] {
+                                    switch (in.kind) {
+                                      case Kind::LinBreg:
+                                        if (in.momentum) {
+                                          launch_typed<scalar_t, Kind::LinBreg, true>(in);
+                                        } else {
+                                          launch_typed<scalar_t, Kind::LinBreg, false>(in);
+                                        }
+                                        break;
+                                      case Kind::AdaBreg:
+                                        launch_typed<scalar_t, Kind::AdaBreg, false>(in);
+                                        break;
+                                      case Kind::ProxSGD:
+                                        launch_typed<scalar_t, Kind::ProxSGD, false>(in);
+                                        break;
+                                    }
+                                  });
+}
+
+}  // namespace bregman_cuda
