@@ -1,29 +1,81 @@
-"""Data sets for the experiments.
+"""Data sets for the experiments: (train, validation, test) with the paper's preprocessing.
 
-``digits``: scikit-learn's bundled 8×8 handwritten digits (1797 images, shipped with scikit-learn,
-so it works offline): a fixed-seed stratified train/test split, standardised with the training
-set's per-pixel mean and std.
+``digits``          scikit-learn's bundled 8×8 digits (offline): a fixed-seed stratified 75/25
+                    train/test split, standardised with the training set's per-pixel mean and std.
+``mnist``, ``fashionmnist``, ``cifar10``
+                    torchvision's data sets under ``--data-dir``, normalised with the paper's
+                    statistics; CIFAR-10 training images are augmented (random 32×32 crop of the
+                    4-padded image + horizontal flip).
+``encoder-mnist``   MNIST for the denoising autoencoder: input = normalised (image + N(0, σ²)
+                    noise), target = the clean image in [0, 1] (784 values). The noise of image i
+                    is fixed (drawn from a generator seeded with i), as the paper's pre-noised copy.
 
-``mnist``: torchvision's MNIST under ``--data-dir``; it is only downloaded when asked
-(``--download``), and a missing copy raises ``DatasetNotFoundError`` saying so.
+The training set is split 95/5 into train/validation with a fixed seed (``split_seed``, the
+paper's 42), whatever the run's seed. torchvision data sets are only downloaded when asked
+(``--download``); a missing copy raises ``DatasetNotFoundError`` saying so. ``fake_size`` swaps in
+``torchvision.datasets.FakeData`` shaped like the data set (smoke tests, no download).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DatasetNotFoundError", "digits", "mnist", "mnist_transform", "MNIST_MEAN", "MNIST_STD"]
+__all__ = ["DatasetNotFoundError", "DatasetInfo", "DATASETS", "Splits", "load", "digits", "mnist",
+           "split_train_val", "MNIST_MEAN", "MNIST_STD"]
 
-# the usual MNIST training-set pixel statistics
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A data set is not on disk and downloading was not asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    shape: tuple[int, ...]          # one input
+    num_classes: int                # 0 for the autoencoder (regression)
+    mean: tuple[float, ...] = ()    # per-channel normalisation (the paper's values)
+    std: tuple[float, ...] = ()
+    torchvision_name: str = ""
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.num_classes else "regression"
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo((64,), 10),
+    "mnist": DatasetInfo((1, 28, 28), 10, (MNIST_MEAN,), (MNIST_STD,), "MNIST"),
+    "fashionmnist": DatasetInfo((1, 28, 28), 10, (0.5,), (0.5,), "FashionMNIST"),
+    "cifar10": DatasetInfo((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "CIFAR10"),
+    "encoder-mnist": DatasetInfo((1, 28, 28), 0, (MNIST_MEAN,), (MNIST_STD,), "MNIST"),
+}
+
+
+@dataclasses.dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    info: DatasetInfo
+
+
+def split_train_val(n: int, val_fraction: float = 0.05, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): the paper's int(0.95·n) / rest, a fixed-seed permutation."""
+    n_train = int(round((1.0 - val_fraction) * n, 9))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:n_train], perm[n_train:]
+
+
+def _subset(ds: Dataset, idx: torch.Tensor) -> Dataset:
+    if isinstance(ds, TensorDataset):  # keep the fast tensor-slicing path of the training loop
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    return Subset(ds, idx.tolist())
 
 
 def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, TensorDataset]:
@@ -44,31 +96,102 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, T
     return as_dataset(x_tr, y_tr), as_dataset(x_te, y_te)
 
 
-def mnist_transform() -> Callable:
-    """PIL image → normalised 1×28×28 float tensor."""
+def _transform(info: DatasetInfo, augment: bool) -> Callable:
     from torchvision import transforms
 
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    steps: list = []
+    if augment:
+        steps += [transforms.RandomCrop(info.shape[-1], padding=4), transforms.RandomHorizontalFlip()]
+    steps.append(transforms.ToTensor())
+    if info.mean:
+        steps.append(transforms.Normalize(info.mean, info.std))
+    return transforms.Compose(steps)
+
+
+class NoisyPairs(Dataset):
+    """(normalised noisy image, clean image flattened) pairs for the denoising autoencoder."""
+
+    def __init__(self, base: Dataset, noise_std: float, mean: float, std: float, offset: int = 0):
+        self.base, self.noise_std, self.mean, self.std, self.offset = base, float(noise_std), mean, std, offset
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        clean = self.base[i][0]  # ToTensor: [0, 1]
+        g = torch.Generator().manual_seed(self.offset + int(i))  # a fixed noise per image
+        noisy = clean + self.noise_std * torch.randn(clean.shape, generator=g)
+        return (noisy - self.mean) / self.std, clean.reshape(-1)
+
+
+def _fake_cls(info: DatasetInfo, size: int) -> Callable[..., Dataset]:
+    from torchvision.datasets import FakeData
+
+    def make(root, train, download, transform):
+        n = size if train else max(size // 4, 1)
+        return FakeData(size=n, image_size=info.shape, num_classes=max(info.num_classes, 2), transform=transform,
+                        random_offset=0 if train else 1_000_000)
+
+    return make
+
+
+def _torchvision(name: str, info: DatasetInfo, data_dir: str, download: bool, train: bool, transform,
+                 dataset_cls: Callable[..., Dataset] | None) -> Dataset:
+    if dataset_cls is None:
+        import torchvision.datasets as tvd
+
+        dataset_cls = getattr(tvd, info.torchvision_name)
+    data_dir = os.path.expanduser(data_dir)
+    try:
+        return dataset_cls(data_dir, train=train, download=download, transform=transform)
+    except RuntimeError as e:  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
+        if download or "not found" not in str(e).lower():
+            raise
+        raise DatasetNotFoundError(
+            f"{info.torchvision_name} ({name}) was not found under {os.path.abspath(data_dir)!r}. Pass --download "
+            "to fetch it (needs internet), or --data-dir pointing at the folder torchvision downloaded it into."
+        ) from e
+
+
+def load(name: str, data_dir: str = "./data", download: bool = False, *, seed: int = 0, split_seed: int = 42,
+         val_fraction: float = 0.05, augment: bool = False, noise_std: float = 0.05, fake_size: int | None = None,
+         dataset_cls: Callable[..., Dataset] | None = None) -> Splits:
+    """The (train, validation, test) splits of data set ``name`` (a key of ``DATASETS``).
+
+    ``dataset_cls``: a stand-in for the torchvision class with its ``(root, train=, download=,
+    transform=)`` signature; ``fake_size``: use FakeData of that many training images.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Invalid dataset: {name!r}; expected one of {tuple(DATASETS)}")
+    info = DATASETS[name]
+    if name == "digits":
+        if fake_size:
+            raise ValueError("--fake-data is for the torchvision data sets; digits is bundled and always available")
+        full, test = digits(seed=seed)
+        tr, va = split_train_val(len(full), val_fraction, split_seed)
+        return Splits(_subset(full, tr), _subset(full, va), test, info)
+    if fake_size:
+        dataset_cls = _fake_cls(info, fake_size)
+    regression = name == "encoder-mnist"
+    eval_tf = _transform(DatasetInfo(info.shape, 0), False) if regression else _transform(info, False)
+    train_tf = eval_tf if regression or not augment else _transform(info, True)
+    train_full = _torchvision(name, info, data_dir, download, True, train_tf, dataset_cls)
+    # the validation images come from the training set but without augmentation
+    val_full = train_full if train_tf is eval_tf else _torchvision(name, info, data_dir, False, True, eval_tf,
+                                                                   dataset_cls)
+    test = _torchvision(name, info, data_dir, download, False, eval_tf, dataset_cls)
+    if regression:
+        m, s = info.mean[0], info.std[0]
+        train_full = val_full = NoisyPairs(train_full, noise_std, m, s)
+        test = NoisyPairs(test, noise_std, m, s, offset=10_000_000)
+    tr, va = split_train_val(len(train_full), val_fraction, split_seed)
+    return Splits(_subset(train_full, tr), _subset(val_full, va), test, info)
 
 
 def mnist(data_dir: str, download: bool = False,
           dataset_cls: Callable[..., Dataset] | None = None) -> tuple[Dataset, Dataset]:
-    """(train, test) MNIST from ``data_dir`` (torchvision layout: ``data_dir/MNIST/raw``).
-
-    ``dataset_cls`` defaults to ``torchvision.datasets.MNIST``; anything with the same
-    ``(root, train=, download=, transform=)`` signature works (tests use FakeData this way).
-    """
-    if dataset_cls is None:
-        from torchvision.datasets import MNIST as dataset_cls
-    data_dir = os.path.expanduser(data_dir)
-    try:
-        train = dataset_cls(data_dir, train=True, download=download, transform=mnist_transform())
-        test = dataset_cls(data_dir, train=False, download=download, transform=mnist_transform())
-    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True to download it"
-        if download or "not found" not in str(e).lower():
-            raise
-        raise DatasetNotFoundError(
-            f"MNIST was not found under {os.path.abspath(data_dir)!r}. Pass --download to fetch it "
-            "(needs internet), or --data-dir pointing at a folder that holds MNIST/raw/."
-        ) from e
-    return train, test
+    """(train, test) MNIST, normalised (kept for callers of the earlier API)."""
+    info = DATASETS["mnist"]
+    tf = _transform(info, False)
+    return (_torchvision("mnist", info, data_dir, download, True, tf, dataset_cls),
+            _torchvision("mnist", info, data_dir, download, False, tf, dataset_cls))

@@ -1,16 +1,28 @@
-"""The paper's models, written from their descriptions.
+"""The paper's models, written from their descriptions (DESIGN.md §1 and the paper's experiments).
 
-``MLP``: fully connected, ReLU; the paper's 784-200-80-10 on MNIST, 64-200-80-10 on scikit-learn's
-8×8 digits. ``ConvNet``: conv 64-64 5×5 + FC 1024-128-10 (the paper's Fashion-MNIST net).
+``MLP``          fully connected, ReLU; 784-200-80-10 on MNIST, 64-200-80-10 on scikit-learn's digits.
+``ConvNet``      conv 64-64 5×5 + FC 1024-128-10 (the paper's Fashion-MNIST net).
+``ResNet18``     the usual CIFAR-10 ResNet-18 (3×3 stem, no max-pool, 4 stages of 2 basic blocks).
+``SkipAutoencoder``  the architecture-search denoiser: ``depth`` Linear(n, n) layers where layer i
+                 also adds a learnable weighted sum of *all* earlier outputs (its ``skips`` vector, one
+                 scalar per earlier output, initialised to 0). An L1 penalty on the skips lets the
+                 Bregman iteration switch skip connections on one by one.
+``DenseNet``     the architecture-search classifier: a 3×3 stem conv, a dense block whose layers see
+                 the concatenation of all earlier feature maps, a 1-channel transition conv and one
+                 Linear on that channel's pixels. Group sparsity on the conv kernels decides which of
+                 the dense connections survive.
+
+Inputs are normalised by the data pipeline (``experiments.data``), not inside the models.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "ConvNet"]
+__all__ = ["MLP", "ConvNet", "ResNet18", "SkipAutoencoder", "DenseNet", "MODELS", "build_model"]
 
 
 class MLP(nn.Module):
@@ -43,3 +55,119 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(n_out)
+        self.conv2 = nn.Conv2d(n_out, n_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(n_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or n_in != n_out:  # 1×1 projection where the shape changes
+            self.shortcut = nn.Sequential(nn.Conv2d(n_in, n_out, 1, stride=stride, bias=False), nn.BatchNorm2d(n_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 11.2 M parameters, 32×32 inputs."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, n_in = [], width
+        for i, n_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(_ResBlock(n_in, n_out, stride), _ResBlock(n_out, n_out, 1)))
+            n_in = n_out
+        self.layers = nn.Sequential(*stages)
+        self.linear = nn.Linear(n_in, num_classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class _SkipLayer(nn.Module):
+    """out = act(W·x_last + b) + Σ_j skips[j]·x_j over all earlier outputs x_0 … x_last."""
+
+    def __init__(self, n_in: int, n_out: int, index: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.skips = nn.Parameter(torch.zeros(index + 1))  # all off at the start
+
+    def forward(self, stack: torch.Tensor) -> torch.Tensor:  # stack: (batch, features, index + 1)
+        out = F.relu(self.linear(stack[:, :, -1])) + (stack * self.skips).sum(2)
+        return torch.cat((stack, out.unsqueeze(2)), 2)
+
+
+class SkipAutoencoder(nn.Module):
+    """The paper's denoising autoencoder with learnable skip connections (``depth`` layers of width n)."""
+
+    def __init__(self, n: int = 784, depth: int = 6):
+        super().__init__()
+        self.n = n
+        self.layers = nn.Sequential(*[_SkipLayer(n, n, i) for i in range(depth)])
+
+    def forward(self, x):
+        return self.layers(x.reshape(x.shape[0], -1, 1))[:, :, -1]
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(n_in, n_out, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([x, F.relu(self.conv(x))], 1)
+
+
+class DenseNet(nn.Module):
+    """Stem conv(c→planes) → ``depth`` dense layers (growth ``planes``) → 1-channel transition → Linear.
+
+    As in the paper's code the classifier reads only the transition's channel, and its logits pass a
+    ReLU (kept for fidelity; cross-entropy still trains through the positive logits).
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, depth: int = 5,
+                 planes: int = 12):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, padding=1, bias=False)
+        self.block = nn.Sequential(*[_DenseLayer(planes * (i + 1), planes) for i in range(depth)])
+        self.transition = _DenseLayer(planes * (depth + 1), 1)
+        self.fc = nn.Linear(image_size * image_size, num_classes)
+
+    def forward(self, x):
+        out = self.transition(self.block(self.conv1(x)))
+        return F.relu(self.fc(out[:, -1].flatten(1)))
+
+
+MODELS = ("mlp", "conv", "resnet18", "skip-ae", "densenet")
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """A model for inputs of ``input_shape`` (C, H, W) or (features,)."""
+    import math
+
+    if name == "mlp":
+        return MLP((math.prod(input_shape), 200, 80, num_classes))
+    if name == "skip-ae":
+        return SkipAutoencoder(math.prod(input_shape))
+    if len(input_shape) != 3:
+        raise ValueError(f"model {name!r} needs images (C, H, W), got inputs of shape {list(input_shape)}; "
+                         "use --model mlp for the digits")
+    c, h, w = input_shape
+    if name == "conv":
+        if (h, w) != (28, 28):
+            raise ValueError(f"--model conv needs 28x28 images, got {h}x{w}")
+        return ConvNet(c, num_classes)
+    if name == "resnet18":
+        return ResNet18(c, num_classes)
+    if name == "densenet":
+        return DenseNet(c, h, num_classes)
+    raise ValueError(f"Invalid model: {name!r}; expected one of {MODELS}")

@@ -1,0 +1,175 @@
+"""Checkpoints that resume a run exactly, on the same or a different number of ranks.
+
+Layout: ``<out_dir>/checkpoint/`` holds the model and optimizer as a ``torch.distributed.checkpoint``
+(DCP) save of ``get_state_dict(model, opt)`` — each rank writes its own shards, and ``dcp.load``
+reshards them for any world size (FSDP2 → one process and back) — plus ``train_state.pt``
+(rank 0, ``torch.save``): format version, the run's identity (preset, data set, model, optimizer,
+regularizers, seed), the epoch, the history, the LR and λ schedulers' states and the RNG states
+(torch CPU/CUDA, numpy, python ``random``, the data-order generator; one set per rank).
+
+Saving is atomic: everything goes to ``checkpoint.tmp/`` first; ``train_state.pt`` is written
+last, then the folder is renamed into place. A folder without ``train_state.pt`` is incomplete.
+Loading never falls back silently: a missing, incomplete, unreadable or mismatched checkpoint
+raises ``CheckpointError`` naming the path and the reason.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .parallel import Context, barrier
+
+__all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "checkpoint_dir", "exists", "save", "load",
+           "rng_state", "set_rng_state"]
+
+FORMAT = "bregman_fused.train/1"
+# what must match for a checkpoint to continue this run (anything else, e.g. --epochs, may change)
+IDENTITY_KEYS = ("preset", "dataset", "model", "optim", "linear_reg", "conv_reg", "seed")
+STATE_FILE = "train_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or belongs to another run."""
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoint")
+
+
+def exists(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """This process's RNG states as plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_version, list(py_internal), py_gauss],
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+def _gather_rng(ctx: Context, generators: dict[str, torch.Generator]) -> list[dict[str, Any]]:
+    mine = rng_state(generators)
+    if not ctx.distributed:
+        return [mine]
+    out: list[Any] = [None] * ctx.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+# -- save / load ----------------------------------------------------------------------------------
+def save(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, train_state: dict[str, Any], ctx: Context,
+         generators: dict[str, torch.Generator]) -> None:
+    """Write the checkpoint atomically (every rank calls this)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path + ".tmp"
+    rngs = _gather_rng(ctx, generators)  # collective: before anything that only rank 0 does
+    if ctx.main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    barrier(ctx)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    barrier(ctx)
+    if ctx.main:
+        state = {"format": FORMAT, "world_size": ctx.world, "rng": rngs, **train_state}
+        torch.save(state, os.path.join(tmp, STATE_FILE + ".part"))
+        os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))
+        old = path + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    barrier(ctx)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    # DCP wraps the rank's traceback: its last line is the actual error
+    return lines[0][:300] if len(lines) == 1 else f"{lines[0][:150]} … {lines[-1][:300]}"
+
+
+def read_train_state(path: str) -> dict[str, Any]:
+    """The rank-0 part of a checkpoint, checked for completeness and format."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path!r} (expected the folder a run writes into --out-dir)")
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: {STATE_FILE} is missing (interrupted save?)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / garbage / not a torch file
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: cannot read {STATE_FILE} ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not a {FORMAT} checkpoint (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    return state
+
+
+def check_identity(path: str, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {expected.get(k)!r}"
+             for k in IDENTITY_KEYS if saved.get(k) != expected.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path!r} belongs to a different run ({'; '.join(diffs)}); "
+                              "resume with the same --preset/--optim/--model/--dataset/--seed, or use another --out-dir")
+
+
+def load(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ctx: Context, identity: dict[str, Any],
+         generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """Restore model, optimizer and RNGs from ``path``; return the train state (epoch, history, schedulers)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    state = read_train_state(path)
+    check_identity(path, state.get("identity", {}), identity)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+            dcp.load(sd, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model/optimizer or is corrupt "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
+    rngs = state["rng"]
+    # the same world size gets each rank's own RNG back; another one continues from rank 0's
+    set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world else rngs[0], generators)
+    return state
