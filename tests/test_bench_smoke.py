@@ -1,0 +1,50 @@
+"""Smoke test of benchmarks/bench_step.py: a --quick run on the tiny workload writes the CSV it promises."""
+import csv
+import importlib.util
+import math
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "benchmarks", "bench_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_step_quick_writes_csv(tmp_path, capsys):
+    bench = _load_bench()
+    path = tmp_path / "bench.csv"
+    # no compiled providers: compilation (torch.compile, a JIT-built extension) does not fit the time budget
+    providers = ["research-loop", "reference", "torch-sgd", "copy"]
+    optimizers = ["linbreg", "proxsgd"]
+    bench.main(["--quick", "--workloads", "tiny", "--reps", "3", "--providers", ",".join(providers),
+                "--optimizers", ",".join(optimizers), "--csv", str(path)])
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    for col in ("provider", "optimizer", "workload", "dtype", "median_ms", "p20_ms", "p80_ms", "gb_s",
+                "pct_of_copy", "speedup_vs_research", "cpu_model", "torch_version"):
+        assert col in bench.CSV_COLUMNS
+
+    # one row per (provider, optimizer) of our providers + the copy, and the SGD anchor with its own copy
+    got = sorted((r["provider"], r["optimizer"]) for r in rows)
+    want = sorted([(p, o) for p in ("research-loop", "reference", "copy") for o in optimizers]
+                  + [("torch-sgd", "sgd"), ("copy", "sgd")])
+    assert got == want
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["workload"] == "tiny" and r["dtype"] == "fp32" and r["reps"] == "3"
+        p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80
+        assert float(r["gb_s"]) > 0 and float(r["pct_of_copy"]) > 0
+        assert int(r["numel"]) == sum(math.prod(s) for s in bench.workload_shapes("tiny"))
+    by_key = {(r["provider"], r["optimizer"]): r for r in rows}
+    assert by_key[("research-loop", "linbreg")]["speedup_vs_research"] == "1.00"
+    assert by_key[("copy", "linbreg")]["pct_of_copy"] == "100.0"
+    assert by_key[("copy", "linbreg")]["bytes_per_elt"] == "16" and by_key[("copy", "proxsgd")]["bytes_per_elt"] == "12"
+    assert "research-loop" in capsys.readouterr().out  # the table went to stdout
