@@ -28,8 +28,64 @@ def include_dirs(root: str) -> list[str]:
     return [os.path.join(root, "csrc")]
 
 
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
+# torch >= 2.10 headers need C++20 (std::strong_ordering, string_view::starts_with)
+CXX_FLAGS = ["-O3", "-std=c++20"]
+# [note: cpu arch flags] The CPU kernels are written with at::vec::Vectorized, whose 256-bit
+# specializations only exist when CPU_CAPABILITY_AVX2 is defined (libtorch compiles its own kernels
+# once per capability and dispatches at run time; an extension gets the portable scalar-array
+# fallback otherwise, several times slower). The extension is compiled on the machine that runs it
+# (pip install from source, or the JIT build on first use), so enabling AVX2/FMA/F16C when that
+# CPU has them is safe. -ffp-contract=off: no FMA contraction, so the SIMD body and the scalar tail
+# (the same templates from bregman_math.h) round identically.
+# BREGMAN_FUSED_CPU_ARCH overrides the detection: "avx2" (force, e.g. cross-building for a known
+# fleet), "native" (-march=native), "default" (portable: no ISA flags, e.g. for a wheel that runs
+# elsewhere).
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _cpu_has_avx2() -> bool:
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma", "f16c"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def cpu_arch_flags() -> list[str]:
+    mode = os.environ.get("BREGMAN_FUSED_CPU_ARCH", "auto").strip().lower()
+    if mode == "default":
+        return []
+    if mode == "native":
+        return ["-march=native"] + (["-DCPU_CAPABILITY_AVX2"] if _cpu_has_avx2() else [])
+    if mode == "avx2" or (mode in ("auto", "") and _cpu_has_avx2()):
+        return list(AVX2_FLAGS)
+    if mode not in ("auto", ""):
+        raise ValueError(f"BREGMAN_FUSED_CPU_ARCH={mode!r}: expected auto, avx2, native or default")
+    return []
+
+
+# at::parallel_for is an inline template: in a libtorch built with OpenMP (AT_PARALLEL_OPENMP, the
+# Linux wheels) its `#pragma omp parallel` is compiled into OUR object, so without -fopenmp the
+# kernels silently run on one thread. The extension then links libgomp.so.1, which resolves to the
+# copy libtorch already loaded (same soname): one OpenMP runtime, one thread pool.
+OPENMP_FLAGS = ["-fopenmp"]
+
+
+def cpu_cxx_flags() -> list[str]:
+    return CXX_FLAGS + ["-ffp-contract=off", "-Wno-unknown-pragmas"] + OPENMP_FLAGS + cpu_arch_flags()
+
+
+def cpu_link_flags() -> list[str]:
+    return list(OPENMP_FLAGS)
+NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math"]
 
 
 def _rel(root, paths):
@@ -40,7 +96,7 @@ def cpu_extension(root: str):
     from torch.utils.cpp_extension import CppExtension
 
     return CppExtension(CPU_MODULE, _rel(root, cpu_sources(root)), include_dirs=include_dirs(root),
-                        extra_compile_args={"cxx": CXX_FLAGS})
+                        extra_compile_args={"cxx": cpu_cxx_flags()}, extra_link_args=cpu_link_flags())
 
 
 def cuda_extension(root: str):

@@ -1,18 +1,195 @@
-"""Loads the compiled C++/CUDA ops. Placeholder until the fused CPU backend lands (issue 3)."""
+"""Loads the compiled C++/CUDA ops and wraps them in reference.step's signature.
+
+Loading follows the apex/torchao habit: try the module built at install (``bregman_fused._C``);
+if it is missing, JIT-build it from csrc/ with ``torch.utils.cpp_extension.load`` (ninja; build
+folder under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use; if that fails
+too, remember why. ``cpu_available()`` is then False and ``cpu_error()`` says why:
+functional.select_backend falls back on "auto" (one warning) and raises for backend="cpu".
+Everything is loaded once and cached.
+
+Switches (environment): BREGMAN_FUSED_NO_JIT=1 never JIT-builds (the installed module or nothing).
+"""
 from __future__ import annotations
+
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _build
+
+__all__ = ["cpu_available", "cpu_error", "cpu_step", "cuda_available", "cuda_error", "cuda_step",
+           "KIND_CODES", "REG_CODES"]
+
+# bregman::Kind and bregman::Reg in csrc/bregman_math.h
+KIND_CODES = {"linbreg": 0, "adabreg": 1, "proxsgd": 2}
+REG_CODES = {"none": 0, "l1": 1, "l1pos": 2, "group": 3, "sparse_group": 4}
+_ROW_REGS = ("group", "sparse_group")
+JIT_NAME = "bregman_fused_cpu"
+
+
+@dataclass
+class _LoadState:
+    """Result of one load attempt: the module, or the error that explains why there is none."""
+
+    module: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.module is not None
+
+
+_lock = threading.Lock()
+_cpu: _LoadState | None = None  # None: not tried yet
+_cuda: _LoadState | None = None
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    root = _build.source_root()
+    sources = _build.cpu_sources(root)
+    if not os.path.exists(sources[0]):
+        raise FileNotFoundError(f"no C++ sources to JIT-build from (looked for {sources[0]})")
+    return load(name=JIT_NAME, sources=sources, extra_include_paths=_build.include_dirs(root),
+                extra_cflags=_build.cpu_cxx_flags(), extra_ldflags=_build.cpu_link_flags(), verbose=os.environ.get("BREGMAN_FUSED_VERBOSE") == "1")
+
+
+def _load_cpu() -> _LoadState:
+    global _cpu
+    if _cpu is not None:
+        return _cpu
+    with _lock:
+        if _cpu is not None:
+            return _cpu
+        errors = []
+        state = None
+        try:
+            state = _LoadState(module=importlib.import_module(_build.CPU_MODULE))
+        except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
+            errors.append(f"import {_build.CPU_MODULE} failed ({_describe(exc)})")
+        if state is None:
+            if os.environ.get("BREGMAN_FUSED_NO_JIT") == "1":
+                errors.append("JIT build disabled by BREGMAN_FUSED_NO_JIT=1")
+            else:
+                try:
+                    state = _LoadState(module=_jit_build())
+                except Exception as exc:
+                    errors.append(f"JIT build failed ({_describe(exc)})")
+        if state is not None and not hasattr(torch.ops.bregman_fused, "fused_step"):
+            errors.append("the extension loaded but did not register torch.ops.bregman_fused.fused_step")
+            state = None
+        _cpu = state if state is not None else _LoadState(error="; ".join(errors))
+        return _cpu
+
+
+def _load_cuda() -> _LoadState:
+    global _cuda
+    if _cuda is not None:
+        return _cuda
+    with _lock:
+        if _cuda is not None:
+            return _cuda
+        try:
+            state = _LoadState(module=importlib.import_module(_build.CUDA_MODULE))
+        except Exception as exc:
+            state = _LoadState(error=f"import {_build.CUDA_MODULE} failed ({_describe(exc)})")
+        _cuda = state
+    if _cuda.ok and not _load_cpu().ok:  # the op schema lives in the CPU module
+        _cuda = _LoadState(error=f"the CUDA kernels need the op schemas of {_build.CPU_MODULE}: {_load_cpu().error}")
+    return _cuda
 
 
 def cpu_available() -> bool:
-    return False
+    return _load_cpu().ok
 
 
-def cpu_error() -> str:
-    return "the C++ extension is not part of this build yet"
+def cpu_error() -> str | None:
+    """Why the C++ CPU extension is unavailable (None when it loaded)."""
+    return _load_cpu().error
 
 
 def cuda_available() -> bool:
-    return False
+    return _load_cuda().ok
 
 
-def cuda_error() -> str:
-    return "the CUDA extension is not part of this build yet"
+def cuda_error() -> str | None:
+    return _load_cuda().error
+
+
+def _contiguous(tensors):
+    """Contiguous versions of ``tensors`` and the (original, copy) pairs to write back afterwards."""
+    out, back = [], []
+    for t in tensors:
+        if t.is_contiguous():
+            out.append(t)
+        else:
+            c = t.contiguous()
+            out.append(c)
+            back.append((t, c))
+    return out, back
+
+
+def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
+               grad_scale=None, found_inf=None):
+    """reference.step on the compiled op (CPU or CUDA: the dispatcher routes by the tensors' device).
+
+    The op requires contiguous tensors; non-contiguous ones are copied in and the results copied
+    back here. Returns the non-zeros of each new θ, or None when ``found_inf`` is set (like the
+    reference).
+    """
+    if kind not in KIND_CODES:
+        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KIND_CODES)}")
+    if reg.kind not in REG_CODES:
+        raise ValueError(f"the fused backends do not implement the {type(reg).__name__} regularizer "
+                         "(use backend='reference')")
+    lamda_l1, lamda_group = reg.lamdas()
+    row = reg.kind in _ROW_REGS
+    group_sizes = [int(reg.group_size(p.shape)) if row else 1 for p in params]
+    params_c, params_back = _contiguous(params)
+    grads_c, _ = _contiguous(grads)
+    states_c, states_back = [], []
+    for lst in (duals, exp_avgs, exp_avg_sqs):
+        c, back = _contiguous(lst)
+        states_c.append(c)
+        states_back += back
+    with torch.no_grad():
+        counts = torch.ops.bregman_fused.fused_step(
+            KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
+            float(lr), float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind],
+            float(lamda_l1), float(lamda_group), grad_scale, found_inf)
+        if found_inf is not None and bool(found_inf.item()):
+            return None  # nothing changed: nothing to copy back
+        for orig, c in params_back + states_back:
+            orig.copy_(c)
+    return counts
+
+
+def _require(state: _LoadState, what: str) -> None:
+    if not state.ok:
+        raise RuntimeError(f"the {what} extension could not be loaded: {state.error}")
+
+
+def cpu_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
+             grad_scale=None, found_inf=None):
+    """Backend "cpu": reference.step's signature and return, on the fused C++ kernel."""
+    _require(_load_cpu(), "C++ CPU")
+    return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def cuda_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
+              grad_scale=None, found_inf=None):
+    """Backend "cuda": the same op; the dispatcher picks the CUDA kernel for CUDA tensors."""
+    _require(_load_cuda(), "CUDA")
+    return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf)

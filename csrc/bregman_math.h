@@ -25,15 +25,52 @@ namespace bregman {
 enum class Kind : int64_t { LinBreg = 0, AdaBreg = 1, ProxSGD = 2 };
 enum class Reg : int64_t { None = 0, L1 = 1, L1Pos = 2, Group = 3, SparseGroup = 4 };
 
-BF_HD bool is_row_reg(Reg reg) { return reg == Reg::Group || reg == Reg::SparseGroup; }
+BF_HD constexpr bool is_row_reg(Reg reg) { return reg == Reg::Group || reg == Reg::SparseGroup; }
 
 // ---- scalar building blocks (SIMD types bring their own overloads) ---------------------------
-BF_HD float bf_min(float a, float b) { return a < b ? a : b; }
-BF_HD float bf_max(float a, float b) { return a > b ? a : b; }
+// min/max propagate a NaN in `a` (the data; `b` is always a threshold or 0) like torch.clamp does,
+// and like the SIMD overloads below, so the vector body and the scalar tail agree on NaNs too.
+BF_HD float bf_min(float a, float b) { return b < a ? b : a; }
+BF_HD float bf_max(float a, float b) { return b > a ? b : a; }
 BF_HD float bf_sqrt(float a) { return ::sqrtf(a); }
-BF_HD double bf_min(double a, double b) { return a < b ? a : b; }
-BF_HD double bf_max(double a, double b) { return a > b ? a : b; }
+BF_HD double bf_min(double a, double b) { return b < a ? b : a; }
+BF_HD double bf_max(double a, double b) { return b > a ? b : a; }
 BF_HD double bf_sqrt(double a) { return ::sqrt(a); }
+// a > b ? x : y, written as a select so SIMD types can blend (both x and y are evaluated)
+BF_HD float bf_select_gt(float a, float b, float x, float y) { return a > b ? x : y; }
+BF_HD double bf_select_gt(double a, double b, double x, double y) { return a > b ? x : y; }
+
+}  // namespace bregman
+
+// The CPU kernels define BREGMAN_MATH_AT_VEC to get the at::vec::Vectorized overloads. They must be
+// declared here, before the templates below: the templates call bf_min etc. unqualified, and
+// two-phase lookup only finds functions of namespace bregman that are visible at the template's
+// definition (ADL at instantiation only searches at::vec). Never seen by nvcc.
+#if defined(BREGMAN_MATH_AT_VEC) && !defined(__CUDACC__) && !defined(__HIPCC__)
+#include <ATen/cpu/vec/vec.h>
+
+namespace bregman {
+template <typename U>
+inline at::vec::Vectorized<U> bf_min(const at::vec::Vectorized<U>& a, const at::vec::Vectorized<U>& b) {
+  return at::vec::minimum(a, b);  // NaN-propagating, as the scalar version for a NaN in `a`
+}
+template <typename U>
+inline at::vec::Vectorized<U> bf_max(const at::vec::Vectorized<U>& a, const at::vec::Vectorized<U>& b) {
+  return at::vec::maximum(a, b);
+}
+template <typename U>
+inline at::vec::Vectorized<U> bf_sqrt(const at::vec::Vectorized<U>& a) {
+  return a.sqrt();
+}
+template <typename U>
+inline at::vec::Vectorized<U> bf_select_gt(const at::vec::Vectorized<U>& a, const at::vec::Vectorized<U>& b,
+                                           const at::vec::Vectorized<U>& x, const at::vec::Vectorized<U>& y) {
+  return at::vec::Vectorized<U>::blendv(y, x, a > b);  // operator> gives an all-ones lane mask
+}
+}  // namespace bregman
+#endif
+
+namespace bregman {
 
 // ---- hyper-parameters of one tensor's step, in the compute type ------------------------------
 // Host code fills this once per tensor (bias corrections depend on that tensor's step count).
@@ -52,16 +89,18 @@ struct StepParams {
 };
 
 // Fill the per-tensor constants exactly as reference.py computes them (in double, then cast).
+// Host code calls it once per tensor; CUDA kernels call it in-kernel when lr or the step count
+// live on the device (capturable, AMP with device steps). Double math is correctly rounded on both.
 template <typename T>
-inline StepParams<T> make_step_params(Kind kind, double lr, double beta1, double beta2, double eps,
+BF_HD StepParams<T> make_step_params(Kind kind, double lr, double beta1, double beta2, double eps,
                                       double delta, double lamda_l1, double lamda_group, double step) {
   StepParams<T> p;
   p.lr = static_cast<T>(lr);
   p.beta1 = static_cast<T>(beta1);
   p.beta2 = static_cast<T>(beta2);
   p.eps = static_cast<T>(eps);
-  p.step_size = static_cast<T>(kind == Kind::AdaBreg ? lr / (1.0 - std::pow(beta1, step)) : 0.0);
-  p.bc2_sqrt = static_cast<T>(kind == Kind::AdaBreg ? std::sqrt(1.0 - std::pow(beta2, step)) : 1.0);
+  p.step_size = static_cast<T>(kind == Kind::AdaBreg ? lr / (1.0 - ::pow(beta1, step)) : 0.0);
+  p.bc2_sqrt = static_cast<T>(kind == Kind::AdaBreg ? ::sqrt(1.0 - ::pow(beta2, step)) : 1.0);
   p.mom_scale = static_cast<T>((1.0 - beta1) * lr);
   const bool prox_sgd = kind == Kind::ProxSGD;
   p.delta = static_cast<T>(prox_sgd ? 1.0 : delta);
@@ -103,6 +142,24 @@ BF_HD T proxsgd_point(T theta, T g, const StepParams<S>& hp) {
   return theta - T(hp.lr) * g;
 }
 
+// One element's step for optimizer K (MOMENTUM: LinBreg with β > 0): updates the states in place
+// and returns the point x the proximal map is applied to. States a kind does not use are ignored
+// (pass dummies); `theta` is only read by ProxSGD.
+template <Kind K, bool MOMENTUM, typename T, typename S>
+BF_HD T update_point(T g, T theta, T& v, T& m, T& s, const StepParams<S>& hp) {
+  if constexpr (K == Kind::LinBreg) {
+    if constexpr (MOMENTUM) {
+      return linbreg_momentum_update(v, m, g, hp);
+    } else {
+      return linbreg_update(v, g, hp);
+    }
+  } else if constexpr (K == Kind::AdaBreg) {
+    return adabreg_update(v, m, s, g, hp);
+  } else {
+    return proxsgd_point(theta, g, hp);
+  }
+}
+
 // ---- proximal maps ---------------------------------------------------------------------------
 // soft-threshold sign(x)·max(|x| − thr, 0), written as x − clamp(x, −thr, thr): branch-free and
 // bit-identical to the reference's form (both round x ∓ thr once).
@@ -112,8 +169,8 @@ BF_HD T soft_threshold(T x, T thr) {
 }
 
 // The element-wise part of the map: the full map for None/L1/L1Pos, the L1 part of SparseGroup,
-// identity for Group (the row factor follows in row_factor). The result still has to be scaled
-// by δ (element-wise maps) or by δ·row_factor (row maps).
+// identity for Group (the row factor follows in row_factor_thr). The result still has to be scaled
+// by δ (element-wise maps, elementwise_theta) or by δ·factor (row maps, row_theta).
 template <typename T, typename S>
 BF_HD T elementwise_shrink(Reg reg, T x, const StepParams<S>& hp) {
   switch (reg) {
@@ -127,13 +184,33 @@ BF_HD T elementwise_shrink(Reg reg, T x, const StepParams<S>& hp) {
   }
 }
 
-// Row maps: θ_r = δ·u_r·row_factor with row_factor = max(1 − thr·√n/‖u_r‖, 0) (0 for a zero row).
-// sum_sq is Σ u² over the row, accumulated by the kernel in the compute type.
+// θ of the element-wise maps: shrink(x)·δ, in the reference's order (prox = shrink(v, 1) * delta).
+template <typename T, typename S>
+BF_HD T elementwise_theta(Reg reg, T x, const StepParams<S>& hp) {
+  return elementwise_shrink(reg, x, hp) * T(hp.delta);
+}
+
+// θ of a row map from the element-wise part u and the row's factor: (u·factor)·δ, the reference's order.
+template <typename T, typename S>
+BF_HD T row_theta(T u, T factor, const StepParams<S>& hp) {
+  return (u * factor) * T(hp.delta);
+}
+
+// The row threshold λ₂·√n (times τ for ProxSGD), in double like the reference's Python floats, so
+// that its single rounding to the compute type matches. Once per tensor (host, or in-kernel on CUDA).
+BF_HD double row_threshold(Kind kind, double lr, double lamda_group, int64_t n) {
+  const double thr = lamda_group * ::sqrt(static_cast<double>(n));
+  return kind == Kind::ProxSGD ? lr * thr : thr;
+}
+
+// Row maps: θ_r = δ·u_r·factor with factor = max(1 − thr/‖u_r‖, 0) (0 for a zero row), from Σu² and
+// the row threshold of row_threshold; Σu² is accumulated by the kernel in the compute type.
+// S may be a SIMD type: the CPU kernel computes the factors of 8 rows at once (thr/0 = inf in a
+// zero row's lane is discarded by the select).
 template <typename S>
-BF_HD S row_factor(S sum_sq, int64_t n, const StepParams<S>& hp) {
-  const S thr = hp.thr_group * bf_sqrt(static_cast<S>(n));
+BF_HD S row_factor_thr(S sum_sq, S thr) {
   const S norm = bf_sqrt(sum_sq);
-  return norm > thr ? S(1) - thr / norm : S(0);
+  return bf_select_gt(norm, thr, S(1) - thr / norm, S(0));
 }
 
 }  // namespace bregman

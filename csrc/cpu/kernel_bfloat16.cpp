@@ -1,0 +1,6 @@
+// Instantiation of the CPU kernel for c10::BFloat16 parameters (one translation unit per dtype: parallel build).
+#include "kernel.h"
+
+namespace bregman::cpu {
+template void run_fused_step<c10::BFloat16>(const Work<opmath_t<c10::BFloat16>>& w, int64_t* counts);
+}  // namespace bregman::cpu

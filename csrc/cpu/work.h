@@ -1,0 +1,46 @@
+// What the op hands to the CPU kernel: one TensorWork per tensor of the bucket. Kept free of
+// at::vec so that fused_step.cpp (checks, bookkeeping) compiles without the SIMD headers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "bregman_math.h"
+
+namespace bregman::cpu {
+
+// Compute type: float for float/bfloat16/half parameters, double for double.
+template <typename scalar_t>
+using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// One tensor of the bucket, as the kernel sees it. Pointers to states a kind does not use are null.
+template <typename T>
+struct TensorWork {
+  void* theta = nullptr;        // param data, in the param dtype
+  const void* grad = nullptr;   // grad data, in the param dtype
+  T* v = nullptr;               // dual
+  T* m = nullptr;               // momentum buffer / exp_avg
+  T* s = nullptr;               // exp_avg_sq
+  int64_t numel = 0;
+  int64_t n = 1;                // row length (row regularizers), 1 otherwise
+  StepParams<T> hp{};
+  T row_thr = T(0);             // λ₂·√n (·τ for ProxSGD), row regularizers only
+};
+
+template <typename T>
+struct Work {
+  Kind kind = Kind::LinBreg;
+  Reg reg = Reg::None;
+  bool momentum = false;        // LinBreg with β > 0
+  bool stream = false;          // non-temporal stores for θ [note: streaming stores]
+  bool has_scale = false;       // divide grads by `scale` (AMP)
+  T scale = T(1);
+  std::vector<TensorWork<T>> tensors;
+};
+
+// Runs the step on every tensor of `w`; counts[i] = non-zeros of the new θ of tensor i.
+template <typename scalar_t>
+void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts);
+
+}  // namespace bregman::cpu

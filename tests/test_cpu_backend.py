@@ -1,0 +1,504 @@
+"""The fused C++ CPU backend beyond the config table: many tensors per call, mixed dtypes, strided
+tensors, checkpoints across backends, AMP, the op's boundary checks and the loader's error path.
+
+The per-config cross-check (every optimizer × regularizer × dtype × shape) is
+tests/test_backends.py::test_cpu_matches_reference.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import pytest
+import torch
+
+import bregman_fused as bf
+from bregman_fused import _ext, functional
+
+from configs import OPTIMIZERS, REGULARIZERS, tolerance
+
+STATE_KEYS = ("dual", "momentum_buffer", "exp_avg", "exp_avg_sq")
+FUSED_REGS = ["none", "l1", "l1pos", "group", "sparse_group"]
+
+
+def _need_cpu():
+    if not _ext.cpu_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must build the CPU extension: {_ext.cpu_error()}")
+        pytest.skip(f"C++ CPU extension unavailable: {_ext.cpu_error()}")
+
+
+def no_ext_needed(fn):
+    """Tests of the loader's error path: they run without the compiled extension."""
+    fn.no_ext_needed = True
+    return fn
+
+
+@pytest.fixture(autouse=True)
+def _cpu_ext(request):
+    if not getattr(request.function, "no_ext_needed", False):
+        _need_cpu()
+
+
+def _inputs(shapes, num_steps, seed=0, dtypes=None, l1pos=False):
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = dtypes or [torch.float32] * len(shapes)
+    thetas, grads = [], []
+    for shape, dtype in zip(shapes, dtypes):
+        t = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5
+        t = t.abs() if l1pos else t
+        t = t.masked_fill(torch.rand(shape, generator=gen) < 0.3, 0)
+        thetas.append(t.to(dtype))
+        grads.append([torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(num_steps)])
+    return thetas, grads
+
+
+def _run(opt_name, reg_name, thetas, grads, backend, dtype=None, num_steps=None):
+    """Run the optimizer on all tensors in ONE param group; return (params, optimizer)."""
+    cls, hyper = OPTIMIZERS[opt_name]
+    params = [torch.nn.Parameter(t.to(dtype or t.dtype).clone()) for t in thetas]
+    opt = cls([{"params": params, "reg": REGULARIZERS[reg_name][0]()}], backend=backend, **hyper)
+    for k in range(num_steps or len(grads[0])):
+        for p, g in zip(params, grads):
+            p.grad = g[k].to(p.dtype)
+        opt.step()
+    return params, opt
+
+
+def _assert_like_reference(opt_name, reg_name, thetas, grads, num_steps=None):
+    """cpu vs the reference in the same dtype, with the tolerance of configs.tolerance per tensor."""
+    got_p, got_opt = _run(opt_name, reg_name, thetas, grads, "cpu", num_steps=num_steps)
+    ref_p, ref_opt = _run(opt_name, reg_name, thetas, grads, "reference", num_steps=num_steps)
+    r64_p, r64_opt = _run(opt_name, reg_name, thetas, grads, "reference", dtype=torch.float64, num_steps=num_steps)
+    counts = got_opt._nonzeros()
+    for i, (p, rp, r64) in enumerate(zip(got_p, ref_p, r64_p)):
+        what = f"{opt_name}/{reg_name} tensor {i} {tuple(p.shape)} {p.dtype}"
+        tol = tolerance(rp.detach(), r64.detach(), p.dtype)
+        err = (p.detach().double() - r64.detach()).abs().max().item() if p.numel() else 0.0
+        assert err <= tol, f"{what}: θ off by {err:.3g} > {tol:.3g}"
+        st, rst, r64st = got_opt.state[p], ref_opt.state[rp], r64_opt.state[r64]
+        assert set(st) == set(rst), what
+        assert float(st["step"]) == float(rst["step"]), what
+        for key in STATE_KEYS:
+            if key in rst:
+                assert st[key].dtype == rst[key].dtype, what
+                tol = tolerance(rst[key], r64st[key], rst[key].dtype)
+                err = (st[key].double() - r64st[key]).abs().max().item() if st[key].numel() else 0.0
+                assert err <= tol, f"{what}: {key} off by {err:.3g} > {tol:.3g}"
+        assert int(counts[p]) == int(torch.count_nonzero(p)), f"{what}: non-zero count"
+
+
+# ---- many tensors in one call -----------------------------------------------------------------
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("reg_name", FUSED_REGS)
+def test_odd_sizes_in_one_group(opt_name, reg_name):
+    # 0, 1, 7, 1023, 65537 elements (65537 spans three work chunks), long rows (> the kernel's row
+    # scratch buffer: the two-sweep path) and many short rows (several row groups per chunk)
+    shapes = [(0,), (1,), (7,), (1023,), (65537,), (3, 20011), (4099, 3), (5, 0)]
+    thetas, grads = _inputs(shapes, 4, l1pos=reg_name == "l1pos")
+    _assert_like_reference(opt_name, reg_name, thetas, grads)
+
+
+@pytest.mark.parametrize("opt_name,reg_name", [("linbreg_momentum", "l1"), ("adabreg", "group"),
+                                               ("proxsgd", "sparse_group"), ("linbreg", "l1pos")])
+def test_two_thousand_tiny_tensors(opt_name, reg_name):
+    # 2000 tensors of k×3 elements in one call must give exactly what one (Σk)×3 tensor gives (the
+    # math is position-independent: the SIMD body and the scalar tail round identically), and
+    # that tensor must match the reference
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(int(torch.randint(1, 6, (1,), generator=gen)), 3) for _ in range(2000)]
+    thetas, grads = _inputs(shapes, 2, l1pos=reg_name == "l1pos")
+    many, many_opt = _run(opt_name, reg_name, thetas, grads, "cpu")
+    cat_theta = [torch.cat(thetas)]
+    cat_grads = [[torch.cat([g[k] for g in grads]) for k in range(2)]]
+    one, one_opt = _run(opt_name, reg_name, cat_theta, cat_grads, "cpu")
+    assert torch.equal(torch.cat([p.detach() for p in many]), one[0].detach())
+    for key in STATE_KEYS:
+        if key in one_opt.state[one[0]]:
+            assert torch.equal(torch.cat([many_opt.state[p][key] for p in many]), one_opt.state[one[0]][key]), key
+    assert all(float(many_opt.state[p]["step"]) == 2 for p in many)
+    counts = many_opt._nonzeros()
+    assert [int(counts[p]) for p in many] == [int(torch.count_nonzero(p)) for p in many]
+    _assert_like_reference(opt_name, reg_name, cat_theta, cat_grads)
+
+
+def test_mixed_dtypes_in_one_group():
+    # the optimizer buckets by dtype: one fused call per dtype, each checked against the reference
+    shapes = [(37, 5), (1023,), (3, 4, 3, 3)] * 3
+    dtypes = [torch.float32] * 3 + [torch.bfloat16] * 3 + [torch.float64] * 3
+    for opt_name in OPTIMIZERS:
+        thetas, grads = _inputs(shapes, 3, dtypes=dtypes)
+        got, got_opt = _run(opt_name, "sparse_group", thetas, grads, "cpu")
+        ref, _ = _run(opt_name, "sparse_group", thetas, grads, "reference")
+        r64, _ = _run(opt_name, "sparse_group", thetas, grads, "reference", dtype=torch.float64)
+        for p, rp, q in zip(got, ref, r64):
+            assert p.dtype == rp.dtype
+            tol = tolerance(rp.detach(), q.detach(), p.dtype)
+            err = (p.detach().double() - q.detach()).abs().max().item()
+            assert err <= tol, f"{opt_name} {p.dtype}: θ off by {err:.3g} > {tol:.3g}"
+            if opt_name != "proxsgd":
+                assert got_opt.state[p]["dual"].dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("kind,reg", [("linbreg", bf.L1(0.1)), ("adabreg", bf.L1(0.1)),
+                                      ("adabreg", bf.GroupL1L2(1.0)), ("proxsgd", bf.SparseGroupL1L2(0.1, 0.1))])
+def test_big_misaligned_bucket_vs_reference(kind, reg):
+    # > 8 MiB of θ: the streaming-store path; a storage offset of one element: an unaligned start
+    # (scalar peel before the aligned vector body)
+    rows, n = 22_001, 100
+    gen = torch.Generator().manual_seed(2)
+    buf = torch.randn(rows * n + 1, generator=gen)
+    buf[1:].view(rows, n)[::2] = 0  # zero rows, as in a sparse init: the thresholds keep some at 0
+    hyper = dict(lr=0.05, beta1=0.0 if kind == "linbreg" else 0.8, beta2=0.95, eps=1e-6, delta=1.1)
+
+    def make():
+        theta = buf.clone()[1:].view(rows, n)
+        assert theta.is_contiguous() and theta.data_ptr() % 32 != 0
+        duals = [theta / 1.1 + reg.subgradient(theta)] if kind != "proxsgd" else []
+        moments = [torch.zeros_like(theta), torch.zeros_like(theta)] if kind == "adabreg" else []
+        return [theta], duals, moments[:1], moments[1:], [torch.zeros(())]
+
+    got, ref = make(), make()
+    for k in range(2):
+        g = [torch.randn(rows, n, generator=torch.Generator().manual_seed(10 + k))]
+        counts = _ext.cpu_step(kind, got[0], g, *got[1:], reg=reg, **hyper)
+        bf.reference.step(kind, ref[0], g, *ref[1:], reg=reg, **hyper)
+        assert counts.tolist() == [int(torch.count_nonzero(got[0][0]))]
+    for a, b in zip(got[0] + got[1] + got[2], ref[0] + ref[1] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert 0 < int(torch.count_nonzero(got[0][0])) < rows * n  # the threshold is active
+
+
+def test_counts_see_the_stored_dtype():
+    # θ = δ·v = 1e-9 rounds to 0 in float16: the count must be of the stored θ
+    p = torch.zeros(4, dtype=torch.float16)
+    g = torch.zeros(4, dtype=torch.float16)
+    v = torch.tensor([1e-9, 1.0, 0.0, -2e-8])
+    counts = _ext.cpu_step("linbreg", [p], [g], [v], [], [], [torch.zeros(())], lr=0.0, beta1=0.0, beta2=0.0,
+                           eps=0.0, delta=1.0, reg=bf.NoReg())
+    assert p.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert counts.tolist() == [1]
+
+
+def test_results_do_not_depend_on_thread_count():
+    shapes = [(300_001,), (700, 300)]
+    thetas, grads = _inputs(shapes, 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = _run("adabreg", "sparse_group", thetas, grads, "cpu")
+        torch.set_num_threads(max(2, before))
+        many, _ = _run("adabreg", "sparse_group", thetas, grads, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+# ---- strided tensors ----------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_non_contiguous_params_grads_and_states(opt_name):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 40, generator=gen)
+    reg = bf.SparseGroupL1L2(0.1, 0.05)
+    kind = "linbreg" if opt_name.startswith("linbreg") else opt_name
+    hyper = dict(lr=0.1, beta1=0.8 if opt_name == "linbreg_momentum" else 0.0, beta2=0.95, eps=1e-6, delta=1.1)
+
+    def make():
+        big = base.clone()
+        # a strided slice and a transposed slice of the same storage (disjoint rows 0-5 and 6-10)
+        params = [big[:6, ::2][:, :5], big.t()[::3][:, 6:11]]
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(4)).t().contiguous().t()
+                 for p in params]
+        has_dual = kind != "proxsgd"
+        duals = [(p / 1.1 + reg.subgradient(p)).t().contiguous().t() for p in params] if has_dual else []
+        ms = [torch.zeros_like(p).t().contiguous().t() for p in params] if kind == "adabreg" or hyper["beta1"] else []
+        ss = [torch.zeros_like(p) for p in params] if kind == "adabreg" else []
+        return big, params, grads, duals, ms, ss, [torch.zeros(()) for _ in params]
+
+    got = make()
+    ref = make()
+    assert not got[1][0].is_contiguous() and not got[2][0].is_contiguous()
+    for _ in range(3):
+        c = _ext.cpu_step(kind, *got[1:], reg=reg, **hyper)
+        r = bf.reference.step(kind, *ref[1:], reg=reg, **hyper)
+        assert torch.equal(c, r)
+    # results landed in the caller's (strided) tensors and nowhere else in the shared storage
+    assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched[:6, ::2][:, :5] = False
+    untouched.t()[::3][:, 6:11] = False
+    assert torch.equal(got[0][untouched], base[untouched])
+    for lst_got, lst_ref in zip(got[3:], ref[3:]):
+        for a, b in zip(lst_got, lst_ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- checkpoints move between backends ---------------------------------------------------------
+@pytest.mark.parametrize("opt_name", ["linbreg_momentum", "adabreg", "proxsgd"])
+@pytest.mark.parametrize("first,second", [("cpu", "reference"), ("reference", "cpu")])
+def test_state_dict_resumes_across_backends(opt_name, first, second):
+    shapes = [(13, 7), (2, 3, 3, 3), (50,)]
+    thetas, grads = _inputs(shapes, 6)
+    cls, hyper = OPTIMIZERS[opt_name]
+
+    def make(backend, init):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        return params, cls([{"params": params, "reg": bf.SparseGroupL1L2(0.1, 0.05)}], backend=backend, **hyper)
+
+    def steps(params, opt, ks):
+        for k in ks:
+            for p, g in zip(params, grads):
+                p.grad = g[k].clone()
+            opt.step()
+
+    # uninterrupted: 3 steps on `first`, then 3 on `second` (same optimizer object)
+    u_params, u_opt = make(first, thetas)
+    steps(u_params, u_opt, range(3))
+    u_opt.backend = second
+    steps(u_params, u_opt, range(3, 6))
+
+    # interrupted: 3 steps on `first`, checkpoint through bytes, a fresh optimizer on `second`
+    a_params, a_opt = make(first, thetas)
+    steps(a_params, a_opt, range(3))
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in a_params], "opt": a_opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b_params, b_opt = make(second, ckpt["params"])
+    b_opt.load_state_dict(ckpt["opt"])
+    steps(b_params, b_opt, range(3, 6))
+
+    for pu, pb in zip(u_params, b_params):
+        assert torch.equal(pu, pb)
+        su, sb = u_opt.state[pu], b_opt.state[pb]
+        assert set(su) == set(sb)
+        for key in su:
+            assert torch.equal(su[key], sb[key]), key
+    assert float(b_opt.state[b_params[0]]["step"]) == 6
+
+
+# ---- AMP ----------------------------------------------------------------------------------------
+def _snapshot(params, opt):
+    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_found_inf_changes_nothing(opt_name):
+    thetas, grads = _inputs([(13, 7), (1023,)], 3)
+    params, opt = _run(opt_name, "l1", thetas, grads, "cpu", num_steps=2)
+    before_p, before_s = _snapshot(params, opt)
+    for p, g in zip(params, grads):
+        p.grad = g[2].clone()
+    opt.grad_scale = torch.full((), 4.0)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    for p, b, bs in zip(params, before_p, before_s):
+        assert torch.equal(p, b)
+        for k in bs:
+            assert torch.equal(opt.state[p][k], bs[k]), k
+        assert float(opt.state[p]["step"]) == 2
+    # found_inf = 0: a normal step
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 3
+    assert not torch.equal(params[0], before_p[0])
+
+
+def test_op_with_found_inf_returns_current_counts():
+    p = torch.tensor([0.0, 1.0, 2.0, 0.0])
+    g = torch.ones(4)
+    v = torch.tensor([5.0, -1.0, 0.5, 0.0])
+    step = torch.zeros(())
+    counts = torch.ops.bregman_fused.fused_step(0, [p], [g], [v], [], [], [step], [1], 0.1, 0.0, 0.0, 0.0, 1.0, 1,
+                                                 0.25, 0.0, None, torch.ones(()))
+    assert counts.tolist() == [2]
+    assert p.tolist() == [0.0, 1.0, 2.0, 0.0] and v.tolist() == [5.0, -1.0, 0.5, 0.0] and float(step) == 0
+    assert _ext.cpu_step("linbreg", [p], [g], [v], [], [], [step], lr=0.1, beta1=0.0, beta2=0.0, eps=0.0, delta=1.0,
+                         reg=bf.L1(0.25), found_inf=torch.ones(())) is None
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("reg_name", ["none", "group"])
+def test_grad_scale_equals_pre_divided_grads(opt_name, reg_name):
+    scale = torch.full((), 3.0)  # not a power of two: the division really rounds
+    thetas, grads = _inputs([(13, 7), (1023,), (4, 2, 3, 3)], 3)
+    scaled = [[g * scale for g in gs] for gs in grads]
+    divided = [[g / scale for g in gs] for gs in scaled]
+    cls, hyper = OPTIMIZERS[opt_name]
+
+    def run(gs, with_scale, backend="cpu"):
+        params = [torch.nn.Parameter(t.clone()) for t in thetas]
+        opt = cls([{"params": params, "reg": REGULARIZERS[reg_name][0]()}], backend=backend, **hyper)
+        for k in range(3):
+            for p, g in zip(params, gs):
+                p.grad = g[k].clone()
+            if with_scale:
+                opt.grad_scale = scale
+            opt.step()
+        return params, opt
+
+    a, a_opt = run(scaled, True)
+    b, b_opt = run(divided, False)
+    r, _ = run(scaled, True, backend="reference")
+    for pa, pb, pr in zip(a, b, r):
+        assert torch.equal(pa, pb)
+        for key in a_opt.state[pa]:
+            assert torch.equal(a_opt.state[pa][key], b_opt.state[pb][key])
+        assert torch.allclose(pa, pr, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_loop_skips_inf_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    twin.load_state_dict(model.state_dict())
+    opt = bf.AdaBreg(model.parameters(), lr=1e-2, reg=bf.L1(1e-3), backend="cpu")
+    twin_opt = bf.AdaBreg(twin.parameters(), lr=1e-2, reg=bf.L1(1e-3), backend="cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    x, y = torch.randn(32, 8), torch.randn(32, 2)
+    inf_step = 2
+    for k in range(5):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if k == inf_step:
+            model[0].weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            steps_before = [float(opt.state[p]["step"]) for p in model.parameters()]
+        scale_before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if k == inf_step:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            assert [float(opt.state[p]["step"]) for p in model.parameters()] == steps_before
+            assert scaler.get_scale() == scale_before / 2
+            continue
+        # the twin takes the same step without a scaler (power-of-two scales: identical grads)
+        twin_opt.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        twin_opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not hasattr(opt, "found_inf")  # GradScaler cleans up after itself
+    assert float(opt.state[model[0].weight]["step"]) == 4
+
+
+# ---- boundary checks of the op ------------------------------------------------------------------
+def _op_args(**over):
+    p = [torch.randn(5), torch.randn(2, 3)]
+    args = dict(kind=1, params=p, grads=[torch.randn_like(t) for t in p], duals=[torch.zeros_like(t) for t in p],
+                exp_avgs=[torch.zeros_like(t) for t in p], exp_avg_sqs=[torch.zeros_like(t) for t in p],
+                steps=[torch.zeros(()) for _ in p], group_sizes=[1, 1], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                delta=1.0, reg=1, lamda_l1=0.1, lamda_group=0.0, grad_scale=None, found_inf=None)
+    args.update(over)
+    return args
+
+
+def _call(args):
+    return torch.ops.bregman_fused.fused_step(*args.values())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(grads=a["grads"][:1]), "grads must hold 2 tensors (one per param), got 1"),
+    (lambda a: a.update(exp_avg_sqs=[]), "exp_avg_sqs must hold 2 tensors"),
+    (lambda a: a.update(kind=2), "duals must hold 0 tensors (ProxSGD has no dual variable), got 2"),
+    (lambda a: a.update(group_sizes=[1]), "group_sizes must hold 2 tensors"),
+    (lambda a: a["params"].__setitem__(1, torch.randn(3, 2).t()), "params[1] must be contiguous"),
+    (lambda a: a["grads"].__setitem__(1, torch.randn(3, 2).t()), "grads[1] must be contiguous"),
+    (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(5, dtype=torch.float64)), "exp_avgs[0] must have dtype Float"),
+    (lambda a: a["grads"].__setitem__(1, torch.zeros(2, 3, dtype=torch.float64)), "grads[1] must have dtype Float"),
+    (lambda a: a["params"].__setitem__(1, torch.zeros(2, 3, dtype=torch.float64)), "params[1] must have dtype Float"),
+    (lambda a: a["params"].__setitem__(0, torch.zeros(5, dtype=torch.int32)), "params[0] has dtype Int"),
+    (lambda a: a["duals"].__setitem__(1, torch.zeros(3, 2)), "duals[1] has shape [3, 2] but params[1] has shape [2, 3]"),
+    (lambda a: a["steps"].__setitem__(0, torch.zeros((), dtype=torch.float64)), "steps[0] must be a float32"),
+    (lambda a: a.update(reg=3, group_sizes=[1, 4]), "group_sizes[1] = 4 must be >= 1 and divide params[1].numel() = 6"),
+    (lambda a: a.update(group_sizes=[1, 3]), "group_sizes[1] must be 1 for an element-wise regularizer"),
+    (lambda a: a.update(kind=7), "kind must be 0 (LinBreg), 1 (AdaBreg) or 2 (ProxSGD), got 7"),
+    (lambda a: a.update(reg=9), "reg must be 0 (none)"),
+    (lambda a: a.update(grad_scale=torch.ones(2)), "grad_scale must hold one element, got 2"),
+    (lambda a: a.update(found_inf=torch.ones((), dtype=torch.int64)), "found_inf must be a floating-point tensor"),
+])
+def test_op_boundary_errors_name_the_argument(change, message):
+    args = _op_args()
+    change(args)
+    snapshot = [t.clone() for key in ("params", "duals", "exp_avgs", "steps") for t in args[key]
+                if isinstance(t, torch.Tensor)]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        _call(args)
+    after = [t for key in ("params", "duals", "exp_avgs", "steps") for t in args[key] if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after)), "a failing call must change nothing"
+
+
+def test_op_valid_args_run():
+    # the baseline of the error table: the same arguments without the change succeed
+    args = _op_args()
+    counts = _call(args)
+    assert counts.dtype == torch.int64 and counts.shape == (2,)
+    assert all(float(s) == 1 for s in args["steps"])
+
+
+# ---- loader: unavailable extension --------------------------------------------------------------
+@no_ext_needed
+def test_named_cpu_backend_raises_with_the_stored_error(monkeypatch):
+    monkeypatch.setattr(_ext, "_cpu", _ext._LoadState(error="simulated: no C++ compiler found"))
+    monkeypatch.setattr(functional, "_warned_fallback", set())
+    assert not _ext.cpu_available()
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = bf.LinBreg([p], reg=bf.L1(0.1), backend="cpu")
+    with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run here.*simulated: no C\+\+ compiler found"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="simulated: no C"):
+        _ext.cpu_step("linbreg", [p], [p.grad], [p.detach().clone()], [], [], [torch.zeros(())], lr=0.1, beta1=0.0,
+                      beta2=0.0, eps=0.0, delta=1.0, reg=bf.L1(0.1))
+    # "auto" falls back to the reference with one warning
+    auto = bf.LinBreg([p], reg=bf.L1(0.1), backend="auto")
+    with pytest.warns(RuntimeWarning, match="falling back to the reference backend.*simulated"):
+        auto.step()
+    assert float(auto.state[p]["step"]) == 1
+
+
+@no_ext_needed
+def test_loader_stores_import_and_jit_errors(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "bregman_fused._C":
+            raise ImportError("simulated: no compiled module")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(_ext, "_cpu", None)
+    monkeypatch.setattr(_ext.importlib, "import_module", fake_import)
+    monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
+    assert not _ext.cpu_available()
+    err = _ext.cpu_error()
+    assert "simulated: no compiled module" in err and "BREGMAN_FUSED_NO_JIT" in err
+    # cached: a second query does not retry
+    monkeypatch.setattr(_ext.importlib, "import_module", real_import)
+    assert _ext.cpu_error() == err
+
+
+@no_ext_needed
+def test_cuda_reports_unavailable_with_a_reason():
+    if _ext.cuda_available():
+        pytest.skip("the CUDA extension is built here")
+    assert "bregman_fused._C_cuda" in _ext.cuda_error()
+
+
+# ---- 64-bit indexing (opt-in: needs ~13 GB of memory) -------------------------------------------
+@pytest.mark.skipif(os.environ.get("BREGMAN_FUSED_BIG_TESTS") != "1",
+                    reason="set BREGMAN_FUSED_BIG_TESTS=1 (needs ~13 GB of RAM)")
+def test_more_than_2_pow_31_elements():
+    n = 2**31 + 77
+    p = torch.zeros(n, dtype=torch.bfloat16)
+    g = torch.zeros(n, dtype=torch.bfloat16)
+    g[-5:] = -1.0
+    g[:3] = 1.0
+    counts = _ext.cpu_step("proxsgd", [p], [g], [], [], [], [torch.zeros(())], lr=0.5, beta1=0.0, beta2=0.0,
+                           eps=0.0, delta=1.0, reg=bf.L1(0.25))
+    assert counts.tolist() == [8]
+    assert p[-1].item() == 0.25 and p[0].item() == -0.25 and p[n // 2].item() == 0
