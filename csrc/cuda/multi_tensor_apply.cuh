@@ -209,29 +209,6 @@ __device__ __forceinline__ bool skip_step(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;
 }
 
-// [note: device step constants] The in-kernel twin of bregman::make_step_params (which is host-only:
-// plain `inline`, std::pow). Same expressions, same double precision, used when the step count or lr
-// lives on the device (AMP with device steps, capturable). Keep in sync with bregman_math.h until
-// the header offers a BF_HD version (requested in the CUDA backend's report).
-template <typename T>
-__device__ __forceinline__ StepParams<T> device_step_params(Kind kind, double lr, double beta1, double beta2,
-                                                            double eps, double delta, double lamda_l1,
-                                                            double lamda_group, double step) {
-  StepParams<T> p;
-  p.lr = static_cast<T>(lr);
-  p.beta1 = static_cast<T>(beta1);
-  p.beta2 = static_cast<T>(beta2);
-  p.eps = static_cast<T>(eps);
-  p.step_size = static_cast<T>(kind == Kind::AdaBreg ? lr / (1.0 - ::pow(beta1, step)) : 0.0);
-  p.bc2_sqrt = static_cast<T>(kind == Kind::AdaBreg ? ::sqrt(1.0 - ::pow(beta2, step)) : 1.0);
-  p.mom_scale = static_cast<T>((1.0 - beta1) * lr);
-  const bool prox_sgd = kind == Kind::ProxSGD;
-  p.delta = static_cast<T>(prox_sgd ? 1.0 : delta);
-  p.thr_l1 = static_cast<T>(prox_sgd ? lr * lamda_l1 : lamda_l1);
-  p.thr_group = static_cast<T>(prox_sgd ? lr * lamda_group : lamda_group);
-  return p;
-}
-
 // The StepParams of table slot `slot`.
 template <typename Meta, typename opmath_t>
 __device__ __forceinline__ StepParams<opmath_t> tensor_step_params(const Meta& meta, const Hyper<opmath_t>& h,
@@ -244,16 +221,8 @@ __device__ __forceinline__ StepParams<opmath_t> tensor_step_params(const Meta& m
   }
   const double lr = call_lr(h);
   const double step = h.device_steps ? static_cast<double>(*meta.step_ptr[slot]) : 1.0;
-  return device_step_params<opmath_t>(h.kind, lr, h.beta1, h.beta2, h.eps, h.delta, h.lamda_l1, h.lamda_group,
-                                      step);
-}
-
-// In-kernel twin of bregman::row_threshold (host-only): λ₂·√n (·τ for ProxSGD) in double, so it
-// rounds once to opmath_t exactly as the CPU backend's host-side value does (double sqrt and
-// multiply are correctly rounded on both sides; --use_fast_math does not touch double).
-__device__ __forceinline__ double device_row_threshold(Kind kind, double lr, double lamda_group, int64_t n) {
-  const double thr = lamda_group * ::sqrt(static_cast<double>(n));
-  return kind == Kind::ProxSGD ? lr * thr : thr;
+  return bregman::make_step_params<opmath_t>(h.kind, lr, h.beta1, h.beta2, h.eps, h.delta, h.lamda_l1, h.lamda_group,
+                                             step);
 }
 
 // The lr of this call: the device scalar (capturable) or the host value.

@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kRowBlock)
   }
 
   const StepParams<opmath_t> hp = tensor_step_params(meta, h, slot);
-  // λ₂·√n (·τ), rounded once from double like the CPU backend's bregman::row_threshold
-  const opmath_t row_thr = static_cast<opmath_t>(device_row_threshold(h.kind, call_lr(h), h.lamda_group, n));
+  // λ₂·√n (·τ), rounded once from double, as in the CPU backend
+  const opmath_t row_thr = static_cast<opmath_t>(bregman::row_threshold(h.kind, call_lr(h), h.lamda_group, n));
   const Reg reg = h.reg;
   const bool scaled = h.grad_scale != nullptr;
   const opmath_t scale = scaled ? static_cast<opmath_t>(*h.grad_scale) : opmath_t(1);
