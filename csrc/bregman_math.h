@@ -79,6 +79,8 @@ struct StepParams {
   T lr;           // τ
   T beta1;        // momentum β (LinBreg) or β1 (AdaBreg)
   T beta2;        // β2 (AdaBreg)
+  T one_minus_beta1;  // AdaBreg: 1 − β1 and 1 − β2, formed in double and rounded once, as torch
+  T one_minus_beta2;  // rounds the Python float the reference passes (1 − 0.999f is 1.3e-5 off)
   T eps;          // ε (AdaBreg)
   T step_size;    // AdaBreg: τ / (1 − β1^t)
   T bc2_sqrt;     // AdaBreg: √(1 − β2^t)
@@ -98,6 +100,8 @@ BF_HD StepParams<T> make_step_params(Kind kind, double lr, double beta1, double 
   p.lr = static_cast<T>(lr);
   p.beta1 = static_cast<T>(beta1);
   p.beta2 = static_cast<T>(beta2);
+  p.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+  p.one_minus_beta2 = static_cast<T>(1.0 - beta2);
   p.eps = static_cast<T>(eps);
   p.step_size = static_cast<T>(kind == Kind::AdaBreg ? lr / (1.0 - ::pow(beta1, step)) : 0.0);
   p.bc2_sqrt = static_cast<T>(kind == Kind::AdaBreg ? ::sqrt(1.0 - ::pow(beta2, step)) : 1.0);
@@ -125,12 +129,20 @@ BF_HD T linbreg_momentum_update(T& v, T& m, T g, const StepParams<S>& hp) {
   return v;
 }
 
+// torch.lerp(a, b, w) for a scalar weight, in torch's two-branch form (exact at w = 0 and w = 1);
+// the branch is taken on the per-tensor constant, so SIMD lanes never diverge.
+template <typename T, typename S>
+BF_HD T bf_lerp(T a, T b, S w) {
+  if (w < S(0.5)) return a + T(w) * (b - a);
+  return b - (b - a) * T(S(1) - w);
+}
+
 // AdaBreg: m ← β1·m + (1−β1)·g ; s ← β2·s + (1−β2)·g² ;
 //          v ← v − (τ/(1−β1^t)) · m / (√s/√(1−β2^t) + ε)
 template <typename T, typename S>
 BF_HD T adabreg_update(T& v, T& m, T& s, T g, const StepParams<S>& hp) {
-  m = m + T(S(1) - hp.beta1) * (g - m);  // lerp with weight 1 − β1, as torch's lerp_ for weight < 0.5
-  s = s * T(hp.beta2) + T(S(1) - hp.beta2) * g * g;
+  m = bf_lerp(m, g, hp.one_minus_beta1);  // the reference's m.lerp_(g, 1 − β1)
+  s = s * T(hp.beta2) + T(hp.one_minus_beta2) * g * g;
   const T denom = bf_sqrt(s) / T(hp.bc2_sqrt) + T(hp.eps);
   v = v - T(hp.step_size) * (m / denom);
   return v;

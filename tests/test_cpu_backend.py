@@ -94,8 +94,9 @@ def _assert_like_reference(opt_name, reg_name, thetas, grads, num_steps=None):
 @pytest.mark.parametrize("reg_name", FUSED_REGS)
 def test_odd_sizes_in_one_group(opt_name, reg_name):
     # 0, 1, 7, 1023, 65537 elements (65537 spans three work chunks), long rows (> the kernel's row
-    # scratch buffer: the two-sweep path) and many short rows (several row groups per chunk)
-    shapes = [(0,), (1,), (7,), (1023,), (65537,), (3, 20011), (4099, 3), (5, 0)]
+    # scratch buffer: the two-sweep path; 10000 and 16384 would fit two or more to a work chunk,
+    # each must still get its own norm) and many short rows (several row groups per chunk)
+    shapes = [(0,), (1,), (7,), (1023,), (65537,), (3, 20011), (3, 10000), (2, 16384), (4099, 3), (5, 0)]
     thetas, grads = _inputs(shapes, 4, l1pos=reg_name == "l1pos")
     _assert_like_reference(opt_name, reg_name, thetas, grads)
 
@@ -171,14 +172,15 @@ def test_big_misaligned_bucket_vs_reference(kind, reg):
 
 
 def test_counts_see_the_stored_dtype():
-    # θ = δ·v = 1e-9 rounds to 0 in float16: the count must be of the stored θ
-    p = torch.zeros(4, dtype=torch.float16)
-    g = torch.zeros(4, dtype=torch.float16)
-    v = torch.tensor([1e-9, 1.0, 0.0, -2e-8])
+    # θ = δ·v = 1e-9 rounds to 0 in float16: the count must be of the stored θ, in the SIMD body
+    # (the first 32 elements) and in the scalar tail alike
+    p = torch.zeros(37, dtype=torch.float16)
+    g = torch.zeros(37, dtype=torch.float16)
+    v = torch.tensor([1e-9, 1.0, 0.0, -2e-8] * 9 + [1e-9])
     counts = _ext.cpu_step("linbreg", [p], [g], [v], [], [], [torch.zeros(())], lr=0.0, beta1=0.0, beta2=0.0,
                            eps=0.0, delta=1.0, reg=bf.NoReg())
-    assert p.tolist() == [0.0, 1.0, 0.0, 0.0]
-    assert counts.tolist() == [1]
+    assert p.tolist() == [0.0, 1.0, 0.0, 0.0] * 9 + [0.0]
+    assert counts.tolist() == [9]
 
 
 def test_results_do_not_depend_on_thread_count():

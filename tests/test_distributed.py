@@ -98,6 +98,7 @@ def _shard1_worker(rank, world, init_file, out_dir):
                 errors[name] = str(e)
         if rank == 0:
             torch.save(errors, os.path.join(out_dir, "result.pt"))
+        W._finish()
     finally:
         dist.destroy_process_group()
 

@@ -312,7 +312,7 @@ def elementwise_kernel(
             offs = full_end + tl.arange(0, BLOCK)
             nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, offs < end, gs, hyp,
                                       KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE)
-        tl.atomic_add(counts + slot, tl.sum(nnz).to(tl.int64))
+        tl.atomic_add(counts + slot, tl.sum(nnz.to(tl.int64)))
 
 
 # ---- row kernel: group / sparse_group ---------------------------------------------------------
@@ -334,7 +334,7 @@ def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
         factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
         theta = (u * factor[:, None]) * hyp[HP_DELTA]
         nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
-    return tl.sum(nnz).to(tl.int64)
+    return tl.sum(nnz.to(tl.int64))  # int64 before the sum: a long row may hold 2³¹ non-zeros
 
 
 @triton.jit
@@ -370,7 +370,7 @@ def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
             u = elementwise_shrink(x, hyp[HP_THR_L1], REG)
             theta = (u * factor) * hyp[HP_DELTA]
             nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
-    return tl.sum(nnz).to(tl.int64)
+    return tl.sum(nnz.to(tl.int64))  # int64 before the sum: a long row may hold 2³¹ non-zeros
 
 
 @triton.jit

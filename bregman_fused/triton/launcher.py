@@ -25,6 +25,7 @@ and chunks as large as possible: the interpreter pays per program and per op, no
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -258,6 +259,12 @@ def _is_aligned(addrs) -> bool:
 
 
 # ---- the step ---------------------------------------------------------------------------------------
+def _current_device(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' one (params on cuda:1
+    while cuda:0 is current would otherwise run with foreign pointers, on another stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def step(
     kind: str,
     params: list[torch.Tensor],
@@ -349,14 +356,15 @@ def step(
                     P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], S_DTYPE=_TL_DTYPES[s_dtype])
         options = {} if interpreting() else {"enable_fp_fusion": False}
         stats["launches"] += 1
-        if row_kernel:
-            kernels.row_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.row_block,
-                                               NUM_CLASSES=cfg.num_row_classes,
-                                               num_warps=cfg.row_num_warps, **options)
-        else:
-            aligned = _is_aligned(a for info in infos for a in info[:5])
-            kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
-                                                       num_warps=cfg.num_warps, **options)
+        with _current_device(device):
+            if row_kernel:
+                kernels.row_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.row_block,
+                                                   NUM_CLASSES=cfg.num_row_classes,
+                                                   num_warps=cfg.row_num_warps, **options)
+            else:
+                aligned = _is_aligned(a for info in infos for a in info[:5])
+                kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
+                                                           num_warps=cfg.num_warps, **options)
 
     for orig, copy in writeback:
         orig.copy_(copy)

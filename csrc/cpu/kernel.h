@@ -435,8 +435,8 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         nnz += write_rows<scalar_t>(theta, gb, ge - gb, u, f, t.hp, w.stream);
       }
     } else {
-      // a row longer than the scratch buffer (one row per chunk): update it block by block while
-      // accumulating Σu², then a second sweep that recomputes u and writes θ
+      // a row longer than the scratch buffer (run_all gives it a chunk of its own): update it block
+      // by block while accumulating Σu², then a second sweep that recomputes u and writes θ
       double sum_sq = 0;
       for (int64_t bb = b; bb < e; bb += kScratch) {
         const int64_t be = std::min(e, bb + kScratch);
@@ -476,7 +476,9 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   for (int64_t ti = 0; ti < static_cast<int64_t>(w.tensors.size()); ++ti) {
     const auto& t = w.tensors[ti];
     if (t.numel == 0) continue;
-    const int64_t step = is_row_reg(R) ? std::max<int64_t>(1, kChunk / t.n) * t.n : kChunk;
+    // a row longer than the scratch buffer is a chunk of its own (run_chunk's two-sweep path reduces
+    // one norm per chunk); shorter rows are packed whole, ~kChunk elements per chunk
+    const int64_t step = !is_row_reg(R) ? kChunk : t.n > kScratch ? t.n : std::max<int64_t>(1, kChunk / t.n) * t.n;
     for (int64_t b = 0; b < t.numel; b += step) {
       const int64_t e = std::min(t.numel, b + step);
       chunks.push_back({ti, b, e});

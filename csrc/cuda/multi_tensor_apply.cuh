@@ -162,8 +162,8 @@ __device__ __forceinline__ void store_vec(T* dst, int64_t i, const T (&src)[N]) 
   *reinterpret_cast<AlignedVector<T, N>*>(dst + i) = v;
 }
 
-// Grad unscaling, g / grad_scale as the reference writes it. Correctly rounded on purpose: the
-// extension is built with --use_fast_math, which would otherwise make this an approximate divide.
+// Grad unscaling, g / grad_scale as the reference writes it, correctly rounded whatever the build's
+// -prec-div setting.
 __device__ __forceinline__ float unscale(float g, float scale) { return __fdiv_rn(g, scale); }
 __device__ __forceinline__ double unscale(double g, double scale) { return g / scale; }
 
@@ -196,8 +196,9 @@ __device__ __forceinline__ void add_block_count(unsigned long long* counts, int3
 }
 
 // Non-zero test on the stored bits (sign bit ignored, NaN counts, like torch.count_nonzero). A bit
-// test and not `x != 0`: under --use_fast_math comparisons flush fp32 subnormals to zero, which would
-// miscount subnormal θ already in memory (the found_inf path counts the untouched θ).
+// test and not `x != 0`: under --ftz=true (e.g. a --use_fast_math build) comparisons flush fp32
+// subnormals to zero, which would miscount subnormal θ already in memory (the found_inf path
+// counts the untouched θ).
 __device__ __forceinline__ unsigned int is_nonzero(float x) { return (__float_as_uint(x) << 1) != 0u ? 1u : 0u; }
 __device__ __forceinline__ unsigned int is_nonzero(double x) {
   return (static_cast<unsigned long long>(__double_as_longlong(x)) << 1) != 0ull ? 1u : 0u;
