@@ -162,6 +162,13 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
         c, back = _contiguous(lst)
         states_c.append(c)
         states_back += back
+    # the AMP scalars may live elsewhere (GradScaler("cuda") with some CPU params): the op wants them
+    # beside the params, as the reference's .to(g.device) does
+    device = params[0].device if params else None
+    if grad_scale is not None and grad_scale.device != device:
+        grad_scale = grad_scale.to(device)
+    if found_inf is not None and found_inf.device != device:
+        found_inf = found_inf.to(device)
     with torch.no_grad():
         counts = torch.ops.bregman_fused.fused_step(
             KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,

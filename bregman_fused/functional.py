@@ -122,6 +122,10 @@ def linbreg(
     found_inf: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """LinBreg: m ← β·m + (1−β)·τ·g; v ← v − m (v ← v − τ·g for β = 0); θ ← prox_{δJ}(δ·v)."""
+    if momentum > 0 and len(momentum_buffers) != len(params):
+        # a fused kernel would otherwise run plain LinBreg without a word
+        raise ValueError(f"momentum_buffers must hold one tensor per param when momentum > 0 "
+                         f"(got {len(momentum_buffers)} for {len(params)} params)")
     return _run("linbreg", params, grads, duals, momentum_buffers if momentum > 0 else [], [], steps,
                 backend, reg or NoReg(), lr=lr, beta1=momentum, beta2=0.0, eps=0.0, delta=delta,
                 grad_scale=grad_scale, found_inf=found_inf)

@@ -77,6 +77,10 @@ class _BregmanBase(Optimizer):
             param_group["reg"] = NoReg()
         super().add_param_group(param_group)
         try:
+            params = self.param_groups[-1]["params"]
+            if len({id(p) for p in params}) != len(params):
+                # torch only warns; a fused kernel would update the tensor twice, from two threads
+                raise ValueError(f"{type(self).__name__}: a param group lists the same parameter twice")
             self._check_group(self.param_groups[-1])
             for p in self.param_groups[-1]["params"]:
                 if p.is_complex():

@@ -238,6 +238,9 @@ P = lambda: [torch.nn.Parameter(torch.randn(3))]  # noqa: E731
         (lambda: bf.ProxSGD(P(), lr=-1.0), "lr"),
         (lambda: bf.LinBreg(P(), backend="gpu-magic"), "backend"),
         (lambda: bf.LinBreg([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))]), "complex"),
+        (lambda: bf.LinBreg(P() * 2), "same parameter twice"),
+        (lambda: bf.functional.linbreg(P(), [torch.zeros(3)], [torch.zeros(3)], [], [torch.zeros(())], lr=0.1,
+                                       momentum=0.9), "momentum_buffers"),
     ],
 )
 def test_bad_arguments_name_the_argument(make, match):
