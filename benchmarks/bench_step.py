@@ -47,6 +47,8 @@ OPTIMIZERS = ("linbreg", "linbreg-momentum", "adabreg", "proxsgd")
 # the anchors run their own optimizer; speed-up is quoted against the research loop of the peer
 ANCHOR_OPTIMIZER = {"torch-adam-fused": "adam", "torch-sgd": "sgd"}
 PEER = {"adam": "adabreg", "sgd": "linbreg"}
+# the anchor timed in the same round-robin as our providers of an optimizer: time_vs_anchor
+PEER_ANCHOR = {PEER[opt]: provider for provider, opt in ANCHOR_OPTIMIZER.items()}
 WORKLOADS = ("tiny", "small", "resnet18", "many-small", "huge", "list-100m")
 DEFAULT_WORKLOADS = ("resnet18", "many-small", "huge", "list-100m")
 GPU_WORKLOADS = ("list-100m",)
@@ -66,7 +68,7 @@ CSV_COLUMNS = [
     "triton_version", "bregman_fused_version", "git_commit",
     "provider", "optimizer", "reg", "workload", "n_tensors", "numel", "dtype", "state_dtype", "device",
     "bytes_per_elt", "warmup", "reps", "loadavg_1m", "median_ms", "p20_ms", "p80_ms", "gb_s", "copy_gb_s",
-    "pct_of_copy", "speedup_vs_research", "setup_s", "status", "note",
+    "pct_of_copy", "speedup_vs_research", "time_vs_anchor", "setup_s", "status", "note",
 ]
 
 
@@ -455,18 +457,24 @@ def run_case(workload, dtype_name, kind, providers, args, device, info, log) -> 
         for provider in times:
             rows[provider]["note"] = (rows[provider]["note"] + f" stopped after {reps} reps (--max-time {args.max_time:g} s)").strip()
 
-    # copy bandwidth at the same byte count, and research-loop speed-up, within this case
+    # within this case: % of the copy bandwidth (a rate, so it applies to an anchor's own byte
+    # count too), speed-up over the research loop, and time relative to the peer anchor
     copy = rows.get("copy")
     research = rows.get("research-loop")
+    anchor = next((rows[p] for p in rows if p in ANCHOR_OPTIMIZER and "_median" in rows[p]), None)
     for provider, row in rows.items():
         if "_median" not in row:
             continue
-        if copy is not None and "_median" in copy and provider not in ANCHOR_OPTIMIZER:
+        if copy is not None and "_median" in copy:
             copy_gbs = float(copy["gb_s"])
             row["copy_gb_s"] = f"{copy_gbs:.3f}"
             row["pct_of_copy"] = f"{100 * float(row['gb_s']) / copy_gbs:.1f}"
-        if research is not None and "_median" in research and provider not in ANCHOR_OPTIMIZER:
+        if research is not None and "_median" in research:
             row["speedup_vs_research"] = f"{research['_median'] / row['_median']:.2f}"
+            if provider in ANCHOR_OPTIMIZER:
+                row["note"] = (row["note"] + f" speed-up vs research-loop {kind}").strip()
+        if anchor is not None and provider != "copy":
+            row["time_vs_anchor"] = f"{row['_median'] / anchor['_median']:.3f}"
     return list(rows.values())
 
 
@@ -493,13 +501,15 @@ def run_anchor_case(workload, dtype_name, provider, args, device, info, log, res
 # output
 # ------------------------------------------------------------------------------------------------
 TABLE = [("provider", 18), ("optimizer", 16), ("workload", 10), ("dtype", 5), ("B/elt", 5), ("reps", 4),
-         ("median ms", 10), ("p20 ms", 10), ("p80 ms", 10), ("GB/s", 7), ("% copy", 6), ("speed-up", 8), ("note", 0)]
+         ("median ms", 10), ("p20 ms", 10), ("p80 ms", 10), ("GB/s", 7), ("% copy", 6), ("speed-up", 8),
+         ("vs torch", 8), ("note", 0)]
 
 
 def format_row(r: dict) -> str:
     vals = [r["provider"], r["optimizer"], r["workload"], r["dtype"], str(r["bytes_per_elt"]), str(r.get("reps", "")),
             r.get("median_ms", ""), r.get("p20_ms", ""), r.get("p80_ms", ""), r.get("gb_s", ""),
             r.get("pct_of_copy", ""), (r["speedup_vs_research"] + "x") if r.get("speedup_vs_research") else "",
+            (r["time_vs_anchor"] + "x") if r.get("time_vs_anchor") else "",
             (r["status"] + ": " if r["status"] != "ok" else "") + r.get("note", "")]
     out = []
     for (name, width), v in zip(TABLE, vals):
@@ -654,15 +664,21 @@ def main(argv=None) -> list[dict]:
     for workload in workloads:
         for dtype_name in args.dtypes:
             research_medians: dict[str, float] = {}
+            timed_beside: set[str] = set()
             if ours:
                 for kind in args.optimizers:
-                    rows = run_case(workload, dtype_name, kind, ours, args, device, info, log)
+                    # the peer anchor (torch Adam for AdaBreg, SGD for LinBreg) joins the round-robin:
+                    # ratios to it are measured side by side, under the same machine conditions
+                    peer = PEER_ANCHOR.get(kind)
+                    beside = [peer] if peer in anchors else []
+                    timed_beside.update(beside)
+                    rows = run_case(workload, dtype_name, kind, ours + beside, args, device, info, log)
                     for r in rows:
                         if r["provider"] == "research-loop" and "_median" in r:
                             research_medians[kind] = r["_median"]
                     emit(rows)
                     gc.collect()
-            for provider in anchors:
+            for provider in (p for p in anchors if p not in timed_beside):
                 kind = ANCHOR_OPTIMIZER[provider]
                 rows = run_anchor_case(workload, dtype_name, provider, args, device, info, log,
                                        research_medians.get(PEER[kind]))

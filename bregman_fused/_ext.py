@@ -128,6 +128,8 @@ def cuda_error() -> str | None:
 
 def _contiguous(tensors):
     """Contiguous versions of ``tensors`` and the (original, copy) pairs to write back afterwards."""
+    if all(map(torch.Tensor.is_contiguous, tensors)):  # the usual case, without a Python-level loop
+        return tensors, []
     out, back = [], []
     for t in tensors:
         if t.is_contiguous():

@@ -51,6 +51,7 @@ class _Bucket:
     params: list[torch.Tensor]
     fn: Callable[..., Any]  # the backend's step, chosen by functional.select_backend
     lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
+    sharded: bool = False  # DTensor params: backends get the local shards of params and grads
 
 
 class _BregmanBase(Optimizer):
@@ -136,13 +137,9 @@ class _BregmanBase(Optimizer):
     # -- step -----------------------------------------------------------------------------------
     def _params_with_grad(self, group: dict[str, Any]) -> list[torch.Tensor]:
         # torch's .grad setter already rejects grads of another device, dtype or shape
-        out = []
-        for p in group["params"]:
-            g = p.grad
-            if g is not None:
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                out.append(p)
+        out = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.layout != torch.strided for p in out):  # sparse COO/CSR/... grads
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return out
 
     def _state_signature(self, group: dict[str, Any]) -> tuple:
@@ -169,7 +166,8 @@ class _BregmanBase(Optimizer):
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_key[(p.device, p.dtype)].append(p)
-        buckets = [_Bucket(key, bucket, select_backend(self.backend, key[0], group["reg"])[1])
+        buckets = [_Bucket(key, bucket, select_backend(self.backend, key[0], group["reg"])[1],
+                           sharded=any(map(dist_utils.is_dtensor, bucket)))
                    for key, bucket in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
         return buckets
@@ -202,10 +200,11 @@ class _BregmanBase(Optimizer):
                     lists["param"] = [dist_utils.local(p) for p in bucket.params]
                     lists["step"] = [s["step"] for s in states]
                     bucket.lists = lists
+                grads = [p.grad for p in bucket.params]
                 counts = bucket.fn(
                     self._kind,
                     lists["param"],
-                    [dist_utils.local(p.grad) for p in bucket.params],
+                    [dist_utils.local(g) for g in grads] if bucket.sharded else grads,
                     lists.get("dual", []),
                     lists.get("exp_avg", []),
                     lists.get("exp_avg_sq", []),

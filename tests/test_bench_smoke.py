@@ -4,6 +4,8 @@ import importlib.util
 import math
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,10 +33,10 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
                 "pct_of_copy", "speedup_vs_research", "cpu_model", "torch_version"):
         assert col in bench.CSV_COLUMNS
 
-    # one row per (provider, optimizer) of our providers + the copy, and the SGD anchor with its own copy
+    # one row per (provider, optimizer) of our providers + the copy; the SGD anchor is timed in the
+    # LinBreg case, beside its peer
     got = sorted((r["provider"], r["optimizer"]) for r in rows)
-    want = sorted([(p, o) for p in ("research-loop", "reference", "copy") for o in optimizers]
-                  + [("torch-sgd", "sgd"), ("copy", "sgd")])
+    want = sorted([(p, o) for p in ("research-loop", "reference", "copy") for o in optimizers] + [("torch-sgd", "sgd")])
     assert got == want
     for r in rows:
         assert r["status"] == "ok", r
@@ -45,6 +47,10 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
         assert int(r["numel"]) == sum(math.prod(s) for s in bench.workload_shapes("tiny"))
     by_key = {(r["provider"], r["optimizer"]): r for r in rows}
     assert by_key[("research-loop", "linbreg")]["speedup_vs_research"] == "1.00"
+    assert by_key[("torch-sgd", "sgd")]["time_vs_anchor"] == "1.000"
+    ratio = float(by_key[("reference", "linbreg")]["median_ms"]) / float(by_key[("torch-sgd", "sgd")]["median_ms"])
+    assert float(by_key[("reference", "linbreg")]["time_vs_anchor"]) == pytest.approx(ratio, rel=1e-2)
+    assert by_key[("reference", "proxsgd")]["time_vs_anchor"] == ""  # no peer anchor for ProxSGD
     assert by_key[("copy", "linbreg")]["pct_of_copy"] == "100.0"
     assert by_key[("copy", "linbreg")]["bytes_per_elt"] == "16" and by_key[("copy", "proxsgd")]["bytes_per_elt"] == "12"
     assert "research-loop" in capsys.readouterr().out  # the table went to stdout
