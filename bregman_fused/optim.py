@@ -264,11 +264,18 @@ class _BregmanBase(Optimizer):
             g["reg"] = regularizer_from_dict(reg) if isinstance(reg, dict) else (reg or NoReg())
             groups.append(g)
         saved_state = state_dict["state"]
+        saved_ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        # a checkpoint of another model would otherwise fail inside a kernel at the next step, after
+        # the buckets before it were already updated; refuse it before anything is loaded
+        for pid, p in zip(saved_ids, params):
+            for key, value in saved_state.get(pid, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step" and value.shape != p.shape:
+                    raise ValueError(f"loaded state {key!r} of parameter {pid} has shape {tuple(value.shape)}, "
+                                     f"but that parameter has shape {tuple(p.shape)}")
         super().load_state_dict({**state_dict, "param_groups": groups})
         # torch casts floating state to the param dtype; our states keep their own dtype (fp32 dual
         # for bf16 params), so restore them from the saved tensors bit for bit
-        saved_ids = [i for g in groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             for key, value in saved_state.get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":

@@ -412,6 +412,26 @@ def test_state_dict_resume_is_bit_identical(optim, dtype):
             assert torch.equal(sd_full[i][k], sd_res[i][k]), (i, k)
 
 
+def test_checkpoint_of_other_shapes_is_refused_before_loading():
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(5))
+    other = bf.AdaBreg([a, b], reg=bf.L1(0.1))
+    a.grad, b.grad = torch.randn(3, 4), torch.randn(5)
+    other.step()
+    c = torch.nn.Parameter(torch.randn(3, 4))
+    d = torch.nn.Parameter(torch.randn(6))  # same count of params, other shape
+    opt = bf.AdaBreg([c, d], reg=bf.L1(0.1))
+    c.grad, d.grad = torch.randn(3, 4), torch.randn(6)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"'dual' of parameter 1 has shape \(5,\).*\(6,\)"):
+        opt.load_state_dict(other.state_dict())
+    after = opt.state_dict()
+    for i in (0, 1):
+        for key, value in before["state"][i].items():
+            assert torch.equal(after["state"][i][key], value), (i, key)
+
+
 def test_state_keys_are_the_documented_ones():
     p = torch.nn.Parameter(torch.randn(4))
     for opt, keys in [
