@@ -65,38 +65,64 @@ struct Mem {
     }
   }
 
-  // Stores a, b to p (rounding to the param dtype like Tensor.to()); a, b become the values as
-  // stored, which is what the non-zero count must see (a tiny float can round to 0 in half).
-  static void store(scalar_t* p, Vec& a, Vec& b, bool stream) {
+  // Stores a, b to p (rounding to the param dtype like Tensor.to()) and counts the non-zeros of
+  // the values as stored, which is what the count must see (a tiny float can round to 0 in half).
+  // [note: counting on the stored bits] With AVX2 the count is taken from the stored vector itself
+  // (a compare + movemask + popcount), not by widening it back to float and comparing lanes: for
+  // bf16/fp16 that round trip cost more than the rest of a ProxSGD step.
+  template <typename Counter>
+  static void store(scalar_t* p, const Vec& a, const Vec& b, bool stream, Counter& nnz) {
     if constexpr (kReduced) {
       auto h = at::vec::convert_from_float<scalar_t>(a, b);
 #if defined(CPU_CAPABILITY_AVX2)
+      const __m256i bits = h;
       if (stream) {
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
       } else {
-        h.store(p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
       }
+      // ±0 is all-zero but the sign bit; NaN and subnormals count, like torch.count_nonzero
+      const __m256i magnitude = _mm256_and_si256(bits, _mm256_set1_epi16(0x7fff));
+      const __m256i is_zero = _mm256_cmpeq_epi16(magnitude, _mm256_setzero_si256());
+      nnz.add(2 * kVec - __builtin_popcount(static_cast<unsigned>(_mm256_movemask_epi8(is_zero))) / 2);
 #else
       (void)stream;
       h.store(p);
+      auto [a2, b2] = at::vec::convert_to_float<scalar_t>(h);
+      nnz.add(a2, b2);
 #endif
-      std::tie(a, b) = at::vec::convert_to_float<scalar_t>(h);
     } else {
 #if defined(CPU_CAPABILITY_AVX2)
-      if (stream) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) {
           _mm256_stream_ps(p, a);
           _mm256_stream_ps(p + kVec, b);
         } else {
+          _mm256_storeu_ps(p, a);
+          _mm256_storeu_ps(p + kVec, b);
+        }
+        // unordered not-equal: NaN counts, −0 does not
+        const int nz = _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_UQ)) |
+                       (_mm256_movemask_ps(_mm256_cmp_ps(b, _mm256_setzero_ps(), _CMP_NEQ_UQ)) << kVec);
+        nnz.add(__builtin_popcount(static_cast<unsigned>(nz)));
+      } else {
+        if (stream) {
           _mm256_stream_pd(p, a);
           _mm256_stream_pd(p + kVec, b);
+        } else {
+          _mm256_storeu_pd(p, a);
+          _mm256_storeu_pd(p + kVec, b);
         }
-        return;
+        const int nz = _mm256_movemask_pd(_mm256_cmp_pd(a, _mm256_setzero_pd(), _CMP_NEQ_UQ)) |
+                       (_mm256_movemask_pd(_mm256_cmp_pd(b, _mm256_setzero_pd(), _CMP_NEQ_UQ)) << kVec);
+        nnz.add(__builtin_popcount(static_cast<unsigned>(nz)));
       }
-#endif
+#else
       (void)stream;
       a.store(p);
       b.store(p + kVec);
+      nnz.add(a, b);
+#endif
     }
   }
 
@@ -125,6 +151,21 @@ int64_t lanes_sum(const Vectorized<T>& v) {
   for (int64_t k = 0; k < Vectorized<T>::size(); ++k) total += buf[k];
   return static_cast<int64_t>(total);
 }
+
+// Non-zeros written by one chunk: exact integer counts from the AVX2 stores, lane masks summed in
+// the compute type otherwise (exact: a chunk holds far fewer than 2^24 elements per lane).
+template <typename T>
+struct NonZeros {
+  int64_t n = 0;
+  Vectorized<T> lanes = Vectorized<T>(T(0));
+  void add(int64_t k) { n += k; }
+  void add(const Vectorized<T>& a, const Vectorized<T>& b) {
+    const Vectorized<T> zero(T(0));
+    lanes = lanes + a.ne(zero) + b.ne(zero);
+  }
+  void add_one(T stored) { n += stored != T(0); }
+  int64_t total() const { return n + lanes_sum(lanes); }
+};
 
 // ---- the update sweep: states in place, the point x handed to a sink --------------------------
 // A Sink provides vec(i, x0, x1) for elements [i, i + kStep) and one(i, x) for element i, and
@@ -213,19 +254,14 @@ struct ThetaSink {
   scalar_t* theta;
   const StepParams<T>& hp;
   bool stream;
-  Vec count = Vec(T(0));
-  int64_t count_one = 0;
+  NonZeros<T> nnz;
 
   int64_t peel(int64_t b, int64_t e) const { return M::peel(theta + b, e - b, stream); }
   void vec(int64_t i, Vec x0, Vec x1) {
-    Vec y0 = elementwise_theta(R, x0, hp);
-    Vec y1 = elementwise_theta(R, x1, hp);
-    M::store(theta + i, y0, y1, stream);
-    const Vec zero(T(0));
-    count = count + y0.ne(zero) + y1.ne(zero);
+    M::store(theta + i, elementwise_theta(R, x0, hp), elementwise_theta(R, x1, hp), stream, nnz);
   }
-  void one(int64_t i, T x) { count_one += M::store1(theta + i, elementwise_theta(R, x, hp)) != T(0); }
-  int64_t total() const { return count_one + lanes_sum(count); }
+  void one(int64_t i, T x) { nnz.add_one(M::store1(theta + i, elementwise_theta(R, x, hp))); }
+  int64_t total() const { return nnz.total(); }
 };
 
 // Row maps, first pass: u = the element-wise part of the map (identity for Group), to scratch.
@@ -348,20 +384,16 @@ int64_t write_rows(scalar_t* theta, int64_t b, int64_t len, const opmath_t<scala
   using Vec = typename M::Vec;
   constexpr int64_t kVec = M::kVec;
   scalar_t* out = theta + b;
-  int64_t count_one = 0;
+  NonZeros<T> nnz;
   int64_t j = 0;
   const int64_t peel_end = M::peel(out, len, stream);
-  for (; j < peel_end; ++j) count_one += M::store1(out + j, row_theta(u[j], factor[j], hp)) != T(0);
-  Vec count(T(0));
-  const Vec zero(T(0));
+  for (; j < peel_end; ++j) nnz.add_one(M::store1(out + j, row_theta(u[j], factor[j], hp)));
   for (; j + M::kStep <= len; j += M::kStep) {
-    Vec y0 = row_theta(Vec::loadu(u + j), Vec::loadu(factor + j), hp);
-    Vec y1 = row_theta(Vec::loadu(u + j + kVec), Vec::loadu(factor + j + kVec), hp);
-    M::store(out + j, y0, y1, stream);
-    count = count + y0.ne(zero) + y1.ne(zero);
+    M::store(out + j, row_theta(Vec::loadu(u + j), Vec::loadu(factor + j), hp),
+             row_theta(Vec::loadu(u + j + kVec), Vec::loadu(factor + j + kVec), hp), stream, nnz);
   }
-  for (; j < len; ++j) count_one += M::store1(out + j, row_theta(u[j], factor[j], hp)) != T(0);
-  return count_one + lanes_sum(count);
+  for (; j < len; ++j) nnz.add_one(M::store1(out + j, row_theta(u[j], factor[j], hp)));
+  return nnz.total();
 }
 
 // Rows too long for the scratch buffer: u of [b, e) again, from the updated dual (Bregman) or
