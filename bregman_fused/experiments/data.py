@@ -153,7 +153,7 @@ def _torchvision(name: str, info: DatasetInfo, data_dir: str, download: bool, tr
         ) from e
 
 
-def load(name: str, data_dir: str = "./data", download: bool = False, *, seed: int = 0, split_seed: int = 42,
+def load(name: str, data_dir: str = "./data", download: bool = False, *, split_seed: int = 42,
          val_fraction: float = 0.05, augment: bool = False, noise_std: float = 0.05, fake_size: int | None = None,
          dataset_cls: Callable[..., Dataset] | None = None) -> Splits:
     """The (train, validation, test) splits of data set ``name`` (a key of ``DATASETS``).
@@ -167,7 +167,9 @@ def load(name: str, data_dir: str = "./data", download: bool = False, *, seed: i
     if name == "digits":
         if fake_size:
             raise ValueError("--fake-data is for the torchvision data sets; digits is bundled and always available")
-        full, test = digits(seed=seed)
+        # digits has no official test set: a fixed split, so runs with other seeds (and --compare)
+        # are evaluated on the same images
+        full, test = digits()
         tr, va = split_train_val(len(full), val_fraction, split_seed)
         return Splits(_subset(full, tr), _subset(full, va), test, info)
     if fake_size:

@@ -169,7 +169,7 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
     device = ctx.device
     seed = int(cfg["seed"])
     if splits is None:
-        splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False), seed=seed,
+        splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
                                augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"))
     info, regression = splits.info, splits.info.task == "regression"
 
@@ -268,7 +268,10 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
         if lr_sched is not None:
             lr_sched.step(train_loss if math.isfinite(train_loss) else math.inf)
         if lamda_sched is not None:
-            lamda_sched.step(stats["density"])
+            # it steers group 0: the Linear weights (sparsity_stats already reduced them over ranks);
+            # any other first group is counted by the scheduler itself
+            group0 = opt.param_groups[0].get("name")
+            lamda_sched.step(stats["linear_density"] if group0 == "linear" else None)
         lamdas = next((g["reg"]._params() for g in opt.param_groups if g["reg"]._params()), {})
         row = dict(epoch=epoch, train_loss=train_loss,
                    train_acc=math.nan if regression else correct / max(n, 1),
