@@ -203,6 +203,13 @@ def test_bad_checkpoints_fail_loudly(tmp_path, capsys):
     with pytest.raises(ckpt.CheckpointError, match="preset"):
         train(parse_args(["--preset", "mlp-mnist", "--fake-data", "8", "--epochs", "2", "--out-dir", str(out),
                           "--resume", *FAST]))
+    # a hyper-parameter given anew on resume is a mismatch, not silently the checkpoint's (or the new) value
+    with pytest.raises(ckpt.CheckpointError, match=r"lr: checkpoint 0\.1 vs this run 0\.05"):
+        train(parse_args(["--epochs", "2", "--lr", "0.05", "--out-dir", str(out), "--resume", *FAST]))
+    with pytest.raises(ckpt.CheckpointError, match="batch_size"):
+        train(parse_args(["--epochs", "2", "--batch-size", "64", "--out-dir", str(out), "--resume", *FAST]))
+    with pytest.raises(ckpt.CheckpointError, match="target_density"):
+        train(parse_args(["--epochs", "2", "--target-density", "0.05", "--out-dir", str(out), "--resume", *FAST]))
     # no checkpoint at all
     assert main(["--epochs", "2", "--out-dir", str(tmp_path / "none"), "--resume", *FAST]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -26,12 +26,17 @@ import torch.distributed as dist
 
 from .parallel import Context, barrier
 
-__all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "checkpoint_dir", "exists", "save", "load",
+__all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists", "save", "load",
            "rng_state", "set_rng_state"]
 
 FORMAT = "bregman_fused.train/1"
-# what must match for a checkpoint to continue this run (anything else, e.g. --epochs, may change)
-IDENTITY_KEYS = ("preset", "dataset", "model", "optim", "linear_reg", "conv_reg", "seed")
+# What may differ between a run and its resumption: how long it runs, where and on what it runs,
+# what it prints. Every other setting (lr, λ, batch size, init, schedules, ...) shapes the run and
+# must match: a resumed run with another --lr would otherwise continue with the checkpoint's lr
+# without a word (the optimizer state carries it) while a new --batch-size silently took effect.
+RUN_ONLY_KEYS = ("epochs", "out_dir", "resume", "quiet", "plot", "progress", "threads", "num_workers",
+                 "keep_checkpoints", "device", "backend", "data_dir", "download", "fsdp")
+IDENTITY_KEYS = ("preset", "dataset", "model", "optim", "linear_reg", "conv_reg", "seed")  # named first in errors
 STATE_FILE = "train_state.pt"
 
 
@@ -141,12 +146,20 @@ def read_train_state(path: str) -> dict[str, Any]:
     return state
 
 
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a run that its checkpoint must share to be resumed (plain data)."""
+    return {k: v for k, v in cfg.items() if k not in RUN_ONLY_KEYS}
+
+
 def check_identity(path: str, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    # a key the checkpoint does not record (written by an older version) cannot be checked
+    keys = list(IDENTITY_KEYS) + sorted(k for k in expected if k not in IDENTITY_KEYS)
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {expected.get(k)!r}"
-             for k in IDENTITY_KEYS if saved.get(k) != expected.get(k)]
+             for k in keys if (k in saved or k in IDENTITY_KEYS) and saved.get(k) != expected.get(k)]
     if diffs:
-        raise CheckpointError(f"checkpoint {path!r} belongs to a different run ({'; '.join(diffs)}); "
-                              "resume with the same --preset/--optim/--model/--dataset/--seed, or use another --out-dir")
+        raise CheckpointError(f"checkpoint {path!r} belongs to a different run ({'; '.join(diffs)}); resume with "
+                              "the settings it was started with (only --epochs, --out-dir, --device, --backend, "
+                              "threads/workers and output options may change), or use another --out-dir")
 
 
 def load(path: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ctx: Context, identity: dict[str, Any],

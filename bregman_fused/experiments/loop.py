@@ -154,10 +154,6 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device, *, regression:
 
 
 # -- the run --------------------------------------------------------------------------------------
-def _identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: cfg.get(k) for k in ckpt.IDENTITY_KEYS}
-
-
 def _say(ctx: Context, cfg: dict[str, Any], msg: str) -> None:
     if ctx.main and not cfg.get("quiet"):
         print(msg, flush=True)
@@ -198,7 +194,7 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
         path = cfg["resume"] if isinstance(cfg["resume"], str) else ckpt_path
         if path is None:
             raise ckpt.CheckpointError("--resume needs --out-dir (or a checkpoint path: --resume PATH)")
-        state = ckpt.load(path, unwrap(model), opt, ctx, _identity(cfg), generators)
+        state = ckpt.load(path, unwrap(model), opt, ctx, ckpt.identity(cfg), generators)
         history = list(state["history"])
         if lr_sched is not None and state.get("lr_sched"):
             lr_sched.load_state_dict(state["lr_sched"])
@@ -292,7 +288,7 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
                 print("loss is not finite: training diverged (for AdaBreg, is lr ~1e-3?)", flush=True)
         if out_dir:
             _write_outputs(ctx, cfg, history, plot=False)  # the plot only at the end: matplotlib is slow
-            train_state = {"identity": _identity(cfg), "epoch": epoch, "history": history,
+            train_state = {"identity": ckpt.identity(cfg), "epoch": epoch, "history": history,
                            "lr_sched": lr_sched.state_dict() if lr_sched is not None else None,
                            "lamda_sched": lamda_sched.state_dict() if lamda_sched is not None else None}
             ckpt.save(ckpt_path, unwrap(model), opt, train_state, ctx, generators)
