@@ -313,11 +313,14 @@ def test_updates_are_in_place():
     a = torch.nn.Parameter(torch.randn(5, 4))
     ptr = a.data_ptr()
     opt = bf.LinBreg([a], reg=bf.GroupL1L2(0.1), momentum=0.5, backend="reference")
+    state_ptrs = None
     for _ in range(3):
         a.grad = torch.randn(5, 4)
         opt.step()
+        ptrs = {k: v.data_ptr() for k, v in opt.state[a].items() if k != "step"}
+        state_ptrs = state_ptrs or ptrs
+        assert ptrs == state_ptrs and set(ptrs) == {"dual", "momentum_buffer"}
     assert a.data_ptr() == ptr
-    assert opt.state[a]["dual"].data_ptr() == opt.state[a]["dual"].data_ptr()
 
 
 def test_closure_is_called_and_loss_returned():
@@ -350,8 +353,16 @@ def test_lr_schedulers_drive_lr(sched):
     else:
         s = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
         for _ in range(4):
+            _train(m, opt, _batches(1))
             s.step(1.0)  # a flat loss: the plateau scheduler halves lr
-        assert opt.param_groups[0]["lr"] < 0.1
+        assert math.isclose(opt.param_groups[0]["lr"], 0.05)
+    # the next step uses the scheduled lr: LinBreg moves the dual by exactly −lr·g
+    p = next(m.parameters())
+    dual = opt.state[p]["dual"].clone()
+    for q in m.parameters():
+        q.grad = torch.ones_like(q)
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["dual"], dual - opt.param_groups[0]["lr"], rtol=0, atol=1e-7)
 
 
 def test_density_and_evaluate_reg():
