@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from .parallel import Context, barrier
 
-__all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists", "save", "load",
-           "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists",
+           "save", "load", "rng_state", "set_rng_state"]
 
 FORMAT = "bregman_fused.train/1"
 # What may differ between a run and its resumption: how long it runs, where and on what it runs,
