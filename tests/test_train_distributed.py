@@ -1,4 +1,5 @@
-"""The train CLI under torchrun: 2 gloo processes with --fsdp, a DCP checkpoint, resume on 1 rank.
+"""The train CLI under torchrun: 2 gloo processes with --fsdp, a DCP checkpoint, resume on 1 rank;
+and with DDP (no --fsdp): logging on rank 0 only, the same training as one process.
 
 Each launch is a real ``torchrun --standalone`` (it picks a free port, so parallel test runs do not
 collide) and is killed after ``TIMEOUT_S``. The data order is DistributedSampler's permutation of
@@ -39,14 +40,17 @@ def _cmd(ranks: int, out, epochs: int, *extra: str) -> list[str]:
             "-m", "bregman_fused.train", "--fsdp", *args]
 
 
-def _launch(cmds: list[list[str]]) -> None:
-    """Run the commands side by side; fail (and kill them) after TIMEOUT_S."""
+def _launch(cmds: list[list[str]]) -> list[str]:
+    """Run the commands side by side and return their output; fail (and kill them) after TIMEOUT_S."""
     procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for c in cmds]
+    outputs = []
     try:
         for c, p in zip(cmds, procs):
             out, _ = p.communicate(timeout=TIMEOUT_S)
             assert p.returncode == 0, f"{' '.join(c)} failed ({p.returncode}):\n{out[-4000:]}"
+            outputs.append(out)
+        return outputs
     except subprocess.TimeoutExpired:
         pytest.fail(f"distributed training did not finish within {TIMEOUT_S} s")
     finally:
@@ -104,3 +108,18 @@ def test_fsdp_cli_checkpoint_resumes_on_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=2e-6, msg=k)
     state = torch.load(one / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["world_size"] == 1 and state["epoch"] == 2
+
+
+def test_ddp_cli_logs_on_rank_0_only_and_matches_one_process(tmp_path):
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    cmd = [a for a in _cmd(2, ddp, 1) if a not in ("--fsdp", "--quiet")] + ["--no-progress"]
+    (out,) = _launch([cmd])
+    assert out.count("epoch   1") == 1, out[-3000:]  # one log line per epoch, from rank 0
+    _launch([_cmd(1, one, 1)])
+    h2, h1 = _history(ddp), _history(one)
+    for key in ("train_loss", "test_loss", "density", "reg"):
+        assert h2[0][key] == pytest.approx(h1[0][key], rel=1e-4, abs=1e-6), key
+    a, b = _tensors(str(ddp / "checkpoint")), _tensors(str(one / "checkpoint"))
+    assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=2e-6, msg=k)
