@@ -103,6 +103,7 @@ def _shard1_worker(rank, world, init_file, out_dir):
         W._finish()
     finally:
         dist.destroy_process_group()
+    W.exit_now()
 
 
 def test_row_splitting_sharding_is_refused(tmp_path):
