@@ -47,6 +47,15 @@ constexpr int64_t kChunkOverhead = 64;
 constexpr int64_t kParallelGrain = 32768;
 constexpr uintptr_t kStreamAlign = 32;
 
+#if defined(CPU_CAPABILITY_AVX2)
+// One 256-bit store of float or double lanes (streaming or not), and the lane bits of the non-zero
+// lanes: unordered not-equal, so NaN counts and −0 does not, like torch.count_nonzero.
+inline void store256(float* p, __m256 x, bool stream) { stream ? _mm256_stream_ps(p, x) : _mm256_storeu_ps(p, x); }
+inline void store256(double* p, __m256d x, bool stream) { stream ? _mm256_stream_pd(p, x) : _mm256_storeu_pd(p, x); }
+inline int nonzero_bits(__m256 x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_UQ)); }
+inline int nonzero_bits(__m256d x) { return _mm256_movemask_pd(_mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_NEQ_UQ)); }
+#endif
+
 // ---- memory access: param dtype <-> compute type --------------------------------------------
 template <typename scalar_t>
 struct Mem {
@@ -93,30 +102,9 @@ struct Mem {
 #endif
     } else {
 #if defined(CPU_CAPABILITY_AVX2)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (stream) {
-          _mm256_stream_ps(p, a);
-          _mm256_stream_ps(p + kVec, b);
-        } else {
-          _mm256_storeu_ps(p, a);
-          _mm256_storeu_ps(p + kVec, b);
-        }
-        // unordered not-equal: NaN counts, −0 does not
-        const int nz = _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_NEQ_UQ)) |
-                       (_mm256_movemask_ps(_mm256_cmp_ps(b, _mm256_setzero_ps(), _CMP_NEQ_UQ)) << kVec);
-        nnz.add(__builtin_popcount(static_cast<unsigned>(nz)));
-      } else {
-        if (stream) {
-          _mm256_stream_pd(p, a);
-          _mm256_stream_pd(p + kVec, b);
-        } else {
-          _mm256_storeu_pd(p, a);
-          _mm256_storeu_pd(p + kVec, b);
-        }
-        const int nz = _mm256_movemask_pd(_mm256_cmp_pd(a, _mm256_setzero_pd(), _CMP_NEQ_UQ)) |
-                       (_mm256_movemask_pd(_mm256_cmp_pd(b, _mm256_setzero_pd(), _CMP_NEQ_UQ)) << kVec);
-        nnz.add(__builtin_popcount(static_cast<unsigned>(nz)));
-      }
+      store256(p, a, stream);
+      store256(p + kVec, b, stream);
+      nnz.add(__builtin_popcount(static_cast<unsigned>(nonzero_bits(a) | (nonzero_bits(b) << kVec))));
 #else
       (void)stream;
       a.store(p);
