@@ -142,12 +142,13 @@ def _contiguous(tensors):
 
 
 def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-               grad_scale=None, found_inf=None):
+               grad_scale=None, found_inf=None, capturable=False):
     """reference.step on the compiled op (CPU or CUDA: the dispatcher routes by the tensors' device).
 
     The op requires contiguous tensors; non-contiguous ones are copied in and the results copied
     back here. Returns the non-zeros of each new θ, or None when ``found_inf`` is set (like the
-    reference).
+    reference). ``capturable`` on CUDA tensors: the op ``fused_step_capturable`` with the steps and
+    lr on the device and no host read at all (see reference.py [note: capturable]).
     """
     if kind not in KIND_CODES:
         raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KIND_CODES)}")
@@ -172,15 +173,38 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device)
     with torch.no_grad():
-        counts = torch.ops.bregman_fused.fused_step(
-            KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
-            float(lr), float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind],
-            float(lamda_l1), float(lamda_group), grad_scale, found_inf)
-        if found_inf is not None and bool(found_inf.item()):
-            return None  # nothing changed: nothing to copy back
+        if capturable and device is not None and device.type == "cuda":
+            lr_t = _device_lr(lr, device)
+            counts = torch.empty(len(params), dtype=torch.int64, device=device)
+            torch.ops.bregman_fused.fused_step_capturable(
+                KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
+                lr_t, float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind], float(lamda_l1),
+                float(lamda_group), grad_scale, found_inf, counts)
+        else:
+            counts = torch.ops.bregman_fused.fused_step(
+                KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
+                float(lr), float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind],
+                float(lamda_l1), float(lamda_group), grad_scale, found_inf)
+            if found_inf is not None and bool(found_inf.item()):
+                # nothing changed: nothing to copy back; the kernels counted the unchanged θ
+                return counts if capturable else None
+        # a skipped step copies back unchanged values: harmless, and no host read of found_inf
         for orig, c in params_back + states_back:
             orig.copy_(c)
     return counts
+
+
+def _device_lr(lr, device: torch.device) -> torch.Tensor:
+    """lr as the 0-dim device tensor a capturable op reads. A float becomes a fill kernel (its value
+    is fixed in a captured graph, as in torch's optimizers); a tensor must already be there, since
+    copying it from the host cannot be captured."""
+    if not isinstance(lr, torch.Tensor):
+        return torch.full((), float(lr), dtype=torch.float64, device=device)
+    if lr.device != device:
+        raise ValueError(f"lr must be on the params' device ({device}) with capturable=True, got {lr.device}")
+    if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"lr must be a one-element float32/float64 tensor, got {lr.dtype} with {lr.numel()} elements")
+    return lr.reshape(())
 
 
 def _require(state: _LoadState, what: str) -> None:
@@ -189,16 +213,16 @@ def _require(state: _LoadState, what: str) -> None:
 
 
 def cpu_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-             grad_scale=None, found_inf=None):
+             grad_scale=None, found_inf=None, capturable=False):
     """Backend "cpu": reference.step's signature and return, on the fused C++ kernel."""
     _require(_load_cpu(), "C++ CPU")
     return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf)
+                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
 
 
 def cuda_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-              grad_scale=None, found_inf=None):
+              grad_scale=None, found_inf=None, capturable=False):
     """Backend "cuda": the same op; the dispatcher picks the CUDA kernel for CUDA tensors."""
     _require(_load_cuda(), "CUDA")
     return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf)
+                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)

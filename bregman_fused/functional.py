@@ -1,8 +1,8 @@
 """Functional API: one step function per optimizer, and backend choice in ONE place.
 
 Every backend module exposes the same ``step(kind, params, grads, duals, exp_avgs, exp_avg_sqs,
-steps, *, lr, beta1, beta2, eps, delta, reg, grad_scale, found_inf)`` that ``reference.step``
-defines; ``select_backend`` picks one for a bucket of tensors at call time.
+steps, *, lr, beta1, beta2, eps, delta, reg, grad_scale, found_inf, capturable)`` that
+``reference.step`` defines; ``select_backend`` picks one for a bucket of tensors at call time.
 """
 from __future__ import annotations
 
@@ -113,22 +113,28 @@ def linbreg(
     momentum_buffers: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float = 0.0,
     delta: float = 1.0,
     reg: Regularizer | None = None,
     backend: str = "auto",
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    capturable: bool = False,
 ) -> torch.Tensor | None:
-    """LinBreg: m ← β·m + (1−β)·τ·g; v ← v − m (v ← v − τ·g for β = 0); θ ← prox_{δJ}(δ·v)."""
+    """LinBreg: m ← β·m + (1−β)·τ·g; v ← v − m (v ← v − τ·g for β = 0); θ ← prox_{δJ}(δ·v).
+
+    Every function here returns the non-zeros of each new θ (None when ``found_inf`` skipped the
+    step). ``capturable=True``: ``steps`` (and a tensor ``lr``) live on the params' device, the
+    cuda/triton backends read nothing on the host, and the counts are returned even after a skipped
+    step (reference.py [note: capturable])."""
     if momentum > 0 and len(momentum_buffers) != len(params):
         # a fused kernel would otherwise run plain LinBreg without a word
         raise ValueError(f"momentum_buffers must hold one tensor per param when momentum > 0 "
                          f"(got {len(momentum_buffers)} for {len(params)} params)")
     return _run("linbreg", params, grads, duals, momentum_buffers if momentum > 0 else [], [], steps,
                 backend, reg or NoReg(), lr=lr, beta1=momentum, beta2=0.0, eps=0.0, delta=delta,
-                grad_scale=grad_scale, found_inf=found_inf)
+                grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
 
 
 def adabreg(
@@ -139,7 +145,7 @@ def adabreg(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
@@ -148,10 +154,12 @@ def adabreg(
     backend: str = "auto",
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    capturable: bool = False,
 ) -> torch.Tensor | None:
     """AdaBreg: Adam moments drive the dual variable; θ ← prox_{δJ}(δ·v)."""
     return _run("adabreg", params, grads, duals, exp_avgs, exp_avg_sqs, steps, backend, reg or NoReg(),
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, grad_scale=grad_scale, found_inf=found_inf)
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, grad_scale=grad_scale, found_inf=found_inf,
+                capturable=capturable)
 
 
 def proxsgd(
@@ -159,12 +167,14 @@ def proxsgd(
     grads: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     reg: Regularizer | None = None,
     backend: str = "auto",
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    capturable: bool = False,
 ) -> torch.Tensor | None:
     """ProxSGD: θ ← prox_{τJ}(θ − τ·g)."""
     return _run("proxsgd", params, grads, [], [], [], steps, backend, reg or NoReg(),
-                lr=lr, beta1=0.0, beta2=0.0, eps=0.0, delta=1.0, grad_scale=grad_scale, found_inf=found_inf)
+                lr=lr, beta1=0.0, beta2=0.0, eps=0.0, delta=1.0, grad_scale=grad_scale, found_inf=found_inf,
+                capturable=capturable)

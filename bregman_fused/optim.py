@@ -4,6 +4,10 @@ The math lives in the backends (``reference.step`` is the spec); these classes o
 to update and keep the state. State keys are the same for every backend, so checkpoints move
 freely between backends and devices: ``step``, ``dual``, ``momentum_buffer``, ``exp_avg``,
 ``exp_avg_sq``.
+
+``capturable=True`` (per group, as in torch.optim) keeps ``step`` on the param's device and lets
+``lr`` be a device tensor, so that a step on the cuda/triton backends reads nothing on the host and
+can be captured in a CUDA graph (reference.py [note: capturable]).
 """
 from __future__ import annotations
 
@@ -38,6 +42,52 @@ def _in_unit_interval(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
 
 
+def _check_lr_value(lr: Any) -> None:
+    if _finite("lr", lr) < 0.0:
+        raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0)")
+
+
+def _step_lr(group: dict[str, Any]) -> float | torch.Tensor:
+    """The lr handed to the backend: a tensor lr stays a tensor in a capturable group (reading it
+    would sync, and a captured graph must read its current value at every replay)."""
+    lr = group["lr"]
+    if group["capturable"] and isinstance(lr, torch.Tensor):
+        return lr
+    return float(lr)
+
+
+def _step_device(p: torch.Tensor, group: dict[str, Any]) -> torch.device:
+    """Where a param's step counter lives: on its device in capturable groups (so the kernels read
+    and increment it without a host sync, as torch's capturable optimizers do), else on the CPU."""
+    return p.device if group["capturable"] else torch.device("cpu")
+
+
+def _placed_step(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """state["step"], moved once where ``_step_device`` wants it (the capturable flag may have
+    been switched since the state was made, or a checkpoint loaded)."""
+    device = _step_device(p, group)
+    if state["step"].device != device:
+        state["step"] = state["step"].to(device)
+    return state["step"]
+
+
+def _check_graph_capture(name: str, plan) -> None:
+    """Refuse a step that a CUDA graph would record wrongly: a non-capturable group counts steps on
+    the host (the captured graph would replay one frozen step count), and only the cuda and triton
+    backends read nothing on the host."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    for group_index, group, buckets in plan:
+        if not group["capturable"]:
+            raise RuntimeError(f"{name}: param group {group_index} is stepped inside CUDA graph capture but has "
+                               "capturable=False; construct the optimizer with capturable=True")
+        for bucket in buckets:
+            if bucket.backend not in ("cuda", "triton"):
+                raise RuntimeError(f"{name}: backend {bucket.backend!r} cannot be captured in a CUDA graph (it "
+                                   f"reads values on the host); param group {group_index} needs backend 'cuda' or "
+                                   "'triton'")
+
+
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """Optimizer states are float32 for float32/bf16/fp16 params (the dual is the master copy), else float64."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -49,7 +99,8 @@ class _Bucket:
 
     key: tuple  # (device, dtype)
     params: list[torch.Tensor]
-    fn: Callable[..., Any]  # the backend's step, chosen by functional.select_backend
+    backend: str  # the backend that runs, chosen by functional.select_backend
+    fn: Callable[..., Any]  # its step function
     lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
     sharded: bool = False  # DTensor params: backends get the local shards of params and grads
 
@@ -90,13 +141,24 @@ class _BregmanBase(Optimizer):
                     raise ValueError(f"{type(self).__name__} needs floating-point parameters (got {p.dtype})")
                 self.param_groups[-1]["reg"].check_param(p)
                 dist_utils.check_sharding(p, self.param_groups[-1]["reg"])
+            _check_lr_value(self.param_groups[-1]["lr"])  # a device lr too: adding a group may sync
         except Exception:
             self.param_groups.pop()
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if _finite("lr", group["lr"]) < 0.0:
-            raise ValueError(f"Invalid lr: {group['lr']} (must be >= 0)")
+        """Checks run at every step; none of them reads a device tensor (a step must not sync)."""
+        if not isinstance(group["capturable"], bool):
+            raise TypeError(f"Invalid capturable: {group['capturable']!r} (must be True or False)")
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point() or lr.is_complex():
+                raise ValueError(f"Invalid lr: a tensor lr must hold one real floating-point value, got {lr.dtype} "
+                                 f"with {lr.numel()} elements")
+            if lr.device.type == "cpu":
+                _check_lr_value(lr)
+        else:
+            _check_lr_value(lr)
         reg = group["reg"]
         if not isinstance(reg, Regularizer):
             raise TypeError(f"Invalid reg: {reg!r} (must be a bregman_fused regularizer, e.g. bf.L1(lamda=1e-3))")
@@ -110,7 +172,7 @@ class _BregmanBase(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p, group))
             if self._has_dual:
                 state["dual"] = dist_utils.like_param(self._dual_from_theta(p, group).contiguous(), p)
         return state
@@ -158,7 +220,7 @@ class _BregmanBase(Optimizer):
         [note: step overhead] Rebuilding the lists costs ~µs per tensor in Python, which is a
         measurable share of a fused step on a CPU (and most of it for thousands of small tensors)."""
         params = self._params_with_grad(group)
-        signature = (self.backend, type(group["reg"]), self._state_signature(group))
+        signature = (self.backend, type(group["reg"]), group["capturable"], self._state_signature(group))
         cached = self._plans.get(group_index)
         if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
                 and all(map(operator.is_, cached[1], params))):
@@ -166,7 +228,7 @@ class _BregmanBase(Optimizer):
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_key[(p.device, p.dtype)].append(p)
-        buckets = [_Bucket(key, bucket, select_backend(self.backend, key[0], group["reg"])[1],
+        buckets = [_Bucket(key, bucket, *select_backend(self.backend, key[0], group["reg"]),
                            sharded=any(map(dist_utils.is_dtensor, bucket)))
                    for key, bucket in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
@@ -188,6 +250,7 @@ class _BregmanBase(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             self._check_group(group)
             plan.append((group_index, group, self._buckets(group_index, group)))
+        _check_graph_capture(type(self).__name__, plan)
         for group_index, group, buckets in plan:
             hyper = self._hyper(group)
             for bucket in buckets:
@@ -198,7 +261,7 @@ class _BregmanBase(Optimizer):
                     # backends update plain tensors: the local shards of DTensor params and states
                     lists = {k: [dist_utils.local(t) for t in ts] for k, ts in lists.items()}
                     lists["param"] = [dist_utils.local(p) for p in bucket.params]
-                    lists["step"] = [s["step"] for s in states]
+                    lists["step"] = [_placed_step(s, p, group) for p, s in zip(bucket.params, states)]
                     bucket.lists = lists
                 grads = [p.grad for p in bucket.params]
                 counts = bucket.fn(
@@ -212,6 +275,7 @@ class _BregmanBase(Optimizer):
                     reg=group["reg"],
                     grad_scale=grad_scale,
                     found_inf=found_inf,
+                    capturable=group["capturable"],
                     **hyper,
                 )
                 if counts is not None:
@@ -258,14 +322,16 @@ class _BregmanBase(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = []
-        for g in state_dict["param_groups"]:
+        for g, current in zip(state_dict["param_groups"], self.param_groups):
             g = dict(g)
             reg = g.get("reg")
             g["reg"] = regularizer_from_dict(reg) if isinstance(reg, dict) else (reg or NoReg())
+            g.setdefault("capturable", current["capturable"])  # checkpoints from before the option
             groups.append(g)
         saved_state = state_dict["state"]
         saved_ids = [i for g in groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {i: g for g in groups for i in g["params"]}
         # a checkpoint of another model would otherwise fail inside a kernel at the next step, after
         # the buckets before it were already updated; refuse it before anything is loaded
         for pid, p in zip(saved_ids, params):
@@ -281,7 +347,8 @@ class _BregmanBase(Optimizer):
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True).contiguous()
                 elif key == "step":
-                    self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).clone()
+                    self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(
+                        _step_device(p, group_of[pid]), copy=True)
         self._counts.clear()
         self._plans.clear()
 
@@ -296,8 +363,9 @@ class LinBreg(_BregmanBase):
     _kind = "linbreg"
 
     def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, delta: float = 1.0,
-                 momentum: float = 0.0, backend: str = "auto"):
-        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, momentum=momentum)
+                 momentum: float = 0.0, backend: str = "auto", capturable: bool = False):
+        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, momentum=momentum,
+                        capturable=capturable)
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group):
@@ -317,7 +385,7 @@ class LinBreg(_BregmanBase):
         return lists
 
     def _hyper(self, group):
-        return dict(lr=float(group["lr"]), beta1=float(group["momentum"]), beta2=0.0, eps=0.0,
+        return dict(lr=_step_lr(group), beta1=float(group["momentum"]), beta2=0.0, eps=0.0,
                     delta=float(group["delta"]))
 
 
@@ -332,8 +400,10 @@ class AdaBreg(_BregmanBase):
     _kind = "adabreg"
 
     def __init__(self, params: Iterable, lr: float = 1e-3, reg: Regularizer | None = None, delta: float = 1.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, backend: str = "auto"):
-        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, betas=betas, eps=eps)
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, backend: str = "auto",
+                 capturable: bool = False):
+        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, betas=betas, eps=eps,
+                        capturable=capturable)
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group):
@@ -355,7 +425,7 @@ class AdaBreg(_BregmanBase):
                 "exp_avg_sq": [s["exp_avg_sq"] for s in states]}
 
     def _hyper(self, group):
-        return dict(lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+        return dict(lr=_step_lr(group), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
                     eps=float(group["eps"]), delta=float(group["delta"]))
 
 
@@ -365,12 +435,13 @@ class ProxSGD(_BregmanBase):
     _kind = "proxsgd"
     _has_dual = False
 
-    def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, backend: str = "auto"):
-        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg())
+    def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, backend: str = "auto",
+                 capturable: bool = False):
+        defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), capturable=capturable)
         super().__init__(params, defaults, backend)
 
     def _group_lists(self, group, params, states):
         return {}
 
     def _hyper(self, group):
-        return dict(lr=float(group["lr"]), beta1=0.0, beta2=0.0, eps=0.0, delta=1.0)
+        return dict(lr=_step_lr(group), beta1=0.0, beta2=0.0, eps=0.0, delta=1.0)

@@ -32,16 +32,26 @@ def step(
     reg: Regularizer,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    capturable: bool = False,
 ) -> torch.Tensor | None:
     """Update ``params`` and their states in place; return the non-zeros of each new θ (int64).
 
     ``kind``: ``"linbreg"`` (``beta1`` is the momentum β, ``exp_avgs`` its buffers, empty when
     β = 0), ``"adabreg"`` or ``"proxsgd"`` (no dual). ``steps`` are incremented here. With
     ``found_inf`` set to a non-zero value nothing changes and None is returned.
+
+    [note: capturable] ``lr`` may be a float or a one-element tensor. ``capturable=True`` is the
+    contract of a step that can be captured in a CUDA graph: the ``steps`` live on the params'
+    device, and since knowing whether ``found_inf`` skipped the step would need a host read, the
+    return is always the counts, of the unchanged θ after a skipped step. The GPU backends (cuda,
+    triton) keep that contract without any host sync; this spec (and the cpu backend) keep the
+    same values and return but read lr, the steps and found_inf on the host.
     """
+    lr = float(lr)
     if found_inf is not None and bool(found_inf.item()):
-        return None
-    counts = []
+        if not capturable:
+            return None
+        return nonzeros(params)
     for i, p in enumerate(params):
         state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         g = grads[i].to(state_dtype)
@@ -73,7 +83,11 @@ def step(
                 raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {KINDS}")
             theta = reg.prox(v, delta)
         p.copy_(theta)
-        counts.append(torch.count_nonzero(p))
-    if not counts:
+    return nonzeros(params)
+
+
+def nonzeros(params: list[torch.Tensor]) -> torch.Tensor:
+    """The non-zeros of each tensor, as one int64 tensor (on the tensors' device)."""
+    if not params:
         return torch.zeros(0, dtype=torch.int64)
-    return torch.stack(counts)
+    return torch.stack([torch.count_nonzero(p) for p in params])

@@ -44,9 +44,10 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-         grad_scale=None, found_inf=None):
+         grad_scale=None, found_inf=None, capturable=False):
     """Same contract as ``bregman_fused.reference.step`` (see there)."""
     if _launcher is None:
         raise RuntimeError(f"backend='triton' cannot run here: triton could not be imported ({_import_error})")
     return _launcher.step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1,
-                          beta2=beta2, eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf)
+                          beta2=beta2, eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf,
+                          capturable=capturable)

@@ -267,6 +267,18 @@ def _store_theta(p_ptr, offs, theta, mask, P_DTYPE: tl.constexpr):
     return nonzero.to(tl.int32)
 
 
+@triton.jit
+def _count_current(p_ptr, start, end, BLOCK: tl.constexpr):
+    """Non-zeros of θ[start:end] as it is: what a skipped step (found_inf set) reports, since with
+    capturable=True the host cannot know that the step was skipped (reference.py [note: capturable])."""
+    nnz = tl.zeros((BLOCK,), tl.int32)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        nnz += ((tl.load(p_ptr + offs, mask=mask, other=0.0) != 0) & mask).to(tl.int32)
+    return tl.sum(nnz.to(tl.int64))
+
+
 # ---- element-wise kernel: none / L1 / L1Pos ---------------------------------------------------
 @triton.jit
 def _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
@@ -297,9 +309,11 @@ def elementwise_kernel(
     slot = tl.load(row + COL_COUNT_SLOT)
     hyp = _load_hyper(hp, t, S_DTYPE)
     gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
-    # found_inf set: the program changes nothing and counts nothing (the host returns None)
+    # found_inf set: the program changes nothing and counts the unchanged θ
     ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
-    if ok:
+    if not ok:
+        tl.atomic_add(counts + slot, _count_current(p_ptr, start, end, BLOCK))
+    else:
         nnz = tl.zeros((BLOCK,), tl.int32)
         full_end = start + ((end - start) // BLOCK) * BLOCK
         # full blocks under a constant all-true mask: no bounds check, vectorizable
@@ -395,9 +409,11 @@ def row_kernel(
     slot = tl.load(row + COL_COUNT_SLOT)
     hyp = _load_hyper(hp, t, S_DTYPE)
     gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
-    # found_inf set: the program changes nothing and counts nothing (the host returns None)
+    # found_inf set: the program changes nothing and counts the unchanged θ
     ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
-    if ok:
+    if not ok:
+        tl.atomic_add(counts + slot, _count_current(p_ptr, row_start * n, row_end * n, BLOCK))
+    else:
         for k in tl.static_range(NUM_CLASSES):
             if cls == k:
                 nnz = _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,

@@ -122,11 +122,13 @@ class _LRU(collections.OrderedDict):
 
 _entries_cache = _LRU(64)
 _table_cache = _LRU(64)
+_hyper_base_cache = _LRU(64)
 
 
 def clear_caches() -> None:
     _entries_cache.clear()
     _table_cache.clear()
+    _hyper_base_cache.clear()
 
 
 def _row_class(n: int, cfg: LaunchConfig) -> int:
@@ -166,6 +168,14 @@ def _build_entries(sizes, row_kernel: bool, cfg: LaunchConfig, device: torch.dev
 
 
 def _build_table(infos, cfg: LaunchConfig, device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # uploading a new table is a host→device copy, which a CUDA graph cannot record safely (its
+        # replay would read a host buffer that may be gone): refuse instead of replaying garbage
+        raise RuntimeError(
+            "backend 'triton' cannot build its pointer table while a CUDA graph is captured: the params, "
+            "grads or states moved since the last eager step (e.g. grads set to None before capture). "
+            "Keep the grads in place (zero_grad(set_to_none=False)) through warm-up and capture, or use "
+            "backend 'cuda', which packs the pointers into the launch itself")
     rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg)) for p, g, v, m, s, numel, n, slot in infos]
     table = torch.tensor(rows, dtype=torch.int64)
     assert table.shape[1] == kernels.TABLE_COLS
@@ -195,6 +205,50 @@ def _hyper_rows(kind: str, step_counts, *, lr, beta1, beta2, eps, delta, reg: Re
             cache[key] = row
         rows.append(row)
     return rows
+
+
+# Columns that hold lr or a multiple of it, and the two that depend on the step count t.
+_LR_COLS = (0, 6)  # lr, (1 − β1)·lr
+_PROX_SGD_LR_COLS = (10, 11)  # the thresholds τ·λ₁, τ·λ₂·√n
+_STEP_SIZE_COL, _BC2_SQRT_COL = 7, 8
+
+
+def _device_hyper(kind: str, steps, lr, *, beta1, beta2, eps, delta, reg: Regularizer, shapes, device):
+    """The hyper table of ``_hyper_rows`` built on the device from device step counts and a device lr,
+    with tensor ops only (no host read, nothing uploaded while a CUDA graph is captured).
+    [note: capturable] The lr-free part is ``_hyper_rows`` with lr = 1, built once per setting and
+    cached; the lr columns are products with lr and the bias corrections are formed in float64 on
+    the device, as the host does them in double."""
+    key = ("hyper", device, kind, beta1, beta2, eps, delta, repr(reg.to_dict()), tuple(map(tuple, shapes)))
+    base, lr_mask = _hyper_base_cache.get_or_build(key, lambda: _hyper_base(kind, beta1, beta2, eps, delta, reg,
+                                                                             shapes, device), "hyper_builds")
+    lr_t = lr.to(torch.float64) if isinstance(lr, torch.Tensor) else torch.full((), float(lr), dtype=torch.float64,
+                                                                                  device=device)
+    hp = base * torch.where(lr_mask, lr_t.reshape(()), 1.0)
+    if kind == "adabreg":
+        t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+        hp[:, _STEP_SIZE_COL] = lr_t / (1.0 - torch.pow(beta1, t))
+        hp[:, _BC2_SQRT_COL] = torch.sqrt(1.0 - torch.pow(beta2, t))
+    return hp
+
+
+def _hyper_base(kind, beta1, beta2, eps, delta, reg, shapes, device):
+    rows = _hyper_rows(kind, [1.0] * len(shapes), lr=1.0, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
+                       shapes=shapes)
+    cols = _LR_COLS + (_PROX_SGD_LR_COLS if kind == "proxsgd" else ())
+    mask = torch.zeros(len(rows[0]), dtype=torch.bool)
+    mask[list(cols)] = True
+    return torch.tensor(rows, dtype=torch.float64).to(device), mask.to(device)
+
+
+def _check_capturable(steps, lr, device: torch.device) -> None:
+    for i, s in enumerate(steps):
+        if s.device != device or s.numel() != 1:
+            raise ValueError(f"steps[{i}] must be a one-element tensor on the params' device ({device}) with "
+                             f"capturable=True, got {s.numel()} elements on {s.device}")
+    if isinstance(lr, torch.Tensor) and (lr.device != device or lr.numel() != 1 or not lr.is_floating_point()):
+        raise ValueError(f"lr must be a one-element floating tensor on the params' device ({device}) with "
+                         f"capturable=True, got {lr.dtype} with {lr.numel()} elements on {lr.device}")
 
 
 def _upload(rows, dtype, device: torch.device) -> torch.Tensor:
@@ -282,9 +336,13 @@ def step(
     reg: Regularizer,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    capturable: bool = False,
 ) -> torch.Tensor | None:
     """``reference.step`` with Triton kernels: update ``params`` and their states in place, return
-    the non-zeros of each new θ (int64, on the params' device), or None when ``found_inf`` is set."""
+    the non-zeros of each new θ (int64, on the params' device), or None when ``found_inf`` is set.
+
+    ``capturable``: steps and lr on the device, hyper table built there, no host read (see
+    reference.py [note: capturable]); the counts are returned even after a skipped step."""
     params, grads, duals, exp_avgs, exp_avg_sqs, steps = (
         list(params), list(grads), list(duals), list(exp_avgs), list(exp_avg_sqs), list(steps))
     if reg.kind not in REGS:
@@ -312,8 +370,14 @@ def step(
     if grad_scale is not None:
         grad_scale_dev = grad_scale.to(device, non_blocking=True).reshape(())
 
-    # step counts after the increment, as reference.py's float32 `steps[i] += 1`
-    step_counts = [float(np.float32(float(s) + 1.0)) for s in steps]
+    if capturable:
+        _check_capturable(steps, lr, device)
+        torch._foreach_add_(steps, 1.0)  # the bias corrections read the incremented counts
+        step_counts = None
+    else:
+        lr = float(lr)
+        # step counts after the increment, as reference.py's float32 `steps[i] += 1`
+        step_counts = [float(np.float32(float(s) + 1.0)) for s in steps]
 
     writeback: list = []
     c_params = [_contiguous(p, writeback) for p in params]
@@ -345,8 +409,12 @@ def step(
                        addr(c_ss, i), sizes[j][0], sizes[j][1], i) for j, i in enumerate(idx))
         table = _table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
                                           lambda: _build_table(infos, cfg, device), "table_builds")
-        hp = _upload(_hyper_rows(kind, [step_counts[i] for i in idx],
-                                 shapes=[params[i].shape for i in idx], **hyper), torch.float64, device)
+        shapes = [params[i].shape for i in idx]
+        if capturable:
+            hp = _device_hyper(kind, [steps[i] for i in idx], shapes=shapes, device=device, **hyper)
+        else:
+            hp = _upload(_hyper_rows(kind, [step_counts[i] for i in idx], shapes=shapes, **hyper), torch.float64,
+                         device)
         s_dtype = _state_dtype(c_params[idx[0]])
         args = (table, entries, hp, counts,
                 grad_scale_dev if grad_scale_dev is not None else hp,
@@ -366,8 +434,13 @@ def step(
                 kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
                                                            num_warps=cfg.num_warps, **options)
 
-    for orig, copy in writeback:
+    for orig, copy in writeback:  # after a skipped step this copies unchanged values back
         orig.copy_(copy)
+    if capturable:
+        if found_inf_dev is not None:  # undo the increment of a skipped step, still without a host read
+            skipped = (found_inf_dev != 0).to(torch.float32)
+            torch._foreach_sub_(steps, [skipped] * len(steps))
+        return counts
     if found_inf_dev is not None and bool(found_inf.item()):
         return None
     torch._foreach_add_(steps, 1.0)
