@@ -13,6 +13,7 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,7 +55,24 @@ def extensions():
     return modules, ({"build_ext": BuildExtension.with_options(use_ninja=True)} if modules else {})
 
 
+class BuildPyWithSources(build_py):
+    """Also ships csrc/ inside the package (bregman_fused/_src/csrc/...): a regular install has no
+    checkout beside it, and the JIT fallback and the stale-build check read the sources from there.
+    An editable install reads the checkout itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        build = _load_build_spec()
+        for src in build.source_files(ROOT):
+            dst = os.path.join(self.build_lib, "bregman_fused", build.PACKAGED_SOURCES, os.path.relpath(src, ROOT))
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(src, dst)
+
+
 ext_modules, cmdclass = extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     name="bregman_fused",

@@ -11,9 +11,73 @@ CPU_MODULE = "bregman_fused._C"
 CUDA_MODULE = "bregman_fused._C_cuda"
 
 
+PACKAGED_SOURCES = "_src"  # bregman_fused/_src/csrc/...: the C++/CUDA sources shipped with the package
+
+
 def source_root() -> str:
-    """The checkout that holds csrc/ (the package's parent folder in a source or editable install)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The folder that holds csrc/: the checkout (source or editable install), else the copy that
+    setup.py ships inside the package (a regular install), so the JIT build works from both."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    if os.path.exists(os.path.join(checkout, "csrc", "ops.cpp")):
+        return checkout
+    packaged = os.path.join(package, PACKAGED_SOURCES)
+    return packaged if os.path.exists(os.path.join(packaged, "csrc", "ops.cpp")) else checkout
+
+
+SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
+
+
+def source_files(root: str) -> list[str]:
+    """Every C++/CUDA source and header under root/csrc, sorted (what the build reads)."""
+    out = []
+    for folder, _, names in os.walk(os.path.join(root, "csrc")):
+        out += [os.path.join(folder, n) for n in names if n.endswith(SOURCE_SUFFIXES)]
+    return sorted(out)
+
+
+def source_hash(root: str) -> str | None:
+    """A short digest of csrc/ (paths and contents); None when there are no sources.
+    [note: stale builds] Compiled into each extension (SOURCE_HASH_MARKER) so that a module built
+    from other sources than the ones next to it is noticed before it is imported."""
+    import hashlib
+
+    files = source_files(root)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return "h" + digest.hexdigest()[:16]  # an identifier: passed as a bare -D token, stringified in C
+
+
+# ops.cpp / ops_cuda.cpp keep "<marker><hash>" as a string in the binary
+SOURCE_HASH_MARKER = b"bregman_fused_source_hash:"
+
+
+def source_hash_flags(root: str) -> list[str]:
+    digest = source_hash(root)
+    return [f"-DBREGMAN_FUSED_SOURCE_HASH={digest}"] if digest else []
+
+
+def built_source_hash(module_file: str) -> str | None:
+    """The source digest compiled into an extension binary, read from the file without importing it
+    (importing registers the ops, which cannot be undone); None for a binary without one."""
+    try:
+        with open(module_file, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    at = data.find(SOURCE_HASH_MARKER)
+    if at < 0:
+        return None
+    start = at + len(SOURCE_HASH_MARKER)
+    end = start
+    while end < len(data) and end - start < 64 and chr(data[end]).isalnum():
+        end += 1
+    return data[start:end].decode()
 
 
 def cpu_sources(root: str) -> list[str]:
@@ -103,11 +167,13 @@ def cpu_extension(root: str):
     from torch.utils.cpp_extension import CppExtension
 
     return CppExtension(CPU_MODULE, _rel(root, cpu_sources(root)), include_dirs=include_dirs(root),
-                        extra_compile_args={"cxx": cpu_cxx_flags()}, extra_link_args=cpu_link_flags())
+                        extra_compile_args={"cxx": cpu_cxx_flags() + source_hash_flags(root)},
+                        extra_link_args=cpu_link_flags())
 
 
 def cuda_extension(root: str):
     from torch.utils.cpp_extension import CUDAExtension
 
     return CUDAExtension(CUDA_MODULE, _rel(root, cuda_sources(root)), include_dirs=include_dirs(root),
-                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+                         extra_compile_args={"cxx": CXX_FLAGS + source_hash_flags(root),
+                                             "nvcc": NVCC_FLAGS + source_hash_flags(root)})

@@ -1,9 +1,11 @@
 """Loads the compiled C++/CUDA ops and wraps them in reference.step's signature.
 
 Loading follows the apex/torchao habit: try the module built at install (``bregman_fused._C``);
-if it is missing, JIT-build it from csrc/ with ``torch.utils.cpp_extension.load`` (ninja; build
-folder under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) on first use; if that fails
-too, remember why. ``cpu_available()`` is then False and ``cpu_error()`` says why:
+if it is missing, or was built from other sources than the csrc/ next to it (an edit since the
+install, _build.py [note: stale builds]), JIT-build it from csrc/ with
+``torch.utils.cpp_extension.load`` (ninja; build folder under TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions) on first use; if that fails too, remember why. A stale CUDA module is
+not loaded (there is no JIT build for it). ``cpu_available()`` is then False and ``cpu_error()`` says why:
 functional.select_backend falls back on "auto" (one warning) and raises for backend="cpu".
 Everything is loaded once and cached.
 
@@ -12,8 +14,10 @@ Switches (environment): BREGMAN_FUSED_NO_JIT=1 never JIT-builds (the installed m
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +65,30 @@ def _jit_build():
     if not os.path.exists(sources[0]):
         raise FileNotFoundError(f"no C++ sources to JIT-build from (looked for {sources[0]})")
     return load(name=JIT_NAME, sources=sources, extra_include_paths=_build.include_dirs(root),
-                extra_cflags=_build.cpu_cxx_flags(), extra_ldflags=_build.cpu_link_flags(), verbose=os.environ.get("BREGMAN_FUSED_VERBOSE") == "1")
+                extra_cflags=_build.cpu_cxx_flags() + _build.source_hash_flags(root),
+                extra_ldflags=_build.cpu_link_flags(), verbose=os.environ.get("BREGMAN_FUSED_VERBOSE") == "1")
+
+
+def _stale_reason(module_name: str) -> str | None:
+    """Why the installed binary of ``module_name`` must not be imported: it was built from other
+    sources than the csrc/ beside it. Checked on the file, before importing (the import registers
+    the ops for good). None when it is current, or when there is nothing to compare."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None  # not built: the import reports that
+    root = _build.source_root()
+    current = _build.source_hash(root)
+    if current is None:
+        return None
+    built = _build.built_source_hash(spec.origin)
+    if built == current:
+        return None
+    return (f"{spec.origin} was built from other sources than {os.path.join(root, 'csrc')} (digest {built}, "
+            f"sources {current}): csrc/ changed since the install; run `pip install --no-build-isolation -e .` "
+            "again")
 
 
 def _load_cpu() -> _LoadState:
@@ -73,10 +100,14 @@ def _load_cpu() -> _LoadState:
             return _cpu
         errors = []
         state = None
-        try:
-            state = _LoadState(module=importlib.import_module(_build.CPU_MODULE))
-        except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
-            errors.append(f"import {_build.CPU_MODULE} failed ({_describe(exc)})")
+        stale = _stale_reason(_build.CPU_MODULE)
+        if stale is not None:
+            errors.append(stale)
+        else:
+            try:
+                state = _LoadState(module=importlib.import_module(_build.CPU_MODULE))
+            except Exception as exc:  # ImportError, or an OSError/undefined symbol from a broken build
+                errors.append(f"import {_build.CPU_MODULE} failed ({_describe(exc)})")
         if state is None:
             if os.environ.get("BREGMAN_FUSED_NO_JIT") == "1":
                 errors.append("JIT build disabled by BREGMAN_FUSED_NO_JIT=1")
@@ -85,6 +116,10 @@ def _load_cpu() -> _LoadState:
                     state = _LoadState(module=_jit_build())
                 except Exception as exc:
                     errors.append(f"JIT build failed ({_describe(exc)})")
+                else:
+                    if stale is not None:
+                        warnings.warn(f"bregman_fused: JIT-built the C++ extension from the current sources: {stale}",
+                                      RuntimeWarning, stacklevel=2)
         if state is not None and not hasattr(torch.ops.bregman_fused, "fused_step"):
             errors.append("the extension loaded but did not register torch.ops.bregman_fused.fused_step")
             state = None
@@ -99,10 +134,14 @@ def _load_cuda() -> _LoadState:
     with _lock:
         if _cuda is not None:
             return _cuda
-        try:
-            state = _LoadState(module=importlib.import_module(_build.CUDA_MODULE))
-        except Exception as exc:
-            state = _LoadState(error=f"import {_build.CUDA_MODULE} failed ({_describe(exc)})")
+        stale = _stale_reason(_build.CUDA_MODULE)
+        if stale is not None:
+            state = _LoadState(error=stale)
+        else:
+            try:
+                state = _LoadState(module=importlib.import_module(_build.CUDA_MODULE))
+            except Exception as exc:
+                state = _LoadState(error=f"import {_build.CUDA_MODULE} failed ({_describe(exc)})")
         _cuda = state
     if _cuda.ok and not _load_cpu().ok:  # the op schema lives in the CPU module
         _cuda = _LoadState(error=f"the CUDA kernels need the op schemas of {_build.CPU_MODULE}: {_load_cpu().error}")

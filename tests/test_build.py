@@ -1,0 +1,113 @@
+"""Packaging and loading of the compiled extension: the sources ship with the package, a binary
+built from other sources than the csrc/ beside it is noticed before import, and the JIT fallback
+builds from the packaged sources of a regular (non-editable) install."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+from bregman_fused import _build, _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_source_hash_follows_the_sources(tmp_path):
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    before = _build.source_hash(str(tmp_path))
+    assert before == _build.source_hash(ROOT)
+    with open(tmp_path / "csrc" / "bregman_math.h", "a") as f:
+        f.write("\n// an edit\n")
+    assert _build.source_hash(str(tmp_path)) != before
+    assert _build.source_hash(str(tmp_path / "nothing here")) is None
+
+
+def test_binary_without_a_digest_reads_as_none(tmp_path):
+    blob = tmp_path / "x.so"
+    blob.write_bytes(b"\0ELF no marker here\0")
+    assert _build.built_source_hash(str(blob)) is None
+    blob.write_bytes(b"\0junk" + _build.SOURCE_HASH_MARKER + b"habc123\0more")
+    assert _build.built_source_hash(str(blob)) == "habc123"
+
+
+@pytest.mark.skipif(not _ext.cpu_available(), reason="the C++ extension is not built here")
+def test_loaded_extension_was_built_from_these_sources():
+    module = _ext._load_cpu().module
+    assert module.source_hash == _build.source_hash(_build.source_root())
+    assert _build.built_source_hash(module.__file__) == module.source_hash
+
+
+def test_a_stale_extension_is_not_imported(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.find_spec(_build.CPU_MODULE)
+    if spec is None or not spec.origin:
+        pytest.skip("no installed C++ extension to be stale")
+    imported = []
+    real_import = _ext.importlib.import_module
+    monkeypatch.setattr(_ext.importlib, "import_module",
+                        lambda name, *a, **k: imported.append(name) or real_import(name, *a, **k))
+    monkeypatch.setattr(_build, "source_hash", lambda root: "hedited")
+    monkeypatch.setattr(_ext, "_cpu", None)
+    monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
+    assert not _ext.cpu_available()
+    assert "changed since the install" in _ext.cpu_error() and "pip install" in _ext.cpu_error()
+    assert _build.CPU_MODULE not in imported
+
+
+# One subprocess: build a wheel without the compiled module, install it into a folder, and use it
+# from there with the editable install's finder removed, so the package and its sources come from
+# the wheel only. First use JIT-builds the extension from bregman_fused/_src/csrc (~20 s on 2 cores).
+_JIT_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    import torch
+    import bregman_fused as bf
+    from bregman_fused import _build, _ext
+    assert bf.__file__.startswith(sys.argv[1]), bf.__file__
+    assert _build.source_root().endswith("_src"), _build.source_root()
+    assert _ext.cpu_available(), _ext.cpu_error()
+    assert _ext._load_cpu().module.__name__ == "bregman_fused_cpu"
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(37, 5)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = bf.AdaBreg(ps, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="cpu")
+    ref = bf.AdaBreg(qs, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="reference")
+    for _ in range(4):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    print("JIT OK")
+""")
+
+
+@pytest.mark.skipif(shutil.which("ninja") is None and not glob.glob(os.path.join(sys.prefix, "bin", "ninja")),
+                    reason="the JIT build needs ninja")
+def test_wheel_ships_the_sources_and_jit_builds_from_them(tmp_path):
+    env = {**os.environ, "BREGMAN_FUSED_BUILD_CPU": "0", "BREGMAN_FUSED_BUILD_CUDA": "0"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                    str(tmp_path / "wheel"), ROOT], check=True, env=env, capture_output=True)
+    (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n.split("_src/", 1)[1] for n in names if n.startswith("bregman_fused/_src/"))
+    assert shipped == sorted(os.path.relpath(f, ROOT) for f in _build.source_files(ROOT))
+    assert not any(n.endswith(".so") for n in names)  # BREGMAN_FUSED_BUILD_CPU=0: nothing compiled
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                    str(target), wheel], check=True, capture_output=True)
+    run_env = {**os.environ, "PYTHONPATH": str(target), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run_env.pop("BREGMAN_FUSED_NO_JIT", None)
+    out = subprocess.run([sys.executable, "-c", _JIT_SCRIPT, str(target)], env=run_env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "JIT OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
