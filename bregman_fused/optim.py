@@ -71,10 +71,26 @@ def _placed_step(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) 
     return state["step"]
 
 
+def _check_plan(name: str, plan) -> None:
+    """Checks that need the buckets, before anything is updated: a capturable group's tensor lr must
+    sit on the device of every bucket that the GPU backends update (they read it there, and copying
+    it from elsewhere is a host read or cannot be captured); then the graph-capture checks."""
+    for group_index, group, buckets in plan:
+        lr = group["lr"]
+        if not (group["capturable"] and isinstance(lr, torch.Tensor)):
+            continue
+        for bucket in buckets:
+            if bucket.backend in ("cuda", "triton") and lr.device != bucket.key[0]:
+                raise ValueError(f"{name}: param group {group_index} has capturable=True and its lr tensor on "
+                                 f"{lr.device}, but params on {bucket.key[0]}: put lr on the params' device")
+    _check_graph_capture(name, plan)
+
+
 def _check_graph_capture(name: str, plan) -> None:
     """Refuse a step that a CUDA graph would record wrongly: a non-capturable group counts steps on
-    the host (the captured graph would replay one frozen step count), and only the cuda and triton
-    backends read nothing on the host."""
+    the host (the captured graph would replay one frozen step count), only the cuda and triton
+    backends read nothing on the host, and a bucket's first step creates its states (a graph
+    would replay that creation, resetting them at every replay)."""
     if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return
     for group_index, group, buckets in plan:
@@ -82,6 +98,10 @@ def _check_graph_capture(name: str, plan) -> None:
             raise RuntimeError(f"{name}: param group {group_index} is stepped inside CUDA graph capture but has "
                                "capturable=False; construct the optimizer with capturable=True")
         for bucket in buckets:
+            if bucket.lists is None:
+                raise RuntimeError(f"{name}: param group {group_index} has params whose optimizer state is not "
+                                   "created yet, or the set of params with grads changed: run warm-up steps with "
+                                   "the same params outside the capture first")
             if bucket.backend not in ("cuda", "triton"):
                 raise RuntimeError(f"{name}: backend {bucket.backend!r} cannot be captured in a CUDA graph (it "
                                    f"reads values on the host); param group {group_index} needs backend 'cuda' or "
@@ -152,8 +172,8 @@ class _BregmanBase(Optimizer):
             raise TypeError(f"Invalid capturable: {group['capturable']!r} (must be True or False)")
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1 or not lr.is_floating_point() or lr.is_complex():
-                raise ValueError(f"Invalid lr: a tensor lr must hold one real floating-point value, got {lr.dtype} "
+            if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"Invalid lr: a tensor lr must hold one float32/float64 value, got {lr.dtype} "
                                  f"with {lr.numel()} elements")
             if lr.device.type == "cpu":
                 _check_lr_value(lr)
@@ -250,7 +270,7 @@ class _BregmanBase(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             self._check_group(group)
             plan.append((group_index, group, self._buckets(group_index, group)))
-        _check_graph_capture(type(self).__name__, plan)
+        _check_plan(type(self).__name__, plan)
         for group_index, group, buckets in plan:
             hyper = self._hyper(group)
             for bucket in buckets:

@@ -178,6 +178,8 @@ def test_lr_and_capturable_argument_errors():
         bf.AdaBreg([w], lr=torch.tensor(-1e-3), capturable=True)
     with pytest.raises(ValueError, match="lr"):
         bf.LinBreg([w], lr=torch.tensor(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="lr"):  # the cuda kernels read float32/float64 only
+        bf.LinBreg([w], lr=torch.tensor(0.1, dtype=torch.bfloat16), capturable=True)
     with pytest.raises(TypeError, match="capturable"):
         bf.LinBreg([w], lr=0.1, capturable="yes")
     opt = bf.AdaBreg([w], lr=torch.tensor(1e-3), capturable=True, backend="reference")
@@ -272,6 +274,35 @@ def test_training_step_replayed_from_a_cuda_graph(backend, kind, reg):
 
 
 @needs_gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_lr_on_another_device_is_refused_before_any_update(backend):
+    w = torch.nn.Parameter(torch.randn(8, 4, device="cuda"))
+    w.grad = torch.randn_like(w)
+    before = w.detach().clone()
+    opt = bf.AdaBreg([w], lr=torch.tensor(1e-3), capturable=True, backend=backend)
+    with pytest.raises(ValueError, match="lr tensor on cpu"):
+        opt.step()
+    assert torch.equal(w, before) and len(opt.state) == 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_step_counters_follow_the_capturable_flag_on_gpu(backend):
+    w = torch.nn.Parameter(torch.randn(8, 4, device="cuda"))
+    w.grad = torch.randn_like(w)
+    opt = bf.AdaBreg([w], lr=1e-3, backend=backend)
+    opt.step()
+    assert opt.state[w]["step"].device.type == "cpu"
+    opt.param_groups[0]["capturable"] = True
+    opt.step()
+    assert opt.state[w]["step"].device == w.device and float(opt.state[w]["step"]) == 2.0
+    sd = opt.state_dict()
+    fresh = bf.AdaBreg([w], lr=1e-3, backend=backend, capturable=False)
+    fresh.load_state_dict(sd)  # the saved group is capturable: its counters go to the param's device
+    assert fresh.state[w]["step"].device == w.device
+
+
+@needs_gpu
 def test_capture_refuses_a_step_that_would_replay_wrongly():
     dev = torch.device("cuda")
     w = torch.nn.Parameter(torch.randn(8, 4, device=dev))
@@ -283,3 +314,8 @@ def test_capture_refuses_a_step_that_would_replay_wrongly():
         with pytest.raises(RuntimeError, match="capturable=True|cannot be captured"):
             with torch.cuda.graph(graph):
                 opt.step()
+    # capturing the first step would record the state creation, replayed (and reset) every time
+    fresh = bf.AdaBreg([w], lr=torch.tensor(1e-3, device=dev), capturable=True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fresh.step()

@@ -141,6 +141,7 @@ def _row_class(n: int, cfg: LaunchConfig) -> int:
 
 def _build_entries(sizes, row_kernel: bool, cfg: LaunchConfig, device: torch.device):
     """(tensor, start, end) per program: element ranges, or row ranges for the row kernel."""
+    _refuse_upload_under_capture(device, "work list")
     total = sum(numel for numel, _ in sizes)
     rows = []
     if not row_kernel:
@@ -167,15 +168,34 @@ def _build_entries(sizes, row_kernel: bool, cfg: LaunchConfig, device: torch.dev
     return torch.tensor(rows, dtype=torch.int64).to(device), len(rows)
 
 
-def _build_table(infos, cfg: LaunchConfig, device: torch.device):
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # uploading a new table is a host→device copy, which a CUDA graph cannot record safely (its
-        # replay would read a host buffer that may be gone): refuse instead of replaying garbage
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_upload_under_capture(device: torch.device, what: str) -> None:
+    """Uploading a table is a host→device copy, which a CUDA graph cannot record safely (a replay
+    would read a host buffer that may be gone): refuse instead of replaying garbage."""
+    if _capturing(device):
         raise RuntimeError(
-            "backend 'triton' cannot build its pointer table while a CUDA graph is captured: the params, "
-            "grads or states moved since the last eager step (e.g. grads set to None before capture). "
-            "Keep the grads in place (zero_grad(set_to_none=False)) through warm-up and capture, or use "
-            "backend 'cuda', which packs the pointers into the launch itself")
+            f"backend 'triton' cannot build its {what} while a CUDA graph is captured: the params, grads or "
+            "states moved or changed shape since the last eager step (e.g. grads set to None before capture, "
+            "or non-contiguous params, which are copied every step). Keep the grads in place "
+            "(zero_grad(set_to_none=False)) through warm-up and capture, or use backend 'cuda', which packs "
+            "the pointers into the launch itself")
+
+
+# Device tables a captured CUDA graph reads. The caches may evict (and free) them at any later
+# step, while the graph still points at their memory: a graph's tables are kept alive for good.
+_kept_for_graphs: list[torch.Tensor] = []
+
+
+def _keep_if_captured(device: torch.device, *tensors: torch.Tensor) -> None:
+    if _capturing(device):
+        _kept_for_graphs.extend(tensors)
+
+
+def _build_table(infos, cfg: LaunchConfig, device: torch.device):
+    _refuse_upload_under_capture(device, "pointer table")
     rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg)) for p, g, v, m, s, numel, n, slot in infos]
     table = torch.tensor(rows, dtype=torch.int64)
     assert table.shape[1] == kernels.TABLE_COLS
@@ -224,6 +244,7 @@ def _device_hyper(kind: str, steps, lr, *, beta1, beta2, eps, delta, reg: Regula
                                                                              shapes, device), "hyper_builds")
     lr_t = lr.to(torch.float64) if isinstance(lr, torch.Tensor) else torch.full((), float(lr), dtype=torch.float64,
                                                                                   device=device)
+    _keep_if_captured(device, base, lr_mask)
     hp = base * torch.where(lr_mask, lr_t.reshape(()), 1.0)
     if kind == "adabreg":
         t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
@@ -233,6 +254,7 @@ def _device_hyper(kind: str, steps, lr, *, beta1, beta2, eps, delta, reg: Regula
 
 
 def _hyper_base(kind, beta1, beta2, eps, delta, reg, shapes, device):
+    _refuse_upload_under_capture(device, "hyper-parameter table (β, ε, δ or λ changed)")
     rows = _hyper_rows(kind, [1.0] * len(shapes), lr=1.0, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
                        shapes=shapes)
     cols = _LR_COLS + (_PROX_SGD_LR_COLS if kind == "proxsgd" else ())
@@ -252,6 +274,7 @@ def _check_capturable(steps, lr, device: torch.device) -> None:
 
 
 def _upload(rows, dtype, device: torch.device) -> torch.Tensor:
+    _refuse_upload_under_capture(device, "hyper-parameter table from host values (capturable=False)")
     host = torch.tensor(rows, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
@@ -409,6 +432,7 @@ def step(
                        addr(c_ss, i), sizes[j][0], sizes[j][1], i) for j, i in enumerate(idx))
         table = _table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
                                           lambda: _build_table(infos, cfg, device), "table_builds")
+        _keep_if_captured(device, table, entries)
         shapes = [params[i].shape for i in idx]
         if capturable:
             hp = _device_hyper(kind, [steps[i] for i in idx], shapes=shapes, device=device, **hyper)
