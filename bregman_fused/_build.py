@@ -71,13 +71,14 @@ def built_source_hash(module_file: str) -> str | None:
     except OSError:
         return None
     at = data.find(SOURCE_HASH_MARKER)
-    if at < 0:
-        return None
-    start = at + len(SOURCE_HASH_MARKER)
-    end = start
-    while end < len(data) and end - start < 64 and chr(data[end]).isalnum():
-        end += 1
-    return data[start:end].decode()
+    while at >= 0:  # the first marker followed by a digest (the bare marker may be in the file too)
+        start = end = at + len(SOURCE_HASH_MARKER)
+        while end < len(data) and end - start < 64 and chr(data[end]).isalnum():
+            end += 1
+        if end > start:
+            return data[start:end].decode()
+        at = data.find(SOURCE_HASH_MARKER, end)
+    return None
 
 
 def cpu_sources(root: str) -> list[str]:

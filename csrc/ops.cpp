@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/fused_step.h"
+#include "module_init.h"
 
 // One call updates every tensor of a (param group, device, dtype) bucket; see DESIGN.md §2 and
 // bregman_fused/reference.py (the spec). kind: 0 LinBreg, 1 AdaBreg, 2 ProxSGD; reg: 0 none,
@@ -30,20 +31,4 @@ static PyModuleDef bf_module = {PyModuleDef_HEAD_INIT, BF_STRINGIFY(TORCH_EXTENS
                                 "bregman_fused C++ ops (registered in torch.ops.bregman_fused)", -1,
                                 nullptr, nullptr, nullptr, nullptr, nullptr};
 
-// The digest of csrc/ this binary was built from, kept in the file behind a marker so that Python
-// can compare it with the sources before importing (bregman_fused/_build.py [note: stale builds]).
-#ifndef BREGMAN_FUSED_SOURCE_HASH
-#define BREGMAN_FUSED_SOURCE_HASH unknown
-#endif
-static const char kSourceHashMarked[] = "bregman_fused_source_hash:" BF_STRINGIFY(BREGMAN_FUSED_SOURCE_HASH);
-
-PyMODINIT_FUNC BF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  PyObject* module = PyModule_Create(&bf_module);
-  if (module != nullptr &&
-      PyModule_AddStringConstant(module, "source_hash", kSourceHashMarked + sizeof("bregman_fused_source_hash:") - 1) <
-          0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
+PyMODINIT_FUNC BF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return bregman::create_module(&bf_module); }

@@ -33,8 +33,8 @@ def test_binary_without_a_digest_reads_as_none(tmp_path):
     blob = tmp_path / "x.so"
     blob.write_bytes(b"\0ELF no marker here\0")
     assert _build.built_source_hash(str(blob)) is None
-    blob.write_bytes(b"\0junk" + _build.SOURCE_HASH_MARKER + b"habc123\0more")
-    assert _build.built_source_hash(str(blob)) == "habc123"
+    blob.write_bytes(b"\0junk" + _build.SOURCE_HASH_MARKER + b"\0" + _build.SOURCE_HASH_MARKER + b"habc123\0more")
+    assert _build.built_source_hash(str(blob)) == "habc123"  # a bare marker before the marked digest
 
 
 @pytest.mark.skipif(not _ext.cpu_available(), reason="the C++ extension is not built here")

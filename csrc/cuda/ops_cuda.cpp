@@ -27,6 +27,7 @@
 
 #include "bregman_math.h"
 #include "fused_step_cuda.h"
+#include "module_init.h"
 
 namespace bregman_cuda {
 namespace {
@@ -291,25 +292,12 @@ TORCH_LIBRARY_IMPL(bregman_fused, CUDA, m) {
 #define BF_CONCAT(a, b) BF_CONCAT_(a, b)
 #define BF_STR_(x) #x
 #define BF_STR(x) BF_STR_(x)
-// bregman_fused/_build.py [note: stale builds]: the digest of csrc/ this binary was built from
-#ifndef BREGMAN_FUSED_SOURCE_HASH
-#define BREGMAN_FUSED_SOURCE_HASH unknown
-#endif
-static const char kSourceHashMarked[] = "bregman_fused_source_hash:" BF_STR(BREGMAN_FUSED_SOURCE_HASH);
-
 extern "C" PyMODINIT_FUNC BF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, BF_STR(TORCH_EXTENSION_NAME),
       "CUDA kernels of bregman_fused (registers torch.ops.bregman_fused.fused_step for CUDA tensors and "
       "fused_step_capturable)",
       -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr &&
-      PyModule_AddStringConstant(module, "source_hash", kSourceHashMarked + sizeof("bregman_fused_source_hash:") - 1) <
-          0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
+  return bregman::create_module(&module_def);
 }
 #endif
