@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import _build
+from ._layout import kernel_views
 
 __all__ = ["cpu_available", "cpu_error", "cpu_step", "cuda_available", "cuda_error", "cuda_step",
            "KIND_CODES", "REG_CODES"]
@@ -165,27 +166,13 @@ def cuda_error() -> str | None:
     return _load_cuda().error
 
 
-def _contiguous(tensors):
-    """Contiguous versions of ``tensors`` and the (original, copy) pairs to write back afterwards."""
-    if all(map(torch.Tensor.is_contiguous, tensors)):  # the usual case, without a Python-level loop
-        return tensors, []
-    out, back = [], []
-    for t in tensors:
-        if t.is_contiguous():
-            out.append(t)
-        else:
-            c = t.contiguous()
-            out.append(c)
-            back.append((t, c))
-    return out, back
-
-
 def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
                grad_scale=None, found_inf=None, capturable=False):
     """reference.step on the compiled op (CPU or CUDA: the dispatcher routes by the tensors' device).
 
-    The op requires contiguous tensors; non-contiguous ones are copied in and the results copied
-    back here. Returns the non-zeros of each new θ, or None when ``found_inf`` is set (like the
+    The op requires contiguous tensors: dense layouts such as channels_last are handed over as
+    contiguous views, anything else is copied in and the results copied back here
+    (_layout [note: dense views]). Returns the non-zeros of each new θ, or None when ``found_inf`` is set (like the
     reference). ``capturable`` on CUDA tensors: the op ``fused_step_capturable`` with the steps and
     lr on the device and no host read at all (see reference.py [note: capturable]).
     """
@@ -197,13 +184,7 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
     lamda_l1, lamda_group = reg.lamdas()
     row = reg.kind in _ROW_REGS
     group_sizes = [int(reg.group_size(p.shape)) if row else 1 for p in params]
-    params_c, params_back = _contiguous(params)
-    grads_c, _ = _contiguous(grads)
-    states_c, states_back = [], []
-    for lst in (duals, exp_avgs, exp_avg_sqs):
-        c, back = _contiguous(lst)
-        states_c.append(c)
-        states_back += back
+    params_c, grads_c, states_c, writeback = kernel_views(params, grads, [duals, exp_avgs, exp_avg_sqs], group_sizes)
     # the AMP scalars may live elsewhere (GradScaler("cuda") with some CPU params): the op wants them
     # beside the params, as the reference's .to(g.device) does
     device = params[0].device if params else None
@@ -228,7 +209,7 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
                 # nothing changed: nothing to copy back; the kernels counted the unchanged θ
                 return counts if capturable else None
         # a skipped step copies back unchanged values: harmless, and no host read of found_inf
-        for orig, c in params_back + states_back:
+        for orig, c in writeback:
             orig.copy_(c)
     return counts
 

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ._layout import leading_dims
 from .regularizers import Regularizer
 
 try:
@@ -51,22 +52,13 @@ def check_sharding(param: torch.Tensor, reg: Regularizer) -> None:
         return  # element-wise maps are exact on any shard
     # rows are θ.flatten(1) (GroupL1L2) or the kernels θ.flatten(2) (KernelL1L2): sharding one of
     # the leading dims in front of a row keeps every group on one rank
-    lead_dims = _leading_dims(param.shape, reg.group_size(param.shape))
+    lead_dims = leading_dims(param.shape, reg.group_size(param.shape))
     for placement in param.placements:
         if isinstance(placement, Shard) and placement.dim >= lead_dims:
             raise ValueError(
                 f"{type(reg).__name__} couples whole rows, but a parameter of shape {list(param.shape)} is sharded "
                 f"on dim {placement.dim}, which splits them across ranks; shard on dim 0 (FSDP2's default) instead"
             )
-
-
-def _leading_dims(shape, group_size: int) -> int:
-    """The smallest k with prod(shape[k:]) == group_size: dims before k index whole groups."""
-    shape = tuple(shape)
-    for k in range(len(shape) + 1):
-        if math.prod(shape[k:]) == group_size:
-            return k
-    return 0
 
 
 def shard_fraction(param: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import distributed as dist_utils
+from ._layout import in_layout_of
 from .functional import check_backend_name, select_backend
 from .regularizers import NoReg, Regularizer, regularizer_from_dict
 
@@ -106,6 +107,15 @@ def _check_graph_capture(name: str, plan) -> None:
                 raise RuntimeError(f"{name}: backend {bucket.backend!r} cannot be captured in a CUDA graph (it "
                                    f"reads values on the host); param group {group_index} needs backend 'cuda' or "
                                    "'triton'")
+
+
+def _state_layout(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A new state tensor holding ``value``, laid out like p's (local) memory: a channels_last param
+    gets channels_last states, which the fused kernels then update in place (_layout [note: dense
+    views]). DTensor states keep the contiguous local layout that their DTensor wrapper describes."""
+    if dist_utils.is_dtensor(p) or dist_utils.is_dtensor(value):
+        return value.clone().contiguous()
+    return in_layout_of(value, p)
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -194,7 +204,7 @@ class _BregmanBase(Optimizer):
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=_step_device(p, group))
             if self._has_dual:
-                state["dual"] = dist_utils.like_param(self._dual_from_theta(p, group).contiguous(), p)
+                state["dual"] = dist_utils.like_param(_state_layout(self._dual_from_theta(p, group), p), p)
         return state
 
     @staticmethod
@@ -365,7 +375,7 @@ class _BregmanBase(Optimizer):
         for pid, p in zip(saved_ids, params):
             for key, value in saved_state.get(pid, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True).contiguous()
+                    self.state[p][key] = _state_layout(value.to(device=p.device, dtype=state_dtype(p)), p)
                 elif key == "step":
                     self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(
                         _step_device(p, group_of[pid]), copy=True)

@@ -41,34 +41,45 @@ SHAPES = [(0,), (1,), (7,), (1023,), (3, 0), (13, 7), (5, 37), (2, 3, 5, 5), (6,
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+# Memory layouts besides contiguous, and the shapes each is tried on. A dense layout (transposed,
+# channels_last) reaches the kernels as a contiguous view of the same memory when the row maps
+# allow it (a row-map's groups must stay contiguous blocks), else it is copied; "strided" is never
+# dense (every other element of a wider buffer) and is always copied (_layout [note: dense views]).
+LAYOUT_SHAPES = {
+    "transposed": [(9, 6), (3, 2, 3, 5)],
+    "channels_last": [(3, 2, 3, 5)],
+    "strided": [(13, 7)],
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     optimizer: str
     reg: str
     dtype: torch.dtype
     shape: tuple
-    non_contiguous: bool = False
+    layout: str = "contiguous"
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        nc = "-noncontig" if self.non_contiguous else ""
-        return f"{self.optimizer}-{self.reg}-{dt}-{'x'.join(map(str, self.shape))}{nc}"
+        layout = "" if self.layout == "contiguous" else f"-{self.layout}"
+        return f"{self.optimizer}-{self.reg}-{dt}-{'x'.join(map(str, self.shape))}{layout}"
 
 
-def make_configs(optimizers=None, regs=None, dtypes=None, shapes=None, non_contiguous=True) -> list[Config]:
+def make_configs(optimizers=None, regs=None, dtypes=None, shapes=None, layouts=LAYOUT_SHAPES) -> list[Config]:
     out = []
     for opt, reg, dtype, shape in itertools.product(
         optimizers or OPTIMIZERS, regs or REGULARIZERS, dtypes or DTYPES, shapes or SHAPES
     ):
         if REGULARIZERS[reg][1](shape):
             out.append(Config(opt, reg, dtype, shape))
-    if non_contiguous:
-        # transposed 2-D and 4-D params: every kernel must handle strided params and grads
-        for opt, reg, dtype in itertools.product(optimizers or OPTIMIZERS, regs or REGULARIZERS, dtypes or DTYPES):
-            for shape in [(9, 6), (3, 2, 3, 5)]:
+    # params, grads and states in other layouts: every kernel must see the same coordinates
+    for opt, reg, dtype in itertools.product(optimizers or OPTIMIZERS, regs or REGULARIZERS, dtypes or DTYPES):
+        for layout, layout_shapes in layouts.items():
+            for shape in layout_shapes:
                 if REGULARIZERS[reg][1](shape):
-                    out.append(Config(opt, reg, dtype, shape, non_contiguous=True))
+                    out.append(Config(opt, reg, dtype, shape, layout))
     return out
 
 
@@ -76,25 +87,34 @@ CONFIGS = make_configs()
 NUM_STEPS = 5
 
 
-def _make_param(shape, dtype, non_contiguous, gen) -> torch.Tensor:
-    if non_contiguous:
-        # allocate the transposed shape and transpose back: same logical shape, other strides
-        base = torch.randn(tuple(reversed(shape)), generator=gen, dtype=torch.float64)
-        return base.permute(*reversed(range(len(shape)))).to(dtype)
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in the memory layout ``layout`` (see LAYOUT_SHAPES)."""
+    if layout == "contiguous" or t.dim() == 0:
+        return t.contiguous()
+    if layout == "transposed":  # all dims reversed in memory; reversing is its own inverse
+        order = tuple(reversed(range(t.dim())))
+        return t.permute(order).contiguous().permute(order)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+        view = wide[..., ::2]
+        view.copy_(t)
+        return view
+    raise ValueError(layout)
 
 
 def inputs(cfg: Config, num_steps: int = NUM_STEPS, seed: int = 0):
-    """Initial θ and the gradient of every step, all in cfg.dtype (θ possibly non-contiguous)."""
+    """Initial θ and the gradient of every step, all in cfg.dtype (contiguous; ``run`` lays them out)."""
     gen = torch.Generator().manual_seed(seed)
-    theta = _make_param(cfg.shape, cfg.dtype, cfg.non_contiguous, gen) * 0.5
+    theta = torch.randn(cfg.shape, generator=gen, dtype=torch.float64).to(cfg.dtype) * 0.5
     if cfg.reg == "l1pos":
         theta = theta.abs()
     # a few exact zeros in θ₀, as in a sparse init
     if theta.numel():
         mask = torch.rand(cfg.shape, generator=gen) < 0.3
         theta = theta.masked_fill(mask, 0)
-    grads = [_make_param(cfg.shape, cfg.dtype, cfg.non_contiguous, gen) for _ in range(num_steps)]
+    grads = [torch.randn(cfg.shape, generator=gen, dtype=torch.float64).to(cfg.dtype) for _ in range(num_steps)]
     return theta, grads
 
 
@@ -104,13 +124,11 @@ def run(cfg: Config, backend: str, device="cpu", dtype=None, num_steps: int = NU
     theta0, grads = inputs(cfg, num_steps, seed)
     dtype = dtype or cfg.dtype
     cls, hyper = OPTIMIZERS[cfg.optimizer]
-    p = theta0.to(device=device, dtype=dtype)
-    if cfg.non_contiguous and p.is_contiguous() and p.dim() > 1:
-        p = p.t().contiguous().t() if p.dim() == 2 else p.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-    p = torch.nn.Parameter(p)
+    p = torch.nn.Parameter(in_layout(theta0.to(device=device, dtype=dtype), cfg.layout))
+    assert cfg.layout == "contiguous" or p.dim() < 2 or not p.is_contiguous(), cfg.id
     opt = cls([p], reg=REGULARIZERS[cfg.reg][0](), backend=backend, **hyper)
     for g in grads:
-        p.grad = g.to(device=device, dtype=dtype)
+        p.grad = in_layout(g.to(device=device, dtype=dtype), cfg.layout)
         opt.step()
     return p.detach(), opt.state[p], opt
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import triton.language as tl
 
+from .._layout import kernel_views
 from ..regularizers import Regularizer
 from . import kernels
 
@@ -179,9 +180,9 @@ def _refuse_upload_under_capture(device: torch.device, what: str) -> None:
         raise RuntimeError(
             f"backend 'triton' cannot build its {what} while a CUDA graph is captured: the params, grads or "
             "states moved or changed shape since the last eager step (e.g. grads set to None before capture, "
-            "or non-contiguous params, which are copied every step). Keep the grads in place "
-            "(zero_grad(set_to_none=False)) through warm-up and capture, or use backend 'cuda', which packs "
-            "the pointers into the launch itself")
+            "or params that are not dense in memory or whose grads or states have another layout: those are "
+            "copied every step). Keep the grads in place (zero_grad(set_to_none=False)) through warm-up and "
+            "capture, or use backend 'cuda', which packs the pointers into the launch itself")
 
 
 # Device tables a captured CUDA graph reads. The caches may evict (and free) them at any later
@@ -320,17 +321,6 @@ def _check(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, uses_dual, 
                                  f"got {st.dtype} {list(st.shape)} on {st.device}")
 
 
-def _contiguous(t: torch.Tensor, writeback: list) -> torch.Tensor:
-    """A contiguous tensor to hand to the kernel; non-contiguous inputs get a copy that is copied
-    back after the launch (when ``writeback`` is a list)."""
-    if t.is_contiguous():
-        return t
-    c = t.contiguous()
-    if writeback is not None:
-        writeback.append((t, c))
-    return c
-
-
 def _is_aligned(addrs) -> bool:
     return all(a % 16 == 0 for a in addrs)
 
@@ -402,24 +392,20 @@ def step(
         # step counts after the increment, as reference.py's float32 `steps[i] += 1`
         step_counts = [float(np.float32(float(s) + 1.0)) for s in steps]
 
-    writeback: list = []
-    c_params = [_contiguous(p, writeback) for p in params]
-    c_grads = [_contiguous(g, None) for g in grads]
-    c_duals = [_contiguous(v, writeback) for v in duals] if uses_dual else []
-    c_ms = [_contiguous(m, writeback) for m in exp_avgs] if uses_m else []
-    c_ss = [_contiguous(s, writeback) for s in exp_avg_sqs] if uses_s else []
+    row_kernel = reg.kind in ROW_REGS
+    group_sizes = [reg.group_size(p.shape) if row_kernel else 1 for p in params]
+    used_states = [duals if uses_dual else [], exp_avgs if uses_m else [], exp_avg_sqs if uses_s else []]
+    c_params, c_grads, (c_duals, c_ms, c_ss), writeback = kernel_views(params, grads, used_states, group_sizes)
 
     counts = torch.zeros(len(params), dtype=torch.int64, device=device)
     buckets: dict[tuple, list[int]] = collections.defaultdict(list)
     for i, (p, g) in enumerate(zip(c_params, c_grads)):
         buckets[(p.dtype, g.dtype)].append(i)
 
-    row_kernel = reg.kind in ROW_REGS
     cfg = launch_config(device)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg)
     for (p_dtype, g_dtype), idx in buckets.items():
-        row_lens = [reg.group_size(params[i].shape) if row_kernel else 1 for i in idx]
-        sizes = tuple((c_params[i].numel(), n) for i, n in zip(idx, row_lens))
+        sizes = tuple((c_params[i].numel(), group_sizes[i]) for i in idx)
         entries, num_entries = _entries_cache.get_or_build(
             (device, row_kernel, cfg, sizes), lambda: _build_entries(sizes, row_kernel, cfg, device), "entries_builds")
         if num_entries == 0:

@@ -1,0 +1,194 @@
+"""Memory layouts: dense params (channels_last, transposed) are updated in place without copies,
+their states share their layout, and checkpoints move between layouts.
+
+Correctness in every layout against the reference is test_backends.py's table (configs.LAYOUT_SHAPES);
+this file checks that the fast path is taken where it may be, and only there.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import bregman_fused as bf
+from bregman_fused import _ext, _layout
+from bregman_fused.functional import _unavailable_reason
+from bregman_fused.regularizers import NoReg
+
+from configs import OPTIMIZERS, in_layout
+
+needs_cpu_ext = pytest.mark.skipif(_unavailable_reason("cpu", torch.device("cpu"), NoReg()) is not None,
+                                   reason="C++ CPU extension unavailable")
+
+
+def _conv(shape=(6, 4, 3, 3), layout="channels_last", seed=0):
+    return in_layout(torch.randn(shape, generator=torch.Generator().manual_seed(seed)), layout)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.is_contiguous()
+
+
+# ---- kernel_views --------------------------------------------------------------------------------
+def test_all_contiguous_inputs_are_handed_over_as_they_are():
+    params, grads, states = [torch.zeros(3, 4)], [torch.ones(3, 4)], [[torch.zeros(3, 4)], []]
+    out = _layout.kernel_views(params, grads, states, [1])
+    assert out[0] is params and out[1] is grads and out[2] is states and out[3] == []
+
+
+# group_size 36: GroupL1L2 rows of a 6×4×3×3 weight, whole blocks in channels_last memory too
+@pytest.mark.parametrize("layout,group_size", [("channels_last", 1), ("channels_last", 36), ("transposed", 1)])
+def test_dense_layouts_become_views_of_the_same_memory(layout, group_size):
+    p, g, v, m = (_conv(layout=layout, seed=k) for k in range(4))
+    (pv,), (gv,), ((vv,), (mv,), ()), writeback = _layout.kernel_views([p], [g], [[v], [m], []], [group_size])
+    assert writeback == []
+    for orig, view in ((p, pv), (g, gv), (v, vv), (m, mv)):
+        assert _same_memory(view, orig)
+    # the same permutation everywhere: element k of every view is the same coordinate
+    assert pv.shape == gv.shape == vv.shape == mv.shape
+
+
+@pytest.mark.parametrize("case", ["kernel_rows", "transposed_rows", "strided", "grad_contiguous"])
+def test_layouts_the_kernels_cannot_walk_are_copied(case):
+    # kernel_rows: channels_last puts the channel between a 3×3 kernel's elements; transposed_rows:
+    # reversed dims put dim 0 innermost; strided: not dense at all
+    layout, group_size = {"kernel_rows": ("channels_last", 9), "transposed_rows": ("transposed", 36),
+                          "strided": ("strided", 1), "grad_contiguous": ("channels_last", 1)}[case]
+    p, v = _conv(layout=layout), _conv(layout=layout, seed=2)
+    g = _conv(seed=1, layout="contiguous" if case == "grad_contiguous" else layout)
+    before = p.clone()
+    (pc,), (gc,), ((vc,),), writeback = _layout.kernel_views([p], [g], [[v]], [group_size])
+    assert pc.is_contiguous() and gc.is_contiguous() and vc.is_contiguous()
+    if case == "grad_contiguous":
+        # only the grad is copied (read-only: nothing to copy back); θ and v are still updated in place
+        assert _same_memory(pc, p) and _same_memory(vc, v) and gc.data_ptr() != g.data_ptr() and writeback == []
+        assert torch.equal(gc, g.permute(0, 2, 3, 1))
+        return
+    assert pc.data_ptr() != p.data_ptr() and vc.data_ptr() != v.data_ptr()
+    assert sorted(id(c) for _, c in writeback) == sorted([id(pc), id(vc)])  # written tensors go back, not g
+    for orig, copy in writeback:  # what the backends do after the kernel
+        copy.add_(1)
+        orig.copy_(copy)
+    assert torch.equal(p, before + 1)
+
+
+def test_mismatched_lists_are_left_for_the_op_to_report():
+    p = _conv()
+    out_p, out_g, _, _ = _layout.kernel_views([p], [], [[]], [1])
+    assert out_g == [] and out_p[0].shape == p.shape  # not permuted: the op's checks see the caller's shapes
+
+
+# ---- the optimizers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_states_follow_the_param_layout(opt_name):
+    cls, hyper = OPTIMIZERS[opt_name]
+    dense = torch.nn.Parameter(_conv())
+    strided = torch.nn.Parameter(_conv(layout="strided"))
+    opt = cls([dense, strided], reg=bf.L1(0.1), backend="reference", **hyper)
+    for p in (dense, strided):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for key, value in opt.state[dense].items():
+        if key != "step":
+            assert value.stride() == dense.stride(), key
+    for key, value in opt.state[strided].items():
+        if key != "step":
+            assert value.is_contiguous(), key
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("reg", [bf.L1(0.1), bf.GroupL1L2(0.05)], ids=["l1", "group"])
+def test_cpu_step_on_channels_last_copies_nothing(monkeypatch, reg):
+    seen = []
+    real = _layout.kernel_views
+
+    def spy(*args):
+        out = real(*args)
+        seen.append((out, p.grad))
+        return out
+
+    monkeypatch.setattr(_ext, "kernel_views", spy)
+    p = torch.nn.Parameter(_conv())
+    opt = bf.AdaBreg([p], lr=1e-2, reg=reg, backend="cpu")
+    for k in range(3):
+        p.grad = _conv(seed=10 + k)
+        opt.step()
+    assert len(seen) == 3
+    for (params, grads, states, writeback), grad in seen:
+        assert writeback == []
+        assert _same_memory(params[0], p) and _same_memory(grads[0], grad)
+        assert _same_memory(states[0][0], opt.state[p]["dual"])
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_checkpoints_move_between_layouts_bit_for_bit(opt_name):
+    """A run in channels_last, checkpointed and resumed on a contiguous model (and back), equals the
+    uninterrupted contiguous run exactly: the element-wise math does not depend on the order."""
+    cls, hyper = OPTIMIZERS[opt_name]
+    theta0 = _conv()
+    grads = [_conv(seed=20 + k) for k in range(6)]
+
+    def run(layouts):
+        p = torch.nn.Parameter(in_layout(theta0.clone(), layouts[0]))
+        opt = cls([p], reg=bf.L1(0.2), backend="cpu", **hyper)
+        for k, g in enumerate(grads):
+            if k == 3:  # checkpoint, then a fresh model and optimizer in the second layout
+                buf = io.BytesIO()
+                torch.save({"theta": p.detach(), "opt": opt.state_dict()}, buf)
+                buf.seek(0)
+                ckpt = torch.load(buf, weights_only=True)
+                p = torch.nn.Parameter(in_layout(ckpt["theta"], layouts[1]))
+                opt = cls([p], reg=bf.L1(0.2), backend="cpu", **hyper)
+                opt.load_state_dict(ckpt["opt"])
+                for key, value in opt.state[p].items():
+                    if key != "step":
+                        assert value.stride() == p.stride(), key  # loaded states take the new param's layout
+            p.grad = in_layout(g, layouts[1] if k >= 3 else layouts[0])
+            opt.step()
+        return p.detach().contiguous(), {k: v.contiguous() for k, v in opt.state[p].items()}
+
+    want = run(("contiguous", "contiguous"))
+    for layouts in (("channels_last", "contiguous"), ("contiguous", "channels_last"),
+                    ("channels_last", "channels_last")):
+        got = run(layouts)
+        assert torch.equal(got[0], want[0]), layouts
+        for key in want[1]:
+            assert torch.equal(got[1][key], want[1][key]), (layouts, key)
+
+
+# ---- triton: a dense layout keeps its pointers, so the pointer table is built once --------------
+try:
+    from bregman_fused import triton as triton_backend
+    from bregman_fused.triton import launcher
+except ImportError:  # triton not installed
+    launcher = None
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 without a GPU
+_TRITON_REASON = "triton not installed" if launcher is None else triton_backend.unavailable_reason(
+    torch.device(TRITON_DEVICE))
+
+
+@pytest.mark.skipif(_TRITON_REASON is not None, reason=f"Triton backend unavailable: {_TRITON_REASON}")
+@pytest.mark.parametrize("reg", [bf.L1(0.2), bf.GroupL1L2(0.05)], ids=["l1", "group"])
+def test_triton_channels_last_is_updated_in_place(reg):
+    p = torch.nn.Parameter(_conv().to(TRITON_DEVICE))
+    q = torch.nn.Parameter(_conv())
+    opt = bf.AdaBreg([p], lr=1e-2, reg=reg, backend="triton")
+    ref = bf.AdaBreg([q], lr=1e-2, reg=reg, backend="reference")
+    p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    launcher.clear_caches()
+    builds = launcher.stats["table_builds"]
+    for k in range(3):
+        g = _conv(seed=30 + k)
+        p.grad.copy_(g)  # grads kept in place, as under CUDA-graph capture
+        q.grad.copy_(g)
+        opt.step()
+        ref.step()
+    # before dense views, θ and its states were copied every step: new pointers, a new table each time
+    assert launcher.stats["table_builds"] == builds + 1
+    assert opt.state[p]["dual"].stride() == p.stride()
+    torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("dual", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[p][key].cpu(), ref.state[q][key], rtol=1e-5, atol=1e-6)
