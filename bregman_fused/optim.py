@@ -133,6 +133,8 @@ class _Bucket:
     fn: Callable[..., Any]  # its step function
     lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
     sharded: bool = False  # DTensor params: backends get the local shards of params and grads
+    # the latest per-tensor non-zero counts, one buffer for the bucket's lifetime [note: counts buffer]
+    counts: torch.Tensor | None = None
 
 
 class _BregmanBase(Optimizer):
@@ -309,7 +311,15 @@ class _BregmanBase(Optimizer):
                     **hyper,
                 )
                 if counts is not None:
-                    self._counts[(group_index, bucket.key)] = (bucket.params, counts)
+                    # [note: counts buffer] the counts land in one buffer per bucket, made at its first
+                    # step (never inside a graph capture, which _check_graph_capture refuses then): a
+                    # captured step copies into it at every replay and an eager step between replays
+                    # writes the same buffer, so density() always sees the step that ran last
+                    if bucket.counts is None:
+                        bucket.counts = counts.clone()
+                    else:
+                        bucket.counts.copy_(counts)
+                    self._counts[(group_index, bucket.key)] = (bucket.params, bucket.counts)
         return loss
 
     # -- metrics --------------------------------------------------------------------------------

@@ -319,3 +319,56 @@ def test_capture_refuses_a_step_that_would_replay_wrongly():
     with pytest.raises(RuntimeError, match="warm-up"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             fresh.step()
+
+
+# ---- density() reads one counts buffer per bucket [note: counts buffer] -----------------------------
+def _true_density(params):
+    return sum(int(torch.count_nonzero(p)) for p in params) / sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_counts_land_in_one_buffer_per_bucket(backend):
+    params, opt = _make("adabreg", backend, bf.L1(lamda=0.25), capturable=False)
+    buffers = None
+    for k in range(4):
+        _set_grads(params, k)
+        if k == 2:  # a skipped AMP step keeps the counts of the unchanged θ
+            opt.found_inf = torch.ones(())
+        opt.step()
+        opt.__dict__.pop("found_inf", None)
+        now = [c for _, c in opt._counts.values()]
+        buffers = buffers or now
+        assert all(a is b for a, b in zip(now, buffers))  # the same tensors, updated in place
+        assert opt.density() == _true_density(params)
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_density_follows_replays_and_eager_steps_in_between(backend):
+    """Before the counts buffer, an eager step after the capture replaced the tensor density() read,
+    so later replays no longer reached it."""
+    if backend == "cuda" and not _ext.cuda_available():
+        pytest.skip(f"CUDA extension not built: {_ext.cuda_error()}")
+    dev = torch.device("cuda")
+    params, opt = _make("linbreg", backend, bf.L1(lamda=0.25), capturable=True, device=dev,
+                        lr=torch.tensor(0.1, device=dev))
+    _set_grads(params, 0, dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    assert opt.density() == _true_density(params)  # capture ran nothing: still the warm-up's counts
+    for k in range(1, 5):
+        for p, g in zip(params, [torch.randn(p.shape, device=dev) for p in params]):
+            p.grad.copy_(g)
+        if k == 2:
+            opt.step()  # eager, between replays
+        else:
+            graph.replay()
+        torch.cuda.synchronize()
+        assert opt.density() == _true_density(params), k
