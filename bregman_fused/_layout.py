@@ -47,9 +47,8 @@ def _kernel_order(p: torch.Tensor, group_size: int) -> tuple[int, ...] | None:
     return order
 
 
-def _view(t: torch.Tensor, order, shape, writeback: list | None) -> torch.Tensor:
-    # a partner of another shape is left unpermuted: the op's own check names it
-    v = t if order is None or t.shape != shape else t.permute(order)
+def _view(t: torch.Tensor, order, writeback: list | None) -> torch.Tensor:
+    v = t if order is None else t.permute(order)
     if v.is_contiguous():
         return v
     c = v.contiguous()
@@ -77,10 +76,14 @@ def kernel_views(params, grads, states, group_sizes):
     writeback: list = []
     for i in todo:
         p = params[i]
-        order = None if p.is_contiguous() else _kernel_order(p, group_sizes[i])
-        out_p[i] = _view(p, order, p.shape, writeback)
-        out_g[i] = _view(grads[i], order, p.shape, None)
+        partners = [grads[i]] + [lst[i] for lst in states if lst]
+        order = None
+        if not p.is_contiguous() and all(t.shape == p.shape for t in partners):
+            # a partner of another shape stays unpermuted (and so does p): the op's check names it
+            order = _kernel_order(p, group_sizes[i])
+        out_p[i] = _view(p, order, writeback)
+        out_g[i] = _view(grads[i], order, None)
         for lst, out in zip(states, out_s):
             if lst:
-                out[i] = _view(lst[i], order, p.shape, writeback)
+                out[i] = _view(lst[i], order, writeback)
     return out_p, out_g, out_s, writeback

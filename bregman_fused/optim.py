@@ -133,8 +133,7 @@ class _Bucket:
     fn: Callable[..., Any]  # its step function
     lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
     sharded: bool = False  # DTensor params: backends get the local shards of params and grads
-    # the latest per-tensor non-zero counts, one buffer for the bucket's lifetime [note: counts buffer]
-    counts: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # where the backends' counts are copied (_counts_buffer)
 
 
 class _BregmanBase(Optimizer):
@@ -151,6 +150,8 @@ class _BregmanBase(Optimizer):
         super().__init__(params, defaults)
         # latest per-tensor non-zero counts written by the backends: {(group index, bucket key): (params, counts)}
         self._counts: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        # capturable groups: one counts buffer per (group index, bucket key, param ids), see _counts_buffer
+        self._counts_buffers: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
         # cached buckets per group index: (signature, params with grad, buckets)
         self._plans: dict[int, tuple[tuple, list[torch.Tensor], list[_Bucket]]] = {}
 
@@ -311,16 +312,33 @@ class _BregmanBase(Optimizer):
                     **hyper,
                 )
                 if counts is not None:
-                    # [note: counts buffer] the counts land in one buffer per bucket, made at its first
-                    # step (never inside a graph capture, which _check_graph_capture refuses then): a
-                    # captured step copies into it at every replay and an eager step between replays
-                    # writes the same buffer, so density() always sees the step that ran last
                     if bucket.counts is None:
-                        bucket.counts = counts.clone()
+                        bucket.counts = self._counts_buffer(group_index, group, bucket, counts)
                     else:
                         bucket.counts.copy_(counts)
                     self._counts[(group_index, bucket.key)] = (bucket.params, bucket.counts)
         return loss
+
+    def _counts_buffer(self, group_index: int, group: dict[str, Any], bucket: _Bucket,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """The buffer that will hold the latest non-zero counts of a bucket's params, ``counts`` in it.
+
+        [note: counts buffer] A captured step copies its counts into this buffer at every replay,
+        and an eager step between replays writes the same buffer, so density() always sees the step
+        that ran last. In a capturable group the buffer is kept for the optimizer's lifetime per
+        (group, device, dtype, params): a graph writes its address at every replay, so it must never
+        be freed, and buckets rebuilt for the same params (another backend, capturable switched, a
+        param without grad for a while) find it again. A bucket's first step, which makes the
+        buffer, is never captured (_check_graph_capture refuses it)."""
+        if not group["capturable"]:  # never written by a graph: the bucket's own copy will do
+            return counts.clone()
+        key = (group_index, bucket.key, tuple(map(id, bucket.params)))  # the params are kept: ids stay unique
+        entry = self._counts_buffers.get(key)
+        if entry is None:
+            entry = self._counts_buffers[key] = (bucket.params, counts.clone())
+        else:
+            entry[1].copy_(counts)
+        return entry[1]
 
     # -- metrics --------------------------------------------------------------------------------
     def _nonzeros(self) -> dict[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # dense (every other element of a wider buffer) and is always copied (_layout [note: dense views]).
 LAYOUT_SHAPES = {
     "transposed": [(9, 6), (3, 2, 3, 5)],
-    "channels_last": [(3, 2, 3, 5)],
+    "channels_last": [(3, 2, 3, 5), (2, 3, 1, 4)],  # the second: a size-1 dim whose stride ties another
+    "outer_transposed": [(3, 2, 3, 5)],  # dims 0 and 1 swapped in memory: KernelL1L2's kernels stay blocks
     "strided": [(13, 7)],
 }
 
@@ -94,6 +95,8 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":  # all dims reversed in memory; reversing is its own inverse
         order = tuple(reversed(range(t.dim())))
         return t.permute(order).contiguous().permute(order)
+    if layout == "outer_transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "strided":

@@ -327,19 +327,27 @@ def _true_density(params):
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())
-def test_counts_land_in_one_buffer_per_bucket(backend):
-    params, opt = _make("adabreg", backend, bf.L1(lamda=0.25), capturable=False)
+@pytest.mark.parametrize("capturable", [False, True])
+def test_counts_land_in_one_buffer_per_bucket(backend, capturable):
+    params, opt = _make("adabreg", backend, bf.L1(lamda=0.25), capturable=capturable)
     buffers = None
-    for k in range(4):
+    for k in range(6):
         _set_grads(params, k)
         if k == 2:  # a skipped AMP step keeps the counts of the unchanged θ
             opt.found_inf = torch.ones(())
+        if k == 3:  # a param without grad: the bucket is rebuilt without it
+            params[1].grad = None
         opt.step()
         opt.__dict__.pop("found_inf", None)
+        assert opt.density() == _true_density(params)
         now = [c for _, c in opt._counts.values()]
         buffers = buffers or now
-        assert all(a is b for a, b in zip(now, buffers))  # the same tensors, updated in place
-        assert opt.density() == _true_density(params)
+        if k < 3:
+            assert all(a is b for a, b in zip(now, buffers))  # the same tensors, updated in place
+        if k == 4 and capturable:
+            # the same params again: a graph captured before the rebuild writes this buffer at every
+            # replay, so the rebuilt bucket must find it again (and it must never be freed)
+            assert all(a is b for a, b in zip(now, buffers))
 
 
 @needs_gpu

@@ -439,6 +439,11 @@ def test_argument_errors_name_the_argument(ops):
     case.exp_avg_sqs[0] = case.exp_avg_sqs[0].double()
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must be Float"):
         case.op_call(ops)
+    # same size, other shape: the element orders would differ (a channels_last θ walked as a view)
+    case = Case("linbreg", "l1", [(4, 6)], torch.float32).to("cuda")
+    case.grads[0] = case.grads[0].reshape(6, 4)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[6, 4\] but params\[0\] has shape \[4, 6\]"):
+        case.op_call(ops)
     case = Case("linbreg", "group", [(4, 6)], torch.float32).to("cuda")
     with pytest.raises(RuntimeError, match=r"group_sizes\[0\] = 5"):
         ops.fused_step(0, case.params, case.grads, case.duals, [], [], case.steps, [5], 0.1, 0.0, 0.0, 0.0, 1.0,

@@ -192,3 +192,14 @@ def test_triton_channels_last_is_updated_in_place(reg):
     torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
     for key in ("dual", "exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(opt.state[p][key].cpu(), ref.state[q][key], rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_ext
+def test_a_partner_of_another_shape_is_reported_with_the_callers_shapes():
+    p = _conv()
+    grads = [torch.randn(6, 4, 9)]  # as many elements as p, another shape: never walked as a view of p
+    (pv,), (gv,), _, _ = _layout.kernel_views([p], grads, [[torch.zeros_like(p)]], [1])
+    assert pv.shape == p.shape and gv.shape == grads[0].shape
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[6, 4, 9\] but params\[0\] has shape \[6, 4, 3, 3\]"):
+        bf.functional.linbreg([p], grads, [torch.zeros_like(p)], [], [torch.zeros(())], lr=0.1, reg=bf.L1(0.1),
+                              backend="cpu")

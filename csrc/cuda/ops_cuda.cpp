@@ -59,8 +59,9 @@ void check_state_list(const char* name, at::TensorList list, at::TensorList para
     TORCH_CHECK(t.scalar_type() == opmath_dtype(p.scalar_type()), name, "[", i, "] must be ",
                 opmath_dtype(p.scalar_type()), " for ", p.scalar_type(), " params, got ", t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
-    TORCH_CHECK(t.numel() == p.numel(), name, "[", i, "] must have as many elements as params[", i, "] (",
-                p.numel(), "), got ", t.numel());
+    // shapes, not only sizes: a partner of another shape would be walked in another element order
+    TORCH_CHECK(t.sizes() == p.sizes(), name, "[", i, "] has shape ", t.sizes(), " but params[", i, "] has shape ",
+                p.sizes());
   }
 }
 
@@ -139,8 +140,8 @@ Checked check_args(int64_t kind_code, at::TensorList params, at::TensorList grad
       TORCH_CHECK(g.scalar_type() == dtype, "grads[", i, "] must have the dtype of params[", i, "] (", dtype,
                   "), got ", g.scalar_type());
       TORCH_CHECK(g.is_contiguous(), "grads[", i, "] must be contiguous");
-      TORCH_CHECK(g.numel() == p.numel(), "grads[", i, "] must have as many elements as params[", i, "] (",
-                  p.numel(), "), got ", g.numel());
+      TORCH_CHECK(g.sizes() == p.sizes(), "grads[", i, "] has shape ", g.sizes(), " but params[", i,
+                  "] has shape ", p.sizes());
       if (bregman::is_row_reg(reg) && p.numel() > 0) {
         const int64_t row = group_sizes[i];
         TORCH_CHECK(row >= 1 && p.numel() % row == 0, "group_sizes[", i, "] = ", row,
