@@ -49,7 +49,9 @@ ANCHOR_OPTIMIZER = {"torch-adam-fused": "adam", "torch-sgd": "sgd"}
 PEER = {"adam": "adabreg", "sgd": "linbreg"}
 # the anchor timed in the same round-robin as our providers of an optimizer: time_vs_anchor
 PEER_ANCHOR = {PEER[opt]: provider for provider, opt in ANCHOR_OPTIMIZER.items()}
-WORKLOADS = ("tiny", "small", "resnet18", "many-small", "huge", "list-100m")
+WORKLOADS = ("tiny", "small", "resnet18", "resnet18-channels-last", "many-small", "huge", "list-100m")
+# workloads whose 4-D tensors (conv weights) and their grads are stored channels_last
+CHANNELS_LAST_WORKLOADS = ("resnet18-channels-last",)
 DEFAULT_WORKLOADS = ("resnet18", "many-small", "huge", "list-100m")
 GPU_WORKLOADS = ("list-100m",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,7 +91,7 @@ def workload_shapes(name: str) -> list[tuple[int, ...]]:
     if name == "small":  # pytest-benchmark suite: ≈0.42 M elements in 12 tensors
         return [(64, 3, 7, 7), (64,), (64,), (64, 64, 3, 3), (64,), (64,), (128, 64, 3, 3), (128,), (128,),
                 (256, 128, 3, 3), (256,), (10, 256)]
-    if name == "resnet18":
+    if name in ("resnet18", "resnet18-channels-last"):
         import torchvision
 
         # CIFAR-10 head as in the paper's ResNet-18 runs: 11.18 M elements, 62 tensors
@@ -105,15 +107,18 @@ def workload_shapes(name: str) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 
 
-def make_tensors(shapes, dtype, device, seed=0):
-    """Parameters (roughly like a trained net's weights) and gradients, in ``dtype``."""
+def make_tensors(shapes, dtype, device, seed=0, channels_last=False):
+    """Parameters (roughly like a trained net's weights) and gradients, in ``dtype``; with
+    ``channels_last`` the 4-D ones are stored channels_last (as ``model.to(memory_format=...)`` does,
+    and autograd lays their grads out alike)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params, grads = [], []
     for shape in shapes:
         n = math.prod(shape)
         scale = 1.0 / math.sqrt(max(n // shape[0], 1)) if len(shape) > 1 else 0.1
-        params.append((torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype))
-        grads.append((torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dtype))
+        fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+        params.append((torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype, memory_format=fmt))
+        grads.append((torch.randn(shape, generator=gen) * 1e-2).to(device=device, dtype=dtype, memory_format=fmt))
     return params, grads
 
 
@@ -390,7 +395,7 @@ def run_case(workload, dtype_name, kind, providers, args, device, info, log) -> 
     """Measure all ``providers`` of one (workload, dtype, optimizer) case, interleaved."""
     dtype = DTYPES[dtype_name]
     shapes = workload_shapes(workload)
-    params, grads = make_tensors(shapes, dtype, device)
+    params, grads = make_tensors(shapes, dtype, device, channels_last=workload in CHANNELS_LAST_WORKLOADS)
     numel = sum(p.numel() for p in params)
     reg = make_reg(args.reg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -500,7 +505,7 @@ def run_anchor_case(workload, dtype_name, provider, args, device, info, log, res
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
-TABLE = [("provider", 18), ("optimizer", 16), ("workload", 10), ("dtype", 5), ("B/elt", 5), ("reps", 4),
+TABLE = [("provider", 18), ("optimizer", 16), ("workload", 22), ("dtype", 5), ("B/elt", 5), ("reps", 4),
          ("median ms", 10), ("p20 ms", 10), ("p80 ms", 10), ("GB/s", 7), ("% copy", 6), ("speed-up", 8),
          ("vs torch", 8), ("note", 0)]
 
