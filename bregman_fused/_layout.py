@@ -1,12 +1,14 @@
-"""Memory layouts: states laid out like their param, and the contiguous views a fused kernel reads.
+"""Memory layouts: states laid out like their param, and the tensors a fused kernel walks.
 
-The kernels walk flat, contiguous memory. A param stored in another dense order (channels_last
-conv weights, a transposed linear weight) is still one contiguous block: a permutation of its dims
-makes it a contiguous view of the same memory. When its grad and states share that order (states
-are created in the param's layout, and autograd lays grads out like their param) the kernel updates
-it in place, with no copy in and out. [note: dense views] The same permutation is applied to the
-param and all its partners, so element i of every view is the same coordinate; a partner that is
-not contiguous under it is copied (and, if the kernel writes it, copied back).
+The kernels walk each tensor as flat memory. A param stored densely in another dim order
+(channels_last conv weights, a transposed linear weight) is still one block of memory, walked in
+its storage order. [note: dense views] When its grad and states have its strides (states are
+created in the param's layout, and autograd lays grads out like their param), the kernels update
+it as it is: element k of each tensor's memory is the same coordinate (the ops check this,
+csrc/flat_layout.h). Otherwise the param's storage order is applied to all of them as a permutation:
+the tensors that are contiguous under it become contiguous views of the same memory, the others
+are copied (and, if the kernel writes them, copied back). The row maps also need each group to
+be a block of consecutive memory; a layout that breaks one is copied to row-major order.
 """
 from __future__ import annotations
 
@@ -47,6 +49,17 @@ def _kernel_order(p: torch.Tensor, group_size: int) -> tuple[int, ...] | None:
     return order
 
 
+def _is_dense(shape, stride, order) -> bool:
+    """No gaps and no overlap: walked in ``order`` (outermost first), the strides are the running
+    products of the sizes (size-1 dims may have any stride). Cheaper than a permuted view."""
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
 def _view(t: torch.Tensor, order, writeback: list | None) -> torch.Tensor:
     v = t if order is None else t.permute(order)
     if v.is_contiguous():
@@ -58,18 +71,21 @@ def _view(t: torch.Tensor, order, writeback: list | None) -> torch.Tensor:
 
 
 def kernel_views(params, grads, states, group_sizes):
-    """Contiguous tensors for the kernels: (params, grads, states, writeback).
+    """Tensors the kernels can walk as flat memory: (params, grads, states, writeback).
 
-    ``states`` is a list of state lists (each empty or one tensor per param); ``writeback`` holds
-    the (original view, copy) pairs to copy back after the kernel ran, for the params and states
-    that had to be copied. The common all-contiguous case returns the inputs themselves.
+    A param and its partners are handed over as they are when they are contiguous, or dense with
+    identical strides (the fused ops accept that, csrc/flat_layout.h); else as contiguous permuted
+    views of the same memory where a dense order allows it, else as copies. ``states`` is a list of
+    state lists (each empty or one tensor per param); ``writeback`` holds the (original view, copy)
+    pairs to copy back after the kernel ran, for the params and states that had to be copied.
     """
     if all(map(torch.Tensor.is_contiguous, itertools.chain(params, grads, *states))):  # no Python-level loop
         return params, grads, states, []
     n = len(params)
     if not (len(grads) == n and len(group_sizes) == n and all(len(lst) in (0, n) for lst in states)):
         return params, grads, states, []  # mismatched lists are the op's to report, as it gets them
-    # [note: step overhead] a permuted view costs ~2 µs: only the tensors that need one are touched
+    # [note: step overhead] a permuted view costs ~2 µs: only the tensors that need one are touched,
+    # and the usual dense case (all of p's partners with p's strides) needs none
     todo = sorted({i for lst in (params, grads, *states) for i, ok in enumerate(map(torch.Tensor.is_contiguous, lst))
                    if not ok})
     out_p, out_g, out_s = list(params), list(grads), [list(lst) for lst in states]
@@ -78,9 +94,14 @@ def kernel_views(params, grads, states, group_sizes):
         p = params[i]
         partners = [grads[i]] + [lst[i] for lst in states if lst]
         order = None
-        if not p.is_contiguous() and all(t.shape == p.shape for t in partners):
+        shape, stride = p.shape, p.stride()
+        if not p.is_contiguous() and all(t.shape == shape for t in partners):
             # a partner of another shape stays unpermuted (and so does p): the op's check names it
             order = _kernel_order(p, group_sizes[i])
+            if order is not None and all(t.stride() == stride for t in partners) and _is_dense(shape, stride, order):
+                # the usual dense case: the kernels walk p and its partners as they are, in the same
+                # flat order (csrc/flat_layout.h checks it again); no view per tensor and step
+                continue
         out_p[i] = _view(p, order, writeback)
         out_g[i] = _view(grads[i], order, None)
         for lst, out in zip(states, out_s):

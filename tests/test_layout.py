@@ -7,6 +7,7 @@ this file checks that the fast path is taken where it may be, and only there.
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -37,16 +38,27 @@ def test_all_contiguous_inputs_are_handed_over_as_they_are():
     assert out[0] is params and out[1] is grads and out[2] is states and out[3] == []
 
 
-# group_size 36: GroupL1L2 rows of a 6×4×3×3 weight, whole blocks in channels_last memory too
-@pytest.mark.parametrize("layout,group_size", [("channels_last", 1), ("channels_last", 36), ("transposed", 1)])
-def test_dense_layouts_become_views_of_the_same_memory(layout, group_size):
+# group_size 36: GroupL1L2 rows of a 6×4×3×3 weight, whole blocks in channels_last memory too;
+# group_size 9 in outer_transposed: KernelL1L2's 3×3 kernels stay blocks when dims 0 and 1 swap
+@pytest.mark.parametrize("layout,group_size", [("channels_last", 1), ("channels_last", 36), ("transposed", 1),
+                                               ("outer_transposed", 9)])
+def test_dense_layouts_are_handed_over_as_they_are(layout, group_size):
     p, g, v, m = (_conv(layout=layout, seed=k) for k in range(4))
+    assert not p.is_contiguous()
     (pv,), (gv,), ((vv,), (mv,), ()), writeback = _layout.kernel_views([p], [g], [[v], [m], []], [group_size])
     assert writeback == []
-    for orig, view in ((p, pv), (g, gv), (v, vv), (m, mv)):
-        assert _same_memory(view, orig)
-    # the same permutation everywhere: element k of every view is the same coordinate
-    assert pv.shape == gv.shape == vv.shape == mv.shape
+    # the ops walk them as flat memory in one order, the same for all (csrc/flat_layout.h)
+    assert pv is p and gv is g and vv is v and mv is m
+
+
+def test_partners_in_another_dense_order_get_permuted_views():
+    # a state made before the param went channels_last: p's order is applied to every tensor, the
+    # ones that are contiguous under it are views, the others copies (written back after the step)
+    p, g = _conv(), _conv(seed=1)
+    v = _conv(seed=2, layout="contiguous")
+    (pv,), (gv,), ((vv,),), writeback = _layout.kernel_views([p], [g], [[v]], [1])
+    assert _same_memory(pv, p) and _same_memory(gv, g) and pv.shape == gv.shape == vv.shape
+    assert vv.data_ptr() != v.data_ptr() and [c for _, c in writeback] == [vv]
 
 
 @pytest.mark.parametrize("case", ["kernel_rows", "transposed_rows", "strided", "grad_contiguous"])
@@ -117,8 +129,7 @@ def test_cpu_step_on_channels_last_copies_nothing(monkeypatch, reg):
     assert len(seen) == 3
     for (params, grads, states, writeback), grad in seen:
         assert writeback == []
-        assert _same_memory(params[0], p) and _same_memory(grads[0], grad)
-        assert _same_memory(states[0][0], opt.state[p]["dual"])
+        assert params[0] is p and grads[0] is grad and states[0][0] is opt.state[p]["dual"]
 
 
 @needs_cpu_ext
@@ -203,3 +214,40 @@ def test_a_partner_of_another_shape_is_reported_with_the_callers_shapes():
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[6, 4, 9\] but params\[0\] has shape \[6, 4, 3, 3\]"):
         bf.functional.linbreg([p], grads, [torch.zeros_like(p)], [], [torch.zeros(())], lr=0.1, reg=bf.L1(0.1),
                               backend="cpu")
+
+
+# ---- every dense dim order of small shapes (size-1 dims included) against the reference ----------
+def _in_memory_order(t: torch.Tensor, order) -> torch.Tensor:
+    """A copy of t stored with dims ``order`` from outermost to innermost."""
+    inverse = [order.index(d) for d in range(t.dim())]
+    return t.permute(order).clone(memory_format=torch.contiguous_format).permute(inverse)
+
+
+_ORDERS = [((2, 3, 1, 2), order) for order in itertools.permutations(range(4))] + \
+          [((3, 1, 4), order) for order in itertools.permutations(range(3))]
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("shape,order", _ORDERS, ids=lambda x: "x".join(map(str, x)))
+def test_every_dense_order_matches_the_reference(shape, order):
+    """Whatever path kernel_views takes (as stored, permuted views, copies), the fused step equals
+    the reference: the kernels walk every tensor in one shared order and keep row groups whole."""
+    regs = [bf.L1(0.1), bf.GroupL1L2(0.05), bf.SparseGroupL1L2(0.05, 0.05)] + ([bf.KernelL1L2(0.05)] if len(shape) >= 3 else [])
+    gen = torch.Generator().manual_seed(5)
+    theta0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    for reg in regs:
+        results = []
+        for backend in ("cpu", "reference"):
+            p = torch.nn.Parameter(_in_memory_order(theta0, order))
+            opt = bf.AdaBreg([p], lr=0.05, reg=reg, backend=backend)
+            for g in grads:
+                p.grad = _in_memory_order(g, order)
+                opt.step()
+            assert p.stride() == _in_memory_order(theta0, order).stride()  # updated in place, layout kept
+            results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+        (got, got_state), (want, want_state) = results
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{type(reg).__name__} θ")
+        for key in want_state:
+            torch.testing.assert_close(got_state[key], want_state[key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{type(reg).__name__} {key}")

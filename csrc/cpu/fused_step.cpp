@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "flat_layout.h"
 #include "work.h"
 
 namespace bregman::cpu {
@@ -32,7 +33,14 @@ void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarTyp
               t.scalar_type());
   TORCH_CHECK(param == nullptr || t.sizes() == param->sizes(), kOp, name, "[", i, "] has shape ", t.sizes(),
               " but params[", i, "] has shape ", param->sizes());
-  TORCH_CHECK(t.is_contiguous(), kOp, name, "[", i, "] must be contiguous");
+  if (param == nullptr) {
+    TORCH_CHECK(is_flat(t), kOp, name, "[", i, "] must be contiguous or dense in another dim order (e.g. "
+                "channels_last), got strides ", t.strides());
+  } else {
+    TORCH_CHECK(has_flat_order_of(t, *param), kOp, name, "[", i, "] must be contiguous like params[", i,
+                "], or have its strides ", param->strides(), " (walked in the same element order), got strides ",
+                t.strides());
+  }
 }
 
 void check_state_list(const char* name, at::TensorList list, at::TensorList params, at::ScalarType state_dtype) {
@@ -155,6 +163,8 @@ at::Tensor fused_step(int64_t kind_code, at::TensorList params, at::TensorList g
     if (is_row_reg(reg)) {
       TORCH_CHECK(numel == 0 || (gs >= 1 && numel % gs == 0), kOp, "group_sizes[", i, "] = ", gs,
                   " must be >= 1 and divide params[", i, "].numel() = ", numel);
+      TORCH_CHECK(groups_are_blocks(params[i], gs), kOp, "params[", i, "] with strides ", params[i].strides(),
+                  " does not hold its groups of ", gs, " elements as consecutive memory (the row maps need that)");
     } else {
       TORCH_CHECK(gs == 1, kOp, "group_sizes[", i, "] must be 1 for an element-wise regularizer, got ", gs);
     }

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "bregman_math.h"
+#include "flat_layout.h"
 #include "fused_step_cuda.h"
 #include "module_init.h"
 
@@ -58,10 +59,12 @@ void check_state_list(const char* name, at::TensorList list, at::TensorList para
                 "), got ", t.device());
     TORCH_CHECK(t.scalar_type() == opmath_dtype(p.scalar_type()), name, "[", i, "] must be ",
                 opmath_dtype(p.scalar_type()), " for ", p.scalar_type(), " params, got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, "[", i, "] must be contiguous");
     // shapes, not only sizes: a partner of another shape would be walked in another element order
     TORCH_CHECK(t.sizes() == p.sizes(), name, "[", i, "] has shape ", t.sizes(), " but params[", i, "] has shape ",
                 p.sizes());
+    TORCH_CHECK(bregman::has_flat_order_of(t, p), name, "[", i, "] must be contiguous like params[", i,
+                "], or have its strides ", p.strides(), " (walked in the same element order), got strides ",
+                t.strides());
   }
 }
 
@@ -133,19 +136,24 @@ Checked check_args(int64_t kind_code, at::TensorList params, at::TensorList grad
                   "), got ", p.device());
       TORCH_CHECK(p.scalar_type() == dtype, "params[", i, "] must have the dtype of params[0] (", dtype, "), got ",
                   p.scalar_type());
-      TORCH_CHECK(p.is_contiguous(), "params[", i, "] must be contiguous");
+      TORCH_CHECK(bregman::is_flat(p), "params[", i, "] must be contiguous or dense in another dim order (e.g. "
+                  "channels_last), got strides ", p.strides());
       TORCH_CHECK(g.defined(), "grads[", i, "] is undefined");
       TORCH_CHECK(g.device() == device, "grads[", i, "] must be on the same device as params[", i, "] (", device,
                   "), got ", g.device());
       TORCH_CHECK(g.scalar_type() == dtype, "grads[", i, "] must have the dtype of params[", i, "] (", dtype,
                   "), got ", g.scalar_type());
-      TORCH_CHECK(g.is_contiguous(), "grads[", i, "] must be contiguous");
       TORCH_CHECK(g.sizes() == p.sizes(), "grads[", i, "] has shape ", g.sizes(), " but params[", i,
                   "] has shape ", p.sizes());
+      TORCH_CHECK(bregman::has_flat_order_of(g, p), "grads[", i, "] must be contiguous like params[", i,
+                  "], or have its strides ", p.strides(), " (walked in the same element order), got strides ",
+                  g.strides());
       if (bregman::is_row_reg(reg) && p.numel() > 0) {
         const int64_t row = group_sizes[i];
         TORCH_CHECK(row >= 1 && p.numel() % row == 0, "group_sizes[", i, "] = ", row,
                     " must be >= 1 and divide params[", i, "].numel() (", p.numel(), ")");
+        TORCH_CHECK(bregman::groups_are_blocks(p, row), "params[", i, "] with strides ", p.strides(),
+                    " does not hold its groups of ", row, " elements as consecutive memory (the row maps need that)");
       }
     }
     check_state_list("duals", duals, params);
