@@ -170,10 +170,10 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
                grad_scale=None, found_inf=None, capturable=False):
     """reference.step on the compiled op (CPU or CUDA: the dispatcher routes by the tensors' device).
 
-    The op requires contiguous tensors: dense layouts such as channels_last are handed over as
-    contiguous views, anything else is copied in and the results copied back here
-    (_layout [note: dense views]). Returns the non-zeros of each new θ, or None when ``found_inf`` is set (like the
-    reference). ``capturable`` on CUDA tensors: the op ``fused_step_capturable`` with the steps and
+    The op walks every tensor as flat memory: contiguous ones, and dense ones (e.g. channels_last)
+    whose partners share their strides, go in as they are; other layouts go in as permuted views
+    or copies, copied back here (_layout [note: dense views]). Returns the non-zeros of each new θ,
+    or None when ``found_inf`` is set (like the reference). ``capturable`` on CUDA tensors: the op ``fused_step_capturable`` with the steps and
     lr on the device and no host read at all (see reference.py [note: capturable]).
     """
     if kind not in KIND_CODES:
