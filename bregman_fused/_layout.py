@@ -43,8 +43,11 @@ def _kernel_order(p: torch.Tensor, group_size: int) -> tuple[int, ...] | None:
     if order == tuple(range(p.dim())):
         return None
     if group_size > 1:
-        lead = leading_dims(p.shape, group_size)
-        if set(order[lead:]) != set(range(lead, p.dim())):
+        # size-1 dims hold no memory: where they sort does not matter (as in csrc/flat_layout.h)
+        shape = p.shape
+        lead = {d for d in range(leading_dims(shape, group_size)) if shape[d] != 1}
+        in_memory = [d for d in order if shape[d] != 1]
+        if set(in_memory[:len(lead)]) != lead:  # the dims indexing groups must be the outermost ones
             return None
     return order
 

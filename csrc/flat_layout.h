@@ -26,7 +26,8 @@ inline bool has_flat_order_of(const at::Tensor& t, const at::Tensor& p) {
 // Each group of n consecutive logical elements (a row of θ.flatten(k), a conv kernel) is one block
 // of n consecutive elements in p's memory. For a dense p that holds when the trailing dims spanning
 // a group are its innermost dims: each of them (of size > 1) has a stride below n, every other dim
-// a stride of at least n.
+// a stride of at least n. The regularizers' n is always such a trailing product (prod(shape[k:]));
+// any other n is refused for a non-contiguous p, the safe side.
 inline bool groups_are_blocks(const at::Tensor& p, int64_t n) {
   if (n <= 1 || p.numel() == 0 || p.is_contiguous()) return true;
   const auto sizes = p.sizes();

@@ -409,10 +409,10 @@ def _call(args):
     (lambda a: a.update(group_sizes=[1]), "group_sizes must hold 2 tensors"),
     (lambda a: a["params"].__setitem__(1, torch.randn(2, 6)[:, ::2]), "params[1] must be contiguous or dense"),
     (lambda a: a["grads"].__setitem__(1, torch.randn(3, 2).t()),
-     "grads[1] must be contiguous like params[1], or have its strides [3, 1]"),
+     "grads[1] must have the strides of params[1] [3, 1] (walked in the same element order) or both be contiguous"),
     # a dense transposed param is walked as it is stored, so its grad must be stored alike
     (lambda a: a["params"].__setitem__(1, torch.randn(3, 2).t()),
-     "grads[1] must be contiguous like params[1], or have its strides [1, 2]"),
+     "grads[1] must have the strides of params[1] [1, 2]"),
     # rows of a transposed (2, 3) param are not consecutive in memory: the row maps refuse it
     (lambda a: a.update(reg=3, group_sizes=[5, 3], params=[a["params"][0], torch.randn(3, 2).t()],
                         grads=[a["grads"][0], torch.randn(3, 2).t()],

@@ -251,3 +251,32 @@ def test_every_dense_order_matches_the_reference(shape, order):
         for key in want_state:
             torch.testing.assert_close(got_state[key], want_state[key], rtol=1e-5, atol=1e-6,
                                        msg=f"{type(reg).__name__} {key}")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("reg", [bf.L1(0.1), bf.GroupL1L2(0.05)], ids=["l1", "group"])
+def test_size_one_dims_with_odd_strides_take_the_as_stored_path(monkeypatch, reg):
+    """A size-1 dim holds no memory, so its stride (here the largest) must not send a dense param to
+    the copy path; the op agrees (csrc/flat_layout.h ignores size-1 dims too)."""
+    shape, strides = (2, 3, 1, 2), (6, 1, 12, 3)
+
+    def odd(t):
+        return torch.empty_strided(shape, strides).copy_(t)
+
+    seen = []
+    real = _layout.kernel_views
+    monkeypatch.setattr(_ext, "kernel_views", lambda *a: seen.append(real(*a)) or seen[-1])
+    gen = torch.Generator().manual_seed(7)
+    theta0, grads = torch.randn(shape, generator=gen), [torch.randn(shape, generator=gen) for _ in range(3)]
+    results = []
+    for backend in ("cpu", "reference"):
+        p = torch.nn.Parameter(odd(theta0))
+        opt = bf.AdaBreg([p], lr=0.05, reg=reg, backend=backend)
+        for g in grads:
+            p.grad = odd(g)
+            opt.step()
+        assert opt.state[p]["dual"].stride() == strides
+        results.append(p.detach().clone())
+    assert seen and all(out[0][0] is not None and out[3] == [] for out in seen)
+    assert all(out[0][0].stride() == strides for out in seen)  # handed over as stored: no view, no copy
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

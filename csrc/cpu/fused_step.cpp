@@ -24,7 +24,7 @@ void check_list_len(const char* name, size_t got, size_t expected, const char* w
   TORCH_CHECK(got == expected, kOp, name, " must hold ", expected, " tensors (", why, "), got ", got);
 }
 
-// `param`: the tensor whose shape t must have (nullptr: t is a param itself).
+// `param`: the tensor whose shape and memory order t must have (nullptr: t is a param itself).
 void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarType dtype, const at::Tensor* param,
                   const char* dtype_why) {
   TORCH_CHECK(t.defined(), kOp, name, "[", i, "] is undefined");
@@ -37,8 +37,8 @@ void check_tensor(const char* name, size_t i, const at::Tensor& t, at::ScalarTyp
     TORCH_CHECK(is_flat(t), kOp, name, "[", i, "] must be contiguous or dense in another dim order (e.g. "
                 "channels_last), got strides ", t.strides());
   } else {
-    TORCH_CHECK(has_flat_order_of(t, *param), kOp, name, "[", i, "] must be contiguous like params[", i,
-                "], or have its strides ", param->strides(), " (walked in the same element order), got strides ",
+    TORCH_CHECK(has_flat_order_of(t, *param), kOp, name, "[", i, "] must have the strides of params[", i, "] ",
+                param->strides(), " (walked in the same element order) or both be contiguous, got strides ",
                 t.strides());
   }
 }

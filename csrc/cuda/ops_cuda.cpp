@@ -49,7 +49,7 @@ const char* kind_name(Kind kind) {
 
 at::ScalarType opmath_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// A state list (duals / exp_avgs / exp_avg_sqs): one contiguous opmath tensor per param.
+// A state list (duals / exp_avgs / exp_avg_sqs): one opmath tensor per param, laid out like it.
 void check_state_list(const char* name, at::TensorList list, at::TensorList params) {
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
@@ -62,9 +62,8 @@ void check_state_list(const char* name, at::TensorList list, at::TensorList para
     // shapes, not only sizes: a partner of another shape would be walked in another element order
     TORCH_CHECK(t.sizes() == p.sizes(), name, "[", i, "] has shape ", t.sizes(), " but params[", i, "] has shape ",
                 p.sizes());
-    TORCH_CHECK(bregman::has_flat_order_of(t, p), name, "[", i, "] must be contiguous like params[", i,
-                "], or have its strides ", p.strides(), " (walked in the same element order), got strides ",
-                t.strides());
+    TORCH_CHECK(bregman::has_flat_order_of(t, p), name, "[", i, "] must have the strides of params[", i, "] ", p.strides(),
+                " (walked in the same element order) or both be contiguous, got strides ", t.strides());
   }
 }
 
@@ -145,8 +144,8 @@ Checked check_args(int64_t kind_code, at::TensorList params, at::TensorList grad
                   "), got ", g.scalar_type());
       TORCH_CHECK(g.sizes() == p.sizes(), "grads[", i, "] has shape ", g.sizes(), " but params[", i,
                   "] has shape ", p.sizes());
-      TORCH_CHECK(bregman::has_flat_order_of(g, p), "grads[", i, "] must be contiguous like params[", i,
-                  "], or have its strides ", p.strides(), " (walked in the same element order), got strides ",
+      TORCH_CHECK(bregman::has_flat_order_of(g, p), "grads[", i, "] must have the strides of params[", i, "] ",
+                  p.strides(), " (walked in the same element order) or both be contiguous, got strides ",
                   g.strides());
       if (bregman::is_row_reg(reg) && p.numel() > 0) {
         const int64_t row = group_sizes[i];

@@ -1,6 +1,7 @@
 // Row-group fused step (regularizers Group / SparseGroup) for LinBreg (± momentum), AdaBreg, ProxSGD.
 //
-// [note: row kernel] A row-regularized tensor is the contiguous (numel/n, n) view. θ_r needs the
+// [note: row kernel] A row-regularized tensor is numel/n rows, each a block of n consecutive elements
+// in memory (csrc/flat_layout.h; contiguous, or a dense layout that keeps groups whole). θ_r needs the
 // norm of the row's UPDATED dual (after the L1 soft-threshold for SparseGroup), so whoever updates a
 // row must also own all of it:
 //  - short rows (n ≤ 32·kRowK): a group of G lanes (G a power of two ≤ 32, the smallest with
