@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import torch
 
@@ -107,7 +108,30 @@ def kernel_views(params, grads, states, group_sizes):
                 continue
         out_p[i] = _view(p, order, writeback)
         out_g[i] = _view(grads[i], order, None)
+        param_copied = len(writeback)
         for lst, out in zip(states, out_s):
             if lst:
                 out[i] = _view(lst[i], order, writeback)
+        if len(writeback) > param_copied and out_p[i].data_ptr() == p.data_ptr():
+            _warn_state_layout(i, p, [lst[i] for lst in states if lst])
     return out_p, out_g, out_s, writeback
+
+
+_warned_state_layout = False
+
+
+def _warn_state_layout(i: int, p: torch.Tensor, states: list[torch.Tensor]) -> None:
+    """Once per process: a param walked in place whose states are stored in another order costs two
+    copies of each such state per step, and the user can fix it (states are made in the param's
+    layout only when they are created or loaded)."""
+    global _warned_state_layout
+    if _warned_state_layout:
+        return
+    _warned_state_layout = True
+    warnings.warn(
+        f"bregman_fused: the optimizer states of params[{i}] (shape {list(p.shape)}, strides {list(p.stride())}) "
+        f"are laid out differently ({[list(s.stride()) for s in states]}), so they are copied in and out of "
+        "every fused step; this happens when a param's memory format changed after its states were made "
+        "(e.g. model.to(memory_format=torch.channels_last) after the first step). Reloading the optimizer "
+        "state lays them out like their params: opt.load_state_dict(opt.state_dict())",
+        RuntimeWarning, stacklevel=2)

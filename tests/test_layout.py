@@ -51,12 +51,14 @@ def test_dense_layouts_are_handed_over_as_they_are(layout, group_size):
     assert pv is p and gv is g and vv is v and mv is m
 
 
-def test_partners_in_another_dense_order_get_permuted_views():
+def test_partners_in_another_dense_order_get_permuted_views(monkeypatch):
     # a state made before the param went channels_last: p's order is applied to every tensor, the
     # ones that are contiguous under it are views, the others copies (written back after the step)
+    monkeypatch.setattr(_layout, "_warned_state_layout", False)
     p, g = _conv(), _conv(seed=1)
     v = _conv(seed=2, layout="contiguous")
-    (pv,), (gv,), ((vv,),), writeback = _layout.kernel_views([p], [g], [[v]], [1])
+    with pytest.warns(RuntimeWarning, match="laid out differently"):
+        (pv,), (gv,), ((vv,),), writeback = _layout.kernel_views([p], [g], [[v]], [1])
     assert _same_memory(pv, p) and _same_memory(gv, g) and pv.shape == gv.shape == vv.shape
     assert vv.data_ptr() != v.data_ptr() and [c for _, c in writeback] == [vv]
 
@@ -280,3 +282,33 @@ def test_size_one_dims_with_odd_strides_take_the_as_stored_path(monkeypatch, reg
     assert seen and all(out[0][0] is not None and out[3] == [] for out in seen)
     assert all(out[0][0].stride() == strides for out in seen)  # handed over as stored: no view, no copy
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_cpu_ext
+def test_states_left_in_an_old_layout_warn_once_and_reloading_fixes_them(monkeypatch):
+    monkeypatch.setattr(_layout, "_warned_state_layout", False)
+    p = torch.nn.Parameter(_conv(layout="contiguous"))
+    q = torch.nn.Parameter(_conv(layout="contiguous"))
+    opt = bf.AdaBreg([p], lr=1e-2, reg=bf.L1(0.1), backend="cpu")
+    ref = bf.AdaBreg([q], lr=1e-2, reg=bf.L1(0.1), backend="reference")
+    for k in range(4):
+        if k == 1:  # as model.to(memory_format=torch.channels_last) does after the first step
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+        g = _conv(seed=40 + k)
+        p.grad, q.grad = g.contiguous(memory_format=torch.channels_last) if k else g.clone(), g.clone()
+        if k == 1:
+            with pytest.warns(RuntimeWarning, match=r"opt.load_state_dict\(opt.state_dict\(\)\)"):
+                opt.step()
+        elif k == 2:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # once per process: not again
+                opt.step()
+            opt.load_state_dict(opt.state_dict())
+            assert all(opt.state[p][key].stride() == p.stride() for key in ("dual", "exp_avg", "exp_avg_sq"))
+        else:
+            opt.step()
+        ref.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("dual", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-6)
