@@ -40,11 +40,18 @@ def _want_cuda(cuda_home) -> bool:
 
 
 def extensions():
+    build = _load_build_spec()
+    if os.environ.get("BREGMAN_FUSED_BUILD_CUDA", "") != "0" and not (os.environ.get("CUDA_HOME") or
+                                                                     os.environ.get("CUDA_PATH")):
+        # before torch.utils.cpp_extension reads it: torch's own guess fails for a wrapper nvcc
+        # (_build.py [note: toolkit from nvcc])
+        toolkit = build.nvcc_toolkit()
+        if toolkit:
+            os.environ["CUDA_HOME"] = toolkit
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension
     except ImportError:  # no torch in the build environment: pure-Python install, JIT build on first use
         return [], {}
-    build = _load_build_spec()
     cpu_extension, cuda_extension = build.cpu_extension, build.cuda_extension
 
     modules = []

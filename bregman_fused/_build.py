@@ -93,6 +93,47 @@ def include_dirs(root: str) -> list[str]:
     return [os.path.join(root, "csrc")]
 
 
+def nvcc_toolkit() -> str | None:
+    """The CUDA toolkit folder that the ``nvcc`` on PATH belongs to, or None without one.
+
+    [note: toolkit from nvcc] torch guesses CUDA_HOME as the folder above ``which nvcc``, which is
+    wrong when nvcc is a wrapper script (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc):
+    the headers are then not found. nvcc's own dry run names its toolkit (TOP=<toolkit>/bin/..)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        open(os.path.join(tmp, "probe.cu"), "w").close()
+        try:
+            out = subprocess.run([nvcc, "-dryrun", "-c", "probe.cu", "-o", "probe.o"], cwd=tmp, capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            return top if os.path.isfile(os.path.join(top, "bin", "nvcc")) else None
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """The header folders of pip's CUDA packages beside torch (nvidia/cu13/include holds cusparse.h,
+    cublas_v2.h, ...). [note: pip CUDA headers] A pip-installed CUDA torch includes those headers
+    (ATen/cuda/CUDAContextLight.h needs cusparse.h), but a CUDA toolkit installed without its
+    libraries' development headers does not have them: the build then fails unless these folders
+    are on the include path. Empty when torch or the packages are not there."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
 # torch >= 2.10 headers need C++20 (std::strong_ordering, string_view::starts_with)
 CXX_FLAGS = ["-O3", "-std=c++20"]
 # [note: cpu arch flags] The CPU kernels are written with at::vec::Vectorized, whose 256-bit
@@ -175,6 +216,7 @@ def cpu_extension(root: str):
 def cuda_extension(root: str):
     from torch.utils.cpp_extension import CUDAExtension
 
-    return CUDAExtension(CUDA_MODULE, _rel(root, cuda_sources(root)), include_dirs=include_dirs(root),
+    return CUDAExtension(CUDA_MODULE, _rel(root, cuda_sources(root)),
+                         include_dirs=include_dirs(root) + pip_cuda_include_dirs(),
                          extra_compile_args={"cxx": CXX_FLAGS + source_hash_flags(root),
                                              "nvcc": NVCC_FLAGS + source_hash_flags(root)})

@@ -111,3 +111,44 @@ def test_wheel_ships_the_sources_and_jit_builds_from_them(tmp_path):
     out = subprocess.run([sys.executable, "-c", _JIT_SCRIPT, str(target)], env=run_env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and "JIT OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+# setup.py's build with the CUDA extension on a machine with nvcc (CI has one, and no GPU): the
+# sources compile and link for sm_90 and the module registers the CUDA kernels for the schemas of the
+# CPU module built beside it. CUDA_HOME is left unset on purpose: the build must find the toolkit
+# from nvcc ([note: toolkit from nvcc]) and pip's CUDA headers ([note: pip CUDA headers]) itself.
+# About 1.5 minutes on 2 cores.
+_CUDA_LOAD_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    import torch
+    import bregman_fused
+    from bregman_fused import _ext
+    assert bregman_fused.__file__.startswith(sys.argv[1]), bregman_fused.__file__
+    assert _ext.cuda_available(), _ext.cuda_error()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bregman_fused::fused_step", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("bregman_fused::fused_step_capturable", "CUDA")
+    print("CUDA MODULE OK")
+""")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH (a CUDA toolkit)")
+def test_setup_py_builds_the_cuda_extension(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
+    shutil.copytree(os.path.join(ROOT, "bregman_fused"), tree / "bregman_fused",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_src"))
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env.update(BREGMAN_FUSED_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0",
+               MAX_JOBS=str(os.cpu_count() or 2))
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert glob.glob(str(tree / "bregman_fused" / "_C_cuda*.so"))
+    run_env = {**os.environ, "PYTHONPATH": str(tree), "BREGMAN_FUSED_NO_JIT": "1"}
+    out = subprocess.run([sys.executable, "-c", _CUDA_LOAD_SCRIPT, str(tree)], env=run_env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "CUDA MODULE OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]

@@ -38,22 +38,20 @@ PYEOF
   exit 0
 fi
 
-# The toolkit nvcc really belongs to: /usr/local/bin/nvcc may be a wrapper script, so ask nvcc
-# itself (its dry run prints TOP=<toolkit>/bin/..) instead of guessing from the path.
+# The toolkit nvcc really belongs to (/usr/local/bin/nvcc may be a wrapper script): the same
+# detection as setup.py's build, _build.nvcc_toolkit ([note: toolkit from nvcc]).
 if [[ -z "${CUDA_HOME:-}" || ! -x "${CUDA_HOME}/bin/nvcc" ]]; then
-  NVCC_ON_PATH="$(command -v nvcc || true)"
-  if [[ -z "$NVCC_ON_PATH" ]]; then
+  CUDA_HOME="$("$PYTHON" - "$ROOT" <<'PYEOF'
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("_bregman_build", os.path.join(sys.argv[1], "bregman_fused", "_build.py"))
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+print(build.nvcc_toolkit() or "")
+PYEOF
+)"
+  if [[ -z "$CUDA_HOME" ]]; then
     echo "check_cuda_compile: nvcc not found on PATH and CUDA_HOME not set" >&2
     exit 2
-  fi
-  PROBE="$(mktemp -d)"
-  echo "" > "$PROBE/probe.cu"
-  TOP="$(cd "$PROBE" && "$NVCC_ON_PATH" -dryrun -c probe.cu -o probe.o 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
-  rm -rf "$PROBE"
-  if [[ -n "$TOP" ]]; then
-    CUDA_HOME="$(cd "$TOP" && pwd)"
-  else
-    CUDA_HOME="$(cd "$(dirname "$(readlink -f "$NVCC_ON_PATH")")/.." && pwd)"
   fi
 fi
 export CUDA_HOME
@@ -104,8 +102,7 @@ def std_flags(flags):
 
 
 torch_inc = cpp_ext.include_paths()  # cpu variant: no CUDA_HOME guessing
-site = os.path.dirname(os.path.dirname(torch.__file__))
-nvidia_inc = sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+nvidia_inc = build.pip_cuda_include_dirs()  # as setup.py's build does ([note: pip CUDA headers])
 cuda_inc = [os.path.join(cuda_home, "include")]
 python_inc = [sysconfig.get_paths()["include"]]  # the CUDA module defines its own PyInit
 system_inc = [d for d in torch_inc + nvidia_inc + cuda_inc + python_inc if os.path.isdir(d)]
