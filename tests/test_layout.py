@@ -23,6 +23,31 @@ needs_cpu_ext = pytest.mark.skipif(_unavailable_reason("cpu", torch.device("cpu"
                                    reason="C++ CPU extension unavailable")
 
 
+def _gpu_reason(backend: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if backend == "cuda":
+        return None if _ext.cuda_available() else f"CUDA extension unavailable: {_ext.cuda_error()}"
+    from bregman_fused import triton as triton_gpu
+
+    return triton_gpu.unavailable_reason(torch.device("cuda"))
+
+
+# the fused backends that run their kernels natively here: (backend, device)
+FUSED = [pytest.param("cpu", "cpu", marks=needs_cpu_ext, id="cpu")] + [
+    pytest.param(b, "cuda", marks=pytest.mark.skipif(_gpu_reason(b) is not None, reason=str(_gpu_reason(b))),
+                 id=f"{b}-gpu") for b in ("cuda", "triton")]
+
+
+def _spy_target(backend: str):
+    """The module whose ``kernel_views`` the backend calls."""
+    if backend == "triton":
+        from bregman_fused.triton import launcher as triton_launcher
+
+        return triton_launcher
+    return _ext
+
+
 def _conv(shape=(6, 4, 3, 3), layout="channels_last", seed=0):
     return in_layout(torch.randn(shape, generator=torch.Generator().manual_seed(seed)), layout)
 
@@ -111,9 +136,9 @@ def test_states_follow_the_param_layout(opt_name):
             assert value.is_contiguous(), key
 
 
-@needs_cpu_ext
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("reg", [bf.L1(0.1), bf.GroupL1L2(0.05)], ids=["l1", "group"])
-def test_cpu_step_on_channels_last_copies_nothing(monkeypatch, reg):
+def test_fused_step_on_channels_last_copies_nothing(monkeypatch, reg, backend, device):
     seen = []
     real = _layout.kernel_views
 
@@ -122,11 +147,11 @@ def test_cpu_step_on_channels_last_copies_nothing(monkeypatch, reg):
         seen.append((out, p.grad))
         return out
 
-    monkeypatch.setattr(_ext, "kernel_views", spy)
-    p = torch.nn.Parameter(_conv())
-    opt = bf.AdaBreg([p], lr=1e-2, reg=reg, backend="cpu")
+    monkeypatch.setattr(_spy_target(backend), "kernel_views", spy)
+    p = torch.nn.Parameter(_conv().to(device))
+    opt = bf.AdaBreg([p], lr=1e-2, reg=reg, backend=backend)
     for k in range(3):
-        p.grad = _conv(seed=10 + k)
+        p.grad = _conv(seed=10 + k).to(device)
         opt.step()
     assert len(seen) == 3
     for (params, grads, states, writeback), grad in seen:
@@ -229,9 +254,9 @@ _ORDERS = [((2, 3, 1, 2), order) for order in itertools.permutations(range(4))] 
           [((3, 1, 4), order) for order in itertools.permutations(range(3))]
 
 
-@needs_cpu_ext
+@pytest.mark.parametrize("backend,device", FUSED)
 @pytest.mark.parametrize("shape,order", _ORDERS, ids=lambda x: "x".join(map(str, x)))
-def test_every_dense_order_matches_the_reference(shape, order):
+def test_every_dense_order_matches_the_reference(shape, order, backend, device):
     """Whatever path kernel_views takes (as stored, permuted views, copies), the fused step equals
     the reference: the kernels walk every tensor in one shared order and keep row groups whole."""
     regs = [bf.L1(0.1), bf.GroupL1L2(0.05), bf.SparseGroupL1L2(0.05, 0.05)] + ([bf.KernelL1L2(0.05)] if len(shape) >= 3 else [])
@@ -240,14 +265,14 @@ def test_every_dense_order_matches_the_reference(shape, order):
     grads = [torch.randn(shape, generator=gen) for _ in range(3)]
     for reg in regs:
         results = []
-        for backend in ("cpu", "reference"):
-            p = torch.nn.Parameter(_in_memory_order(theta0, order))
-            opt = bf.AdaBreg([p], lr=0.05, reg=reg, backend=backend)
+        for name, dev in ((backend, device), ("reference", "cpu")):
+            p = torch.nn.Parameter(_in_memory_order(theta0.to(dev), order))
+            opt = bf.AdaBreg([p], lr=0.05, reg=reg, backend=name)
             for g in grads:
-                p.grad = _in_memory_order(g, order)
+                p.grad = _in_memory_order(g.to(dev), order)
                 opt.step()
             assert p.stride() == _in_memory_order(theta0, order).stride()  # updated in place, layout kept
-            results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+            results.append((p.detach().cpu(), {k: v.cpu() for k, v in opt.state[p].items()}))
         (got, got_state), (want, want_state) = results
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{type(reg).__name__} θ")
         for key in want_state:
