@@ -16,6 +16,8 @@ import bregman_fused as bf
 from bregman_fused import _ext, functional
 from bregman_fused import triton as triton_backend
 
+from cuda_graphs import warm_up_on_side_stream
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 
 OPTIMIZERS = {
@@ -240,14 +242,12 @@ def test_training_step_replayed_from_a_cuda_graph(backend, kind, reg):
         torch.nn.functional.mse_loss(m(x), y).backward()
         o.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(n_warmup):
-            x_static.copy_(data[k][0])
-            y_static.copy_(data[k][1])
-            train_step(model, opt, x_static, y_static)
-    torch.cuda.current_stream().wait_stream(side)
+    def warm_up(k):
+        x_static.copy_(data[k][0])
+        y_static.copy_(data[k][1])
+        train_step(model, opt, x_static, y_static)
+
+    warm_up_on_side_stream(warm_up, n_warmup)
     for k in range(n_warmup):
         train_step(twin, eager, *data[k])
 
@@ -361,12 +361,7 @@ def test_density_follows_replays_and_eager_steps_in_between(backend):
     params, opt = _make("linbreg", backend, bf.L1(lamda=0.25), capturable=True, device=dev,
                         lr=torch.tensor(0.1, device=dev))
     _set_grads(params, 0, dev)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_side_stream(lambda k: opt.step(), 2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()

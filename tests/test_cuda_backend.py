@@ -18,6 +18,7 @@ import bregman_fused as bf
 from bregman_fused import reference
 
 from configs import OPTIMIZERS, REGULARIZERS, tolerance
+from cuda_graphs import warm_up_on_side_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK_SCRIPT = os.path.join(ROOT, "tools", "check_cuda_compile.sh")
@@ -394,16 +395,14 @@ def test_capturable_step_in_cuda_graph(ops):
                                               hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group,
                                               None, None)
 
-    # warm up on a side stream (as torch.cuda.graphs asks), then capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for k in range(n_warmup):
-            static_x.copy_(data[k][0])
-            static_y.copy_(data[k][1])
-            lr_t.fill_(lrs[k])
-            capturable_step()
-    torch.cuda.current_stream().wait_stream(side)
+    # warm up on a side stream, then capture
+    def warm_up(k):
+        static_x.copy_(data[k][0])
+        static_y.copy_(data[k][1])
+        lr_t.fill_(lrs[k])
+        capturable_step()
+
+    warm_up_on_side_stream(warm_up, n_warmup)
     for k in range(n_warmup):
         eager_step(data[k][0], data[k][1], lrs[k])
 
