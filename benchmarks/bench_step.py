@@ -71,6 +71,9 @@ CSV_COLUMNS = [
     "provider", "optimizer", "reg", "workload", "n_tensors", "numel", "dtype", "state_dtype", "device",
     "bytes_per_elt", "warmup", "reps", "loadavg_1m", "median_ms", "p20_ms", "p80_ms", "gb_s", "copy_gb_s",
     "pct_of_copy", "speedup_vs_research", "time_vs_anchor", "setup_s", "status", "note",
+    # CUDA only: the step's GPU time with its host work hidden, and the host time of the call;
+    # `timing` says which time gb_s, pct_of_copy and the ratios use ("device" on CUDA, else "wall")
+    "timing", "device_ms", "device_p20_ms", "device_p80_ms", "host_ms",
 ]
 
 
@@ -381,6 +384,48 @@ def _loadavg() -> str:
         return ""
 
 
+class DeviceTimer:
+    """GPU time of one step with its host work hidden: a spin kernel (torch.cuda._sleep) keeps the
+    GPU busy while the host issues the step, so the events around the step time only the GPU's
+    work, as when a training loop has queued the forward and backward ahead of the optimizer."""
+
+    _instance: "DeviceTimer | None" = None
+
+    def __init__(self) -> None:
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        cycles = 1_000_000
+        torch.cuda._sleep(cycles)  # warm up
+        rates = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            self.start.record()
+            torch.cuda._sleep(cycles)
+            self.end.record()
+            self.end.synchronize()
+            rates.append(cycles / (self.start.elapsed_time(self.end) * 1e-3))
+        self.cycles_per_s = statistics.median(rates)
+
+    @classmethod
+    def get(cls) -> "DeviceTimer":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def time(self, fn: Callable[[], object], hide_s: float) -> tuple[float, float]:
+        """(device seconds, host seconds) of one call of ``fn``; ``hide_s``: how long the GPU is
+        kept busy ahead of it (more than the host needs to issue the step)."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(self.cycles_per_s * hide_s))
+        self.start.record()
+        t0 = time.perf_counter()
+        fn()
+        host = time.perf_counter() - t0
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) * 1e-3, host
+
+
 def _percentile(sorted_xs: list[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of a sorted list."""
     if len(sorted_xs) == 1:
@@ -434,6 +479,9 @@ def run_case(workload, dtype_name, kind, providers, args, device, info, log) -> 
     del params, grads
 
     times: dict[str, list[float]] = {p: [] for p in steps}
+    device_times: dict[str, list[float]] = {p: [] for p in steps}
+    host_times: dict[str, list[float]] = {p: [] for p in steps}
+    device_timer = DeviceTimer.get() if device.type == "cuda" else None
     order = list(steps)
     t_start = time.perf_counter()
     reps = 0
@@ -445,18 +493,33 @@ def run_case(workload, dtype_name, kind, providers, args, device, info, log) -> 
             t0 = time.perf_counter()
             fn()
             sync()
-            times[provider].append(time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            times[provider].append(wall)
+            if device_timer is not None:
+                dev, host = device_timer.time(fn, hide_s=2 * wall + 2e-4)
+                device_times[provider].append(dev)
+                host_times[provider].append(host)
         reps += 1
         if reps >= args.min_reps and time.perf_counter() - t_start > args.max_time:
             break
 
     for provider, ts in times.items():
         ts.sort()
-        med = statistics.median(ts)
         row = rows[provider]
-        row.update(reps=len(ts), median_ms=f"{med * 1e3:.4f}", p20_ms=f"{_percentile(ts, 0.2) * 1e3:.4f}",
-                   p80_ms=f"{_percentile(ts, 0.8) * 1e3:.4f}",
-                   gb_s=f"{row['bytes_per_elt'] * numel / med / 1e9:.3f}")
+        row.update(reps=len(ts), median_ms=f"{statistics.median(ts) * 1e3:.4f}",
+                   p20_ms=f"{_percentile(ts, 0.2) * 1e3:.4f}", p80_ms=f"{_percentile(ts, 0.8) * 1e3:.4f}")
+        # the time the bandwidth and the ratios are quoted for: on CUDA the GPU's own time, since
+        # the wall time of a synchronized step adds the host's launch work, which a training loop
+        # overlaps with the GPU work queued before the step
+        med = statistics.median(ts)
+        row["timing"] = "wall"
+        if device_times[provider]:
+            dts = sorted(device_times[provider])
+            med = statistics.median(dts)
+            row.update(timing="device", device_ms=f"{med * 1e3:.4f}", device_p20_ms=f"{_percentile(dts, 0.2) * 1e3:.4f}",
+                       device_p80_ms=f"{_percentile(dts, 0.8) * 1e3:.4f}",
+                       host_ms=f"{statistics.median(host_times[provider]) * 1e3:.4f}")
+        row["gb_s"] = f"{row['bytes_per_elt'] * numel / med / 1e9:.3f}"
         row["_median"] = med
     if reps < args.reps and times:
         for provider in times:
@@ -506,13 +569,15 @@ def run_anchor_case(workload, dtype_name, provider, args, device, info, log, res
 # output
 # ------------------------------------------------------------------------------------------------
 TABLE = [("provider", 18), ("optimizer", 16), ("workload", 22), ("dtype", 5), ("B/elt", 5), ("reps", 4),
-         ("median ms", 10), ("p20 ms", 10), ("p80 ms", 10), ("GB/s", 7), ("% copy", 6), ("speed-up", 8),
+         ("median ms", 10), ("p20 ms", 10), ("p80 ms", 10), ("device ms", 10), ("host ms", 8), ("GB/s", 7),
+         ("% copy", 6), ("speed-up", 8),
          ("vs torch", 8), ("note", 0)]
 
 
 def format_row(r: dict) -> str:
     vals = [r["provider"], r["optimizer"], r["workload"], r["dtype"], str(r["bytes_per_elt"]), str(r.get("reps", "")),
-            r.get("median_ms", ""), r.get("p20_ms", ""), r.get("p80_ms", ""), r.get("gb_s", ""),
+            r.get("median_ms", ""), r.get("p20_ms", ""), r.get("p80_ms", ""), r.get("device_ms", ""),
+            r.get("host_ms", ""), r.get("gb_s", ""),
             r.get("pct_of_copy", ""), (r["speedup_vs_research"] + "x") if r.get("speedup_vs_research") else "",
             (r["time_vs_anchor"] + "x") if r.get("time_vs_anchor") else "",
             (r["status"] + ": " if r["status"] != "ok" else "") + r.get("note", "")]
@@ -649,6 +714,9 @@ def main(argv=None) -> list[dict]:
         + (f", {info['gpu_name']}" if info["gpu_name"] else "")
         + f"; torch {info['torch_version']}, triton {info['triton_version'] or '-'}; device {device}; reg {args.reg}; "
           f"reps {args.reps}, warm-up {args.warmup}")
+    if device.type == "cuda":
+        log("# median/p20/p80 ms: wall time of a synchronized step (host + GPU); device ms: the GPU's time with the "
+            "host's work hidden (GB/s, % copy and the ratios use it); host ms: the host's time to issue the step")
     load, cores = _loadavg(), os.cpu_count() or 1
     if device.type == "cpu" and load and float(load) > cores and torch.get_num_threads() > 1:
         log(f"# WARNING: load average {load} on {cores} cores: multi-threaded CPU timings will be distorted "

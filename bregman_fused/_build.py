@@ -134,8 +134,25 @@ def pip_cuda_include_dirs() -> list[str]:
     return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
 
 
-# torch >= 2.10 headers need C++20 (std::strong_ordering, string_view::starts_with)
-CXX_FLAGS = ["-O3", "-std=c++20"]
+def cxx_std_flag() -> str:
+    """The C++ standard of the installed torch: C++20 where its headers demand it (torch >= 2.10:
+    std::strong_ordering, string_view::starts_with), else C++17, the standard libtorch was built
+    with. Not simply the newer one: some c10 types change layout with the standard, and on torch
+    2.11 an extension built as C++20 crashed the process whenever a TORCH_CHECK in it failed
+    (the error object is built by libc10 and read by our code, or the other way round)."""
+    try:
+        import torch
+    except ImportError:  # no torch at build time: no extension is built anyway
+        return "-std=c++20"
+    aten_h = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten_h) as f:
+            return "-std=c++20" if "C++20 or later" in f.read() else "-std=c++17"
+    except OSError:
+        return "-std=c++20"
+
+
+CXX_FLAGS = ["-O3", cxx_std_flag()]
 # [note: cpu arch flags] The CPU kernels are written with at::vec::Vectorized, whose 256-bit
 # specializations only exist when CPU_CAPABILITY_AVX2 is defined (libtorch compiles its own kernels
 # once per capability and dispatches at run time; an extension gets the portable scalar-array
@@ -198,7 +215,7 @@ def cpu_link_flags() -> list[str]:
 # kernels (a one-ulp change flips θ between zero and non-zero at the threshold). The kernels are
 # memory-bound: exact IEEE math costs nothing measurable. --fmad=false for the same reason as the
 # CPU build's -ffp-contract=off.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false"]
+NVCC_FLAGS = ["-O3", cxx_std_flag(), "--fmad=false"]
 
 
 def _rel(root, paths):

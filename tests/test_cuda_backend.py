@@ -175,11 +175,13 @@ def test_cuda_matches_cpu_backend(ops, optimizer, reg, dtype):
 
     def run(backend, device, run_dtype):
         cls, hyper = OPTIMIZERS[optimizer]
-        params = [torch.nn.Parameter(t.to(device=device, dtype=run_dtype)) for t in theta0]
+        # copy=True: a float64 CPU run would otherwise update theta0 itself, and the next run
+        # would start where the previous one ended
+        params = [torch.nn.Parameter(t.to(device=device, dtype=run_dtype, copy=True)) for t in theta0]
         opt = cls(params, reg=REGULARIZERS[reg][0](), backend=backend, **hyper)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
-                p.grad = g.to(device=device, dtype=run_dtype)
+                p.grad = g.to(device=device, dtype=run_dtype, copy=True)
             opt.step()
         return params, opt
 

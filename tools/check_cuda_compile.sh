@@ -84,23 +84,6 @@ build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
 
-_noted = []
-
-
-def std_flags(flags):
-    """_build.py's flags, with the C++ standard raised to what this torch's headers demand."""
-    out = list(flags)
-    aten_h = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
-    needs_20 = os.path.exists(aten_h) and "C++20 or later" in open(aten_h).read()
-    if needs_20 and "-std=c++17" in out:
-        if not _noted:
-            _noted.append(1)
-            print("check_cuda_compile: NOTE bregman_fused/_build.py asks for -std=c++17, but torch "
-                  f"{torch.__version__} requires C++20: checking with -std=c++20 (fix _build.py)")
-        out = ["-std=c++20" if f == "-std=c++17" else f for f in out]
-    return out
-
-
 torch_inc = cpp_ext.include_paths()  # cpu variant: no CUDA_HOME guessing
 nvidia_inc = build.pip_cuda_include_dirs()  # as setup.py's build does ([note: pip CUDA headers])
 cuda_inc = [os.path.join(cuda_home, "include")]
@@ -112,8 +95,8 @@ sys_flags = [x for d in system_inc for x in ("-isystem", d)]
 
 cuda_module = build.CUDA_MODULE.split(".")[-1]
 cpu_module = build.CPU_MODULE.split(".")[-1]
-cxx_flags = std_flags(build.CXX_FLAGS)
-nvcc_flags = std_flags(build.NVCC_FLAGS)
+cxx_flags = list(build.CXX_FLAGS)
+nvcc_flags = list(build.NVCC_FLAGS)
 warn = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 sources = build.cuda_sources(root)
@@ -131,7 +114,7 @@ for src in sources + ([ops_cpp] if os.path.exists(ops_cpp) else []):
                *os.environ.get("NVCC_EXTRA", "").split()]
     else:
         # csrc/ops.cpp belongs to the CPU module: its own flags (ISA flags included) when _build.py has them
-        flags = std_flags(build.cpu_cxx_flags()) if src == ops_cpp and hasattr(build, "cpu_cxx_flags") else cxx_flags
+        flags = build.cpu_cxx_flags() if src == ops_cpp else cxx_flags
         cmd = [os.environ.get("CXX", "c++"), "-c", src, "-o", obj, *flags, "-fPIC", *warn,
                *defines, *local_inc, *sys_flags]
     jobs_list.append((src, cmd))

@@ -7,6 +7,7 @@
 #   tools/gpu_session.sh [STAGE...]    stages: env build tests bench suite (default: env build tests bench)
 #
 #   TESTS="tests/..."   test selection for the tests stage (default: every GPU test)
+#   SUITE="...", SUITE_K="..."   files and -k expression of the suite stage (default: tests, all)
 #   BENCH_ARGS="..."    arguments of benchmarks/bench_step.py for the bench stage
 #   *_LIMIT             seconds for a stage (BUILD_LIMIT, TESTS_LIMIT, BENCH_LIMIT, SUITE_LIMIT)
 set -u
@@ -16,7 +17,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 STAGES=${*:-env build tests bench}
 SUMMARY=$OUT/summary.txt
-: >"$SUMMARY"
+: >>"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # pytest-xdist spreads the table over the cores (Triton's compile is CPU-bound); SIGINT at the
@@ -61,7 +62,8 @@ EOF
         grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$SUMMARY"
         ;;
     suite)  # everything else: the CPU tests, distributed, training, with a GPU present
-        run_stage suite "${SUITE_LIMIT:-300}" "${PYTEST[@]}" tests
+        # shellcheck disable=SC2086
+        run_stage suite "${SUITE_LIMIT:-300}" "${PYTEST[@]}" ${SUITE:-tests} ${SUITE_K:+-k "$SUITE_K"}
         grep -E "passed|failed|error" "$OUT/suite.log" | tail -3 | tee -a "$SUMMARY"
         grep -E "^(FAILED|ERROR) " "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
         ;;

@@ -1,0 +1,68 @@
+"""Where one provider's step spends its time: the host side (cProfile, top functions) and the GPU
+side (torch.profiler: each kernel's count and total time). Complements bench_step.py, which only
+says how long a step takes.
+
+    python benchmarks/profile_step.py --provider triton --workload resnet18 --optimizer adabreg
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step  # noqa: E402  (the same workloads and providers)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--provider", default="cuda", choices=bench_step.PROVIDERS)
+    ap.add_argument("--workload", default="resnet18", choices=bench_step.WORKLOADS)
+    ap.add_argument("--optimizer", default="adabreg", choices=bench_step.OPTIMIZERS + ("adam", "sgd"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(bench_step.DTYPES))
+    ap.add_argument("--reg", default="l1", choices=bench_step.REGS)
+    ap.add_argument("--steps", type=int, default=20, help="profiled steps (after 3 warm-up steps)")
+    ap.add_argument("--top", type=int, default=25, help="rows of each table")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = bench_step.workload_shapes(args.workload)
+    params, grads = bench_step.make_tensors(shapes, bench_step.DTYPES[args.dtype], device,
+                                            channels_last=args.workload in bench_step.CHANNELS_LAST_WORKLOADS)
+    step = bench_step.build_provider(args.provider, args.optimizer, params, grads, bench_step.make_reg(args.reg), args.reg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(4):
+        step()
+    sync()
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.steps):
+        step()
+    prof.disable()
+    sync()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+    print(f"# host side of {args.steps} steps: {args.provider} {args.optimizer} {args.workload} {args.dtype} "
+          f"({len(shapes)} tensors) on {device}")
+    print(out.getvalue())
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as tp:
+        for _ in range(args.steps):
+            step()
+        sync()
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# torch.profiler over {args.steps} steps, sorted by {sort}")
+    print(tp.key_averages().table(sort_by=sort, row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()
