@@ -135,11 +135,9 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 def cxx_std_flag() -> str:
-    """The C++ standard of the installed torch: C++20 where its headers demand it (torch >= 2.10:
-    std::strong_ordering, string_view::starts_with), else C++17, the standard libtorch was built
-    with. Not simply the newer one: some c10 types change layout with the standard, and on torch
-    2.11 an extension built as C++20 crashed the process whenever a TORCH_CHECK in it failed
-    (the error object is built by libc10 and read by our code, or the other way round)."""
+    """The C++ standard torch's own extension builder uses for the installed torch: C++20 where
+    its headers demand it (torch >= 2.10: std::strong_ordering, string_view::starts_with), else
+    C++17, the standard libtorch itself was built with (e.g. torch 2.11)."""
     try:
         import torch
     except ImportError:  # no torch at build time: no extension is built anyway

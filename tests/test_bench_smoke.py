@@ -54,3 +54,32 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
     assert by_key[("copy", "linbreg")]["pct_of_copy"] == "100.0"
     assert by_key[("copy", "linbreg")]["bytes_per_elt"] == "16" and by_key[("copy", "proxsgd")]["bytes_per_elt"] == "12"
     assert "research-loop" in capsys.readouterr().out  # the table went to stdout
+
+
+bench = _load_bench()
+
+
+def _row(bytes_per_elt=32):
+    return dict(bytes_per_elt=bytes_per_elt, note="")
+
+
+def test_device_time_is_used_when_the_host_work_was_hidden():
+    row = _row()
+    bench.finish_row(row, 10**6, walls=[3e-3, 2e-3, 4e-3], device_times=[1e-3, 1e-3, 1e-3],
+                     host_times=[5e-4] * 3, hidden=3)
+    assert row["timing"] == "device" and row["_median"] == 1e-3 and row["_wall"] == 3e-3
+    assert float(row["gb_s"]) == 32.0 and float(row["median_ms"]) == 3.0 and float(row["device_ms"]) == 1.0
+
+
+def test_a_step_that_reads_from_the_gpu_falls_back_to_wall_time():
+    # the host waited on the spin kernel (a .item() in the step): device_ms holds host gaps
+    row = _row()
+    bench.finish_row(row, 10**6, walls=[4e-3] * 5, device_times=[1e-3] * 5, host_times=[9e-3] * 5, hidden=1)
+    assert row["timing"] == "wall" and row["_median"] == 4e-3 and float(row["gb_s"]) == 8.0
+    assert "not hidden" in row["note"] and float(row["device_ms"]) == 1.0
+
+
+def test_cpu_rows_have_wall_timing_only():
+    row = _row()
+    bench.finish_row(row, 10**6, walls=[2e-3, 2e-3], device_times=[], host_times=[], hidden=0)
+    assert row["timing"] == "wall" and "device_ms" not in row and float(row["gb_s"]) == 16.0
