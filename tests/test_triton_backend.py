@@ -281,6 +281,31 @@ def test_step_counts_differ_per_tensor():
     assert [float(s) for s in lists.steps] == [9.0, 2.0, 102.0]
 
 
+@needs_triton
+@pytest.mark.parametrize("kind", ["linbreg", "adabreg"])
+def test_host_hyper_table_follows_lr_and_step_counts(kind):
+    """[note: hyper table] The host-built table is cached per setting: LinBreg's (no step-count
+    column) is uploaded once per lr, AdaBreg's bias corrections are filled in every step. Both
+    must follow an lr that changes between steps, as the reference does."""
+    lists = Lists(kind, [(40,), (6, 7)], torch.float32, bf.L1(0.1))
+    ref = lists.clone()
+    launcher.clear_caches()
+    builds = launcher.stats["hyper_builds"]
+    for lr in (0.1, 0.1, 0.05, 0.1, 0.05):
+        lists.step(triton_backend.step, lr=lr)
+        ref.step(reference.step, lr=lr)
+        _assert_same(lists, ref, f"lr={lr}")
+    assert launcher.stats["hyper_builds"] == builds + 2  # one per distinct lr, whatever the step count
+
+
+@needs_triton
+def test_next_step_counts_match_the_float32_increment():
+    steps = [torch.tensor(0.0), torch.tensor(16777216.0), torch.tensor(3.0)]
+    assert launcher._next_step_counts(steps) == [1.0, 16777216.0, 4.0]  # float32: 2^24 + 1 rounds to 2^24
+    mixed = [torch.tensor(2.0), torch.tensor([5.0])]  # shapes a functional caller may pass
+    assert launcher._next_step_counts(mixed) == [3.0, 6.0]
+
+
 # ---- dtypes ----------------------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("reg", [bf.L1(0.2), bf.SparseGroupL1L2(0.1, 0.05)], ids=lambda r: r.kind)

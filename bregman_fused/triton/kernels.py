@@ -13,9 +13,10 @@ kernels below only differ in how they walk memory:
 
 Both kernels update every tensor of a bucket in ONE launch: the tensors are reached through a
 table of base addresses (int64), cast to typed pointers in the kernel. [note: pointer table]
-Hyper-parameters come from a small float64 table (one row per tensor) that the host refills every
-step, so nothing that changes between steps (lr, step count, bias corrections) is a compile-time
-constant and changing lr never recompiles. [note: hyper table]
+Hyper-parameters come from a small float64 table (one row per tensor), passed as data, so nothing
+that changes between steps (lr, step count, bias corrections) is a compile-time constant and
+changing lr never recompiles. The host caches the table per setting (lr, β, ε, δ, λ, shapes) and
+refills only AdaBreg's two bias-correction columns per step. [note: hyper table]
 
 [note: pointer table] Row t of ``table`` (int64, ``TABLE_COLS`` columns) holds the base addresses
 of param, grad, dual, exp_avg, exp_avg_sq, then numel, row length n, the slot of t in the counts

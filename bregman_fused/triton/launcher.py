@@ -11,8 +11,8 @@ and is cached by them; ``table`` depends on the data pointers and is cached by (
 data_ptrs, sizes): the same tensors reuse the uploaded table, a re-allocated tensor (new
 data_ptr) or a different tensor list builds a new one, so a stale pointer is never used. A table
 never keeps a tensor alive; equal addresses with equal sizes mean an equal table. The per-step
-values (lr, bias corrections, thresholds) live in a separate small float64 table that is filled
-every step — changing lr never recompiles and never invalidates a cache.
+values (lr, bias corrections, thresholds) live in a separate small float64 table, cached per
+setting with AdaBreg's bias corrections filled in per step — changing lr never recompiles.
 
 Launch configuration [note: launch rule]. GPU, element-wise kernel: BLOCK = 2048 elements with
 8 warps (8 fp32 per thread = two 128-bit accesses per tensor), and a chunk per program of
@@ -124,12 +124,14 @@ class _LRU(collections.OrderedDict):
 _entries_cache = _LRU(64)
 _table_cache = _LRU(64)
 _hyper_base_cache = _LRU(64)
+_host_hyper_cache = _LRU(64)
 
 
 def clear_caches() -> None:
     _entries_cache.clear()
     _table_cache.clear()
     _hyper_base_cache.clear()
+    _host_hyper_cache.clear()
 
 
 def _row_class(n: int, cfg: LaunchConfig) -> int:
@@ -196,11 +198,14 @@ def _keep_if_captured(device: torch.device, *tensors: torch.Tensor) -> None:
 
 
 def _build_table(infos, cfg: LaunchConfig, device: torch.device):
+    """The uploaded pointer table, and whether every address in it is 16-byte aligned (the
+    element-wise kernel's vector path): both functions of the addresses, cached together."""
     _refuse_upload_under_capture(device, "pointer table")
     rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg)) for p, g, v, m, s, numel, n, slot in infos]
     table = torch.tensor(rows, dtype=torch.int64)
     assert table.shape[1] == kernels.TABLE_COLS
-    return table.to(device)
+    aligned = all(a % 16 == 0 for info in infos for a in info[:5])
+    return table.to(device), aligned
 
 
 # ---- per-step hyper-parameters [note: hyper table] ---------------------------------------------
@@ -264,6 +269,37 @@ def _hyper_base(kind, beta1, beta2, eps, delta, reg, shapes, device):
     return torch.tensor(rows, dtype=torch.float64).to(device), mask.to(device)
 
 
+def _host_hyper(kind: str, step_counts, *, lr, beta1, beta2, eps, delta, reg: Regularizer, shapes, device):
+    """The hyper table of ``_hyper_rows`` on the device, from host step counts and a host lr.
+    Only AdaBreg's two bias-correction columns change with the step count: the rest is built once
+    per setting and cached (on the device for the other kinds, which then upload nothing per
+    step); AdaBreg's columns are computed in double per distinct count, as ``_hyper_rows`` does."""
+    _refuse_upload_under_capture(device, "hyper-parameter table from host values (capturable=False)")
+    key = ("host", device, kind, lr, beta1, beta2, eps, delta, repr(reg.to_dict()), tuple(shapes))
+    if kind != "adabreg":
+        return _host_hyper_cache.get_or_build(
+            key, lambda: _upload(_hyper_rows(kind, [1.0] * len(shapes), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                             delta=delta, reg=reg, shapes=shapes), torch.float64, device),
+            "hyper_builds")
+    base = _host_hyper_cache.get_or_build(
+        key, lambda: torch.tensor(_hyper_rows(kind, [1.0] * len(shapes), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                              delta=delta, reg=reg, shapes=shapes), dtype=torch.float64),
+        "hyper_builds")
+    per_count = {t: (lr / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t)) for t in set(step_counts)}
+    rows = base.pin_memory() if device.type == "cuda" else base.clone()  # a fresh buffer per step
+    rows[:, _STEP_SIZE_COL:_BC2_SQRT_COL + 1] = torch.tensor([per_count[t] for t in step_counts], dtype=torch.float64)
+    return rows.to(device, non_blocking=True) if device.type == "cuda" else rows
+
+
+def _next_step_counts(steps) -> list[float]:
+    """Each tensor's step count after this step, as reference.py's float32 ``steps[i] += 1``."""
+    try:
+        counts = torch.stack(steps)  # the optimizer's 0-dim float32 CPU counters: one op, not one per tensor
+    except RuntimeError:  # mixed shapes or devices (functional callers)
+        return [float(np.float32(float(s) + 1.0)) for s in steps]
+    return (counts.to(torch.float32) + 1.0).reshape(-1).tolist()
+
+
 def _check_capturable(steps, lr, device: torch.device) -> None:
     for i, s in enumerate(steps):
         if s.device != device or s.numel() != 1:
@@ -288,41 +324,39 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 def _check(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, uses_dual, uses_m, uses_s):
+    # runs every step on every tensor (a wrong pointer would write foreign memory): one pass, with
+    # the per-tensor work kept to attribute reads and comparisons
     if kind not in KINDS:
         raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KINDS)}")
     n = len(params)
-
-    def need(name, lst, used):
-        if used and len(lst) != n:
+    states = [(name, lst) for name, lst, used in (("duals", duals, uses_dual), ("exp_avgs", exp_avgs, uses_m),
+                                                   ("exp_avg_sqs", exp_avg_sqs, uses_s)) if used]
+    for name, lst in [("grads", grads), ("steps", steps)] + states:
+        if len(lst) != n:
             raise ValueError(f"{name}: expected {n} tensors (one per param), got {len(lst)}")
-
-    need("grads", grads, True)
-    need("steps", steps, True)
-    need("duals", duals, uses_dual)
-    need("exp_avgs", exp_avgs, uses_m)
-    need("exp_avg_sqs", exp_avg_sqs, uses_s)
     device = params[0].device
-    for i, p in enumerate(params):
-        if p.dtype not in _TL_DTYPES:
-            raise TypeError(f"params[{i}]: backend 'triton' supports float32/float64/bfloat16/float16, got {p.dtype}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        dtype, shape = p.dtype, p.shape
+        if dtype not in _TL_DTYPES:
+            raise TypeError(f"params[{i}]: backend 'triton' supports float32/float64/bfloat16/float16, got {dtype}")
         if p.device != device:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}: one device per call")
-        g = grads[i]
-        if g.device != device or g.shape != p.shape or g.dtype not in _TL_DTYPES:
-            raise ValueError(f"grads[{i}]: expected a floating tensor of shape {list(p.shape)} on {device}, "
+        if g.shape != shape or g.dtype not in _TL_DTYPES or g.device != device:
+            raise ValueError(f"grads[{i}]: expected a floating tensor of shape {list(shape)} on {device}, "
                              f"got {g.dtype} {list(g.shape)} on {g.device}")
-        for name, lst, used in (("duals", duals, uses_dual), ("exp_avgs", exp_avgs, uses_m),
-                                ("exp_avg_sqs", exp_avg_sqs, uses_s)):
-            if not used:
-                continue
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name, lst in states:
             st = lst[i]
-            if st.device != device or st.shape != p.shape or st.dtype != _state_dtype(p):
-                raise ValueError(f"{name}[{i}]: expected {_state_dtype(p)} of shape {list(p.shape)} on {device}, "
+            if st.shape != shape or st.dtype != state_dtype or st.device != device:
+                raise ValueError(f"{name}[{i}]: expected {state_dtype} of shape {list(shape)} on {device}, "
                                  f"got {st.dtype} {list(st.shape)} on {st.device}")
 
 
-def _is_aligned(addrs) -> bool:
-    return all(a % 16 == 0 for a in addrs)
+def _addresses(tensors: list[torch.Tensor], idx: list[int]) -> list[int]:
+    """data_ptr of tensors[i] for i in idx; zeros for a state list the kind does not use."""
+    if not tensors:
+        return [0] * len(idx)
+    return [tensors[i].data_ptr() for i in idx]
 
 
 # ---- the step ---------------------------------------------------------------------------------------
@@ -389,8 +423,7 @@ def step(
         step_counts = None
     else:
         lr = float(lr)
-        # step counts after the increment, as reference.py's float32 `steps[i] += 1`
-        step_counts = [float(np.float32(float(s) + 1.0)) for s in steps]
+        step_counts = _next_step_counts(steps)
 
     row_kernel = reg.kind in ROW_REGS
     group_sizes = [reg.group_size(p.shape) if row_kernel else 1 for p in params]
@@ -411,20 +444,16 @@ def step(
         if num_entries == 0:
             continue
 
-        def addr(lst, i):
-            return lst[i].data_ptr() if lst else 0
-
-        infos = tuple((c_params[i].data_ptr(), c_grads[i].data_ptr(), addr(c_duals, i), addr(c_ms, i),
-                       addr(c_ss, i), sizes[j][0], sizes[j][1], i) for j, i in enumerate(idx))
-        table = _table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
-                                          lambda: _build_table(infos, cfg, device), "table_builds")
+        infos = tuple(zip(_addresses(c_params, idx), _addresses(c_grads, idx), _addresses(c_duals, idx),
+                          _addresses(c_ms, idx), _addresses(c_ss, idx), *zip(*sizes), idx))
+        table, aligned = _table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
+                                                   lambda: _build_table(infos, cfg, device), "table_builds")
         _keep_if_captured(device, table, entries)
         shapes = [params[i].shape for i in idx]
         if capturable:
             hp = _device_hyper(kind, [steps[i] for i in idx], shapes=shapes, device=device, **hyper)
         else:
-            hp = _upload(_hyper_rows(kind, [step_counts[i] for i in idx], shapes=shapes, **hyper), torch.float64,
-                         device)
+            hp = _host_hyper(kind, [step_counts[i] for i in idx], shapes=shapes, device=device, **hyper)
         s_dtype = _state_dtype(c_params[idx[0]])
         args = (table, entries, hp, counts,
                 grad_scale_dev if grad_scale_dev is not None else hp,
@@ -440,7 +469,6 @@ def step(
                                                    NUM_CLASSES=cfg.num_row_classes,
                                                    num_warps=cfg.row_num_warps, **options)
             else:
-                aligned = _is_aligned(a for info in infos for a in info[:5])
                 kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
                                                            num_warps=cfg.num_warps, **options)
 
