@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -441,6 +444,28 @@ def test_op_boundary_errors_name_the_argument(change, message):
         _call(args)
     after = [t for key in ("params", "duals", "exp_avgs", "steps") for t in args[key] if isinstance(t, torch.Tensor)]
     assert all(torch.equal(a, b) for a, b in zip(snapshot, after)), "a failing call must change nothing"
+
+
+def test_a_failed_check_raises_instead_of_ending_the_process():
+    """A failing argument check must raise. On a machine whose C++ compiler has another runtime than
+    torch's it can segfault instead (README, Known pitfalls: seen with a separately built g++);
+    this test names that cause, instead of the crash showing up as unrelated worker crashes."""
+    code = textwrap.dedent("""
+        import torch, bregman_fused as bf
+        p = torch.randn(6, 4)
+        try:
+            bf.functional.linbreg([p], [torch.randn(4, 6)], [torch.zeros_like(p)], [], [torch.zeros(())],
+                                  lr=0.1, reg=bf.L1(0.1), backend="cpu")
+        except RuntimeError as e:
+            print("raised:", "has shape" in str(e))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "raised: True" in r.stdout, (
+        f"a failing argument check in the C++ op ended the process (exit code {r.returncode}) instead of "
+        "raising: the extension was most likely built with a C++ compiler whose runtime does not match "
+        "torch's; rebuild with the system compiler (README, Known pitfalls).\n" + r.stderr[-3000:])
 
 
 def test_op_valid_args_run():

@@ -63,7 +63,7 @@ EOF
         ;;
     suite)  # everything else: the CPU tests, distributed, training, with a GPU present
         # shellcheck disable=SC2086
-        run_stage suite "${SUITE_LIMIT:-300}" "${PYTEST[@]}" ${SUITE:-tests} ${SUITE_K:+-k "$SUITE_K"}
+        run_stage suite "${SUITE_LIMIT:-300}" "${PYTEST[@]}" --junitxml="$OUT/suite.xml" ${SUITE:-tests} ${SUITE_K:+-k "$SUITE_K"}
         grep -E "passed|failed|error" "$OUT/suite.log" | tail -3 | tee -a "$SUMMARY"
         grep -E "^(FAILED|ERROR) " "$OUT/suite.log" | head -40 | tee -a "$SUMMARY"
         ;;
