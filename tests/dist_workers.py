@@ -101,12 +101,15 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list
 
 
 def _shard(m):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # a CPU mesh: without one FSDP2 would mesh the GPU of a GPU machine under this gloo group
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in m:
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            fully_shard(layer)
-    fully_shard(m)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
     return m
 
 

@@ -23,7 +23,7 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
     providers = ["research-loop", "reference", "torch-sgd", "copy"]
     optimizers = ["linbreg", "proxsgd"]
     bench.main(["--quick", "--workloads", "tiny", "--reps", "3", "--providers", ",".join(providers),
-                "--optimizers", ",".join(optimizers), "--csv", str(path)])
+                "--optimizers", ",".join(optimizers), "--csv", str(path), "--device", "cpu"])
 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

@@ -74,12 +74,16 @@ def wrap(model: nn.Module, ctx: Context, fsdp: bool) -> nn.Module:
     if fsdp:
         if not ctx.distributed and not dist.is_initialized():
             raise ValueError("--fsdp needs a process group: run under torchrun (e.g. --nproc_per_node 2)")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # the mesh on the run's device: without one FSDP2 meshes the machine's accelerator, so a
+        # `--device cpu` run on a GPU machine would move the shards to cuda:0 under a gloo group
+        mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
         for m in model.modules():
             if isinstance(m, (nn.Linear, *_CONV)):
-                fully_shard(m)
-        fully_shard(model)
+                fully_shard(m, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
