@@ -72,11 +72,30 @@ def _placed_step(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) 
     return state["step"]
 
 
+def _check_bucket_still_fits(name: str, group_index: int, bucket: _Bucket) -> None:
+    """A cached bucket whose params changed dtype or device since their states were made (e.g.
+    model.double() or model.cuda() after a step) would fail in its kernel's checks, possibly after
+    other buckets were updated: refuse it before anything is touched. One param per bucket: a
+    whole-module conversion changes all of them."""
+    if bucket.lists is None:
+        return
+    p = bucket.params[0]
+    device, dtype = bucket.key
+    if p.dtype != dtype or p.device != device:
+        raise RuntimeError(
+            f"{name}: param group {group_index} has params that are now {p.dtype} on {p.device}, but their "
+            f"optimizer states were made for {dtype} on {device} (the model was converted after a step, e.g. "
+            "model.double() or model.to(device)). Convert the model before its first step, or re-place the "
+            "states after converting: opt.load_state_dict(opt.state_dict())")
+
+
 def _check_plan(name: str, plan) -> None:
     """Checks that need the buckets, before anything is updated: a capturable group's tensor lr must
     sit on the device of every bucket that the GPU backends update (they read it there, and copying
     it from elsewhere is a host read or cannot be captured); then the graph-capture checks."""
     for group_index, group, buckets in plan:
+        for bucket in buckets:
+            _check_bucket_still_fits(name, group_index, bucket)
         lr = group["lr"]
         if not (group["capturable"] and isinstance(lr, torch.Tensor)):
             continue

@@ -511,3 +511,32 @@ def test_grad_scaler_loop():
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert float(o1.state[next(m1.parameters())]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_model_converted_after_a_step_is_refused_before_any_update(backend):
+    """model.double() after a step leaves float32 states behind: the step refuses before it updates
+    any group (the kernel's own check would only fail at that group), and reloading the optimizer's
+    own state dict re-places the states."""
+    from bregman_fused import _ext
+
+    if backend == "cpu" and not _ext.cpu_available():
+        pytest.skip("C++ CPU extension unavailable")
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    opt = bf.LinBreg([{"params": a.parameters()}, {"params": b.parameters()}], lr=0.1, reg=bf.L1(0.1),
+                     backend=backend)
+    b(a(torch.randn(5, 4))).sum().backward()
+    opt.step()
+    b.double()
+    for p in [*a.parameters(), *b.parameters()]:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in [*a.parameters(), *b.parameters()]]
+    duals = [opt.state[p]["dual"].clone() for p in [*a.parameters(), *b.parameters()]]
+    with pytest.raises(RuntimeError, match=r"param group 1 has params that are now torch.float64 .*load_state_dict"):
+        opt.step()
+    assert all(torch.equal(x, p) for x, p in zip(before, [*a.parameters(), *b.parameters()]))
+    assert all(torch.equal(d, opt.state[p]["dual"]) for d, p in zip(duals, [*a.parameters(), *b.parameters()]))
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert opt.state[b.weight]["dual"].dtype == torch.float64 and opt.state[a.weight]["dual"].dtype == torch.float32
