@@ -72,10 +72,12 @@ _warned_fallback: set[str] = set()
 def select_backend(backend: str, device: torch.device, reg: Regularizer) -> tuple[str, StepFn]:
     """The single place that maps a requested backend to the step function that will run.
 
-    ``"auto"`` takes the fastest fused backend that can run (``cuda`` then ``triton`` on GPUs,
+    ``"auto"`` takes the first fused backend that can run (``cuda`` then ``triton`` on GPUs,
     ``cpu`` on CPUs) and falls back to the reference quietly, except for a one-time warning when
-    a compiled extension exists in principle but failed to load. A named backend that cannot run
-    raises with the reason.
+    a compiled extension exists in principle but failed to load. ``cuda`` comes first because its
+    host cost per step is a quarter of Triton's (H100: 0.36 vs 1.6 ms on ResNet-18), which
+    decides small models; on large lists Triton's single launch is ~7 % faster on the GPU.
+    A named backend that cannot run raises with the reason.
     """
     check_backend_name(backend)
     if backend == "reference":
