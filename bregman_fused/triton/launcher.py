@@ -209,22 +209,27 @@ def _build_table(infos, cfg: LaunchConfig, device: torch.device):
 
 
 # ---- per-step hyper-parameters [note: hyper table] ---------------------------------------------
-def _hyper_rows(kind: str, step_counts, *, lr, beta1, beta2, eps, delta, reg: Regularizer, shapes):
-    """One float64 row per tensor, computed in double exactly as reference.py does."""
+def _bias_corrections(kind: str, t: float, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """AdaBreg's step size τ/(1−β1^t) and √(1−β2^t) at step count t, in double as reference.py
+    computes them; (0, 1) for the kinds without bias corrections."""
+    if kind != "adabreg":
+        return 0.0, 1.0
+    return lr / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t)
+
+
+def _hyper_rows(kind: str, *, lr, beta1, beta2, eps, delta, reg: Regularizer, shapes):
+    """One float64 row per tensor, computed in double exactly as reference.py does; the two
+    step-count columns at t = 1 (the callers fill in the real counts)."""
     lamda_l1, _ = reg.lamdas()
     prox_sgd = kind == "proxsgd"
     t_scale = lr if prox_sgd else 1.0
+    step_size, bc2_sqrt = _bias_corrections(kind, 1.0, lr, beta1, beta2)
     rows = []
     cache = {}
-    for t, shape in zip(step_counts, shapes):
-        key = (t, tuple(shape))
+    for shape in shapes:
+        key = tuple(shape)
         row = cache.get(key)
         if row is None:
-            if kind == "adabreg":
-                step_size = lr / (1.0 - beta1**t)
-                bc2_sqrt = math.sqrt(1.0 - beta2**t)
-            else:
-                step_size, bc2_sqrt = 0.0, 1.0
             thr_row = t_scale * reg.thresholds(shape)[1] if reg.kind in ROW_REGS else 0.0
             row = [lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, (1.0 - beta1) * lr, step_size, bc2_sqrt,
                    1.0 if prox_sgd else delta, t_scale * lamda_l1, thr_row]
@@ -261,7 +266,7 @@ def _device_hyper(kind: str, steps, lr, *, beta1, beta2, eps, delta, reg: Regula
 
 def _hyper_base(kind, beta1, beta2, eps, delta, reg, shapes, device):
     _refuse_upload_under_capture(device, "hyper-parameter table (β, ε, δ or λ changed)")
-    rows = _hyper_rows(kind, [1.0] * len(shapes), lr=1.0, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
+    rows = _hyper_rows(kind, lr=1.0, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
                        shapes=shapes)
     cols = _LR_COLS + (_PROX_SGD_LR_COLS if kind == "proxsgd" else ())
     mask = torch.zeros(len(rows[0]), dtype=torch.bool)
@@ -273,19 +278,19 @@ def _host_hyper(kind: str, step_counts, *, lr, beta1, beta2, eps, delta, reg: Re
     """The hyper table of ``_hyper_rows`` on the device, from host step counts and a host lr.
     Only AdaBreg's two bias-correction columns change with the step count: the rest is built once
     per setting and cached (on the device for the other kinds, which then upload nothing per
-    step); AdaBreg's columns are computed in double per distinct count, as ``_hyper_rows`` does."""
+    step); AdaBreg's columns are computed in double per distinct count (``_bias_corrections``)."""
     _refuse_upload_under_capture(device, "hyper-parameter table from host values (capturable=False)")
     key = ("host", device, kind, lr, beta1, beta2, eps, delta, repr(reg.to_dict()), tuple(shapes))
     if kind != "adabreg":
         return _host_hyper_cache.get_or_build(
-            key, lambda: _upload(_hyper_rows(kind, [1.0] * len(shapes), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                             delta=delta, reg=reg, shapes=shapes), torch.float64, device),
+            key, lambda: _upload(_hyper_rows(kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
+                                             shapes=shapes), torch.float64, device),
             "hyper_builds")
     base = _host_hyper_cache.get_or_build(
-        key, lambda: torch.tensor(_hyper_rows(kind, [1.0] * len(shapes), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                              delta=delta, reg=reg, shapes=shapes), dtype=torch.float64),
+        key, lambda: torch.tensor(_hyper_rows(kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta, reg=reg,
+                                              shapes=shapes), dtype=torch.float64),
         "hyper_builds")
-    per_count = {t: (lr / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t)) for t in set(step_counts)}
+    per_count = {t: _bias_corrections(kind, t, lr, beta1, beta2) for t in set(step_counts)}
     rows = base.pin_memory() if device.type == "cuda" else base.clone()  # a fresh buffer per step
     rows[:, _STEP_SIZE_COL:_BC2_SQRT_COL + 1] = torch.tensor([per_count[t] for t in step_counts], dtype=torch.float64)
     return rows.to(device, non_blocking=True) if device.type == "cuda" else rows
