@@ -14,7 +14,7 @@ import torch
 from . import reference
 from .regularizers import NoReg, Regularizer
 
-__all__ = ["BACKENDS", "linbreg", "adabreg", "proxsgd", "select_backend", "check_backend_name"]
+__all__ = ["BACKENDS", "init_states", "linbreg", "adabreg", "proxsgd", "select_backend", "check_backend_name"]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -106,6 +106,41 @@ def _run(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, backend, reg,
         return torch.zeros(0, dtype=torch.int64)
     _, fn = select_backend(backend, params[0].device, reg)
     return fn(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, reg=reg, **hyper)
+
+
+def init_states(kind: str, params: list[torch.Tensor], *, reg: Regularizer | None = None, delta: float = 1.0,
+                momentum: float = 0.0, capturable: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Fresh optimizer states for ``params``, made as the optimizer classes make them at a first step,
+    keyed by the argument names of ``linbreg`` / ``adabreg`` / ``proxsgd``, so that e.g.
+    ``adabreg(params, grads, **init_states("adabreg", params, reg=reg), lr=1e-3, reg=reg)`` runs.
+
+    dual v = θ/δ + ∂J(θ) (the step then continues from the current θ), moments zero, step counts 0
+    (float32; on the params' device when ``capturable``, else on the CPU). States are float64 for
+    float64 params, else float32, in the param's memory layout (channels_last stays channels_last).
+    """
+    from ._layout import in_layout_of
+
+    if kind not in reference.KINDS:
+        raise ValueError(f"Invalid kind: {kind!r}; expected one of {reference.KINDS}")
+    reg = reg if reg is not None else NoReg()
+    states: dict[str, list[torch.Tensor]] = {}
+
+    def state_dtype(p):
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def zeros():
+        return [in_layout_of(torch.zeros((), dtype=state_dtype(p), device=p.device).expand(p.shape), p)
+                for p in params]
+
+    if kind != "proxsgd":
+        thetas = [p.detach().to(state_dtype(p)) for p in params]
+        states["duals"] = [in_layout_of(t / delta + reg.subgradient(t), p) for t, p in zip(thetas, params)]
+    if kind == "linbreg" and momentum > 0:
+        states["momentum_buffers"] = zeros()
+    if kind == "adabreg":
+        states["exp_avgs"], states["exp_avg_sqs"] = zeros(), zeros()
+    states["steps"] = [torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu") for p in params]
+    return states
 
 
 def linbreg(
