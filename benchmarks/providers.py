@@ -15,7 +15,7 @@ from research_loop import ResearchLoop
 
 # after cases, which puts a checkout without `pip install -e .` on sys.path
 from bregman_fused import reference
-from bregman_fused.functional import select_backend
+from bregman_fused.functional import init_states, select_backend
 
 OUR_PROVIDERS = ("research-loop", "reference", "compiled-reference", "cpu", "triton", "cuda")
 ANCHOR_PROVIDERS = ("torch-adam-fused", "torch-sgd")
@@ -52,8 +52,8 @@ def _ours(kind: str, params, reg, backend: str):
 
 
 def _compiled_reference(kind: str, params, grads, reg):
-    """torch.compile of a function that calls ``reference.step`` on the lists (states built as the
-    optimizer classes build them)."""
+    """torch.compile of a function that calls ``reference.step`` on the lists (states made by
+    ``init_states``, as the optimizer classes make them; step counts on the params' device)."""
     import torch._dynamo
 
     # AdaBreg's reference reads the step count with .item(); capture it instead of breaking the graph
@@ -64,17 +64,17 @@ def _compiled_reference(kind: str, params, grads, reg):
         torch._dynamo.config.specialize_float = True
     # one graph per (kind, dtype, workload) case; the default limit of 8 is too low for a full run
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    ref_kind = "linbreg" if kind == "linbreg-momentum" else kind
+    momentum = MOMENTUM if kind == "linbreg-momentum" else 0.0
     with torch.no_grad():
         ps = [p.clone() for p in params]
         gs = [g.clone() for g in grads]
-        theta = [p.to(torch.float32) for p in ps]
-        duals = [] if kind == "proxsgd" else [(t / DELTA + reg.subgradient(t)).contiguous() for t in theta]
-        has_m = kind in ("linbreg-momentum", "adabreg")
-        m = [torch.zeros_like(t) for t in theta] if has_m else []
-        s = [torch.zeros_like(t) for t in theta] if kind == "adabreg" else []
-        steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in ps]
-    ref_kind = "linbreg" if kind == "linbreg-momentum" else kind
-    hyper = dict(lr=LR[kind], beta1=MOMENTUM if kind == "linbreg-momentum" else (BETAS[0] if kind == "adabreg" else 0.0),
+        states = init_states(ref_kind, ps, reg=reg, delta=DELTA, momentum=momentum, capturable=True)
+    duals = states.get("duals", [])
+    m = states.get("momentum_buffers", states.get("exp_avgs", []))  # reference.step takes both as exp_avgs
+    s = states.get("exp_avg_sqs", [])
+    steps = states["steps"]
+    hyper = dict(lr=LR[kind], beta1=momentum if kind != "adabreg" else BETAS[0],
                  beta2=BETAS[1] if kind == "adabreg" else 0.0, eps=EPS if kind == "adabreg" else 0.0, delta=DELTA)
 
     def step_fn(ps, gs, duals, m, s, steps):
