@@ -16,25 +16,28 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_step  # noqa: E402  (the same workloads and providers)
+# the same workloads and providers as bench_step.py
+from cases import CHANNELS_LAST_WORKLOADS, DTYPES, OPTIMIZERS, REGS, WORKLOADS  # noqa: E402
+from cases import make_reg, make_tensors, workload_shapes  # noqa: E402
+from providers import PROVIDERS, build_provider  # noqa: E402
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--provider", default="cuda", choices=bench_step.PROVIDERS)
-    ap.add_argument("--workload", default="resnet18", choices=bench_step.WORKLOADS)
-    ap.add_argument("--optimizer", default="adabreg", choices=bench_step.OPTIMIZERS + ("adam", "sgd"))
-    ap.add_argument("--dtype", default="fp32", choices=tuple(bench_step.DTYPES))
-    ap.add_argument("--reg", default="l1", choices=bench_step.REGS)
+    ap.add_argument("--provider", default="cuda", choices=PROVIDERS)
+    ap.add_argument("--workload", default="resnet18", choices=WORKLOADS)
+    ap.add_argument("--optimizer", default="adabreg", choices=OPTIMIZERS + ("adam", "sgd"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    ap.add_argument("--reg", default="l1", choices=REGS)
     ap.add_argument("--steps", type=int, default=20, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=25, help="rows of each table")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = bench_step.workload_shapes(args.workload)
-    params, grads = bench_step.make_tensors(shapes, bench_step.DTYPES[args.dtype], device,
-                                            channels_last=args.workload in bench_step.CHANNELS_LAST_WORKLOADS)
-    step = bench_step.build_provider(args.provider, args.optimizer, params, grads, bench_step.make_reg(args.reg), args.reg)
+    shapes = workload_shapes(args.workload)
+    params, grads = make_tensors(shapes, DTYPES[args.dtype], device,
+                                 channels_last=args.workload in CHANNELS_LAST_WORKLOADS)
+    step = build_provider(args.provider, args.optimizer, params, grads, make_reg(args.reg), args.reg)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(4):
         step()

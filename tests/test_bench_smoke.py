@@ -1,37 +1,34 @@
 """Smoke test of benchmarks/bench_step.py: a --quick run on the tiny workload writes the CSV it promises."""
 import csv
-import importlib.util
 import math
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "benchmarks", "bench_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark's modules import each other by name
+import bench_step  # noqa: E402
+from cases import workload_shapes  # noqa: E402
+from report import CSV_COLUMNS  # noqa: E402
+from timing import finish_row  # noqa: E402
 
 
 def test_bench_step_quick_writes_csv(tmp_path, capsys):
-    bench = _load_bench()
     path = tmp_path / "bench.csv"
     # no compiled providers: compilation (torch.compile, a JIT-built extension) does not fit the time budget
     providers = ["research-loop", "reference", "torch-sgd", "copy"]
     optimizers = ["linbreg", "proxsgd"]
-    bench.main(["--quick", "--workloads", "tiny", "--reps", "3", "--providers", ",".join(providers),
-                "--optimizers", ",".join(optimizers), "--csv", str(path), "--device", "cpu"])
+    bench_step.main(["--quick", "--workloads", "tiny", "--reps", "3", "--providers", ",".join(providers),
+                     "--optimizers", ",".join(optimizers), "--csv", str(path), "--device", "cpu"])
 
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == bench.CSV_COLUMNS
+        assert reader.fieldnames == CSV_COLUMNS
         rows = list(reader)
     for col in ("provider", "optimizer", "workload", "dtype", "median_ms", "p20_ms", "p80_ms", "gb_s",
                 "pct_of_copy", "speedup_vs_research", "cpu_model", "torch_version"):
-        assert col in bench.CSV_COLUMNS
+        assert col in CSV_COLUMNS
 
     # one row per (provider, optimizer) of our providers + the copy; the SGD anchor is timed in the
     # LinBreg case, beside its peer
@@ -44,7 +41,7 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
         p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= med <= p80
         assert float(r["gb_s"]) > 0 and float(r["pct_of_copy"]) > 0
-        assert int(r["numel"]) == sum(math.prod(s) for s in bench.workload_shapes("tiny"))
+        assert int(r["numel"]) == sum(math.prod(s) for s in workload_shapes("tiny"))
     by_key = {(r["provider"], r["optimizer"]): r for r in rows}
     assert by_key[("research-loop", "linbreg")]["speedup_vs_research"] == "1.00"
     assert by_key[("torch-sgd", "sgd")]["time_vs_anchor"] == "1.000"
@@ -56,17 +53,14 @@ def test_bench_step_quick_writes_csv(tmp_path, capsys):
     assert "research-loop" in capsys.readouterr().out  # the table went to stdout
 
 
-bench = _load_bench()
-
-
 def _row(bytes_per_elt=32):
     return dict(bytes_per_elt=bytes_per_elt, note="")
 
 
 def test_device_time_is_used_when_the_host_work_was_hidden():
     row = _row()
-    bench.finish_row(row, 10**6, walls=[3e-3, 2e-3, 4e-3], device_times=[1e-3, 1e-3, 1e-3],
-                     host_times=[5e-4] * 3, hidden=3)
+    finish_row(row, 10**6, walls=[3e-3, 2e-3, 4e-3], device_times=[1e-3, 1e-3, 1e-3],
+               host_times=[5e-4] * 3, hidden=3)
     assert row["timing"] == "device" and row["_median"] == 1e-3 and row["_wall"] == 3e-3
     assert float(row["gb_s"]) == 32.0 and float(row["median_ms"]) == 3.0 and float(row["device_ms"]) == 1.0
 
@@ -74,12 +68,12 @@ def test_device_time_is_used_when_the_host_work_was_hidden():
 def test_a_step_that_reads_from_the_gpu_falls_back_to_wall_time():
     # the host waited on the spin kernel (a .item() in the step): device_ms holds host gaps
     row = _row()
-    bench.finish_row(row, 10**6, walls=[4e-3] * 5, device_times=[1e-3] * 5, host_times=[9e-3] * 5, hidden=1)
+    finish_row(row, 10**6, walls=[4e-3] * 5, device_times=[1e-3] * 5, host_times=[9e-3] * 5, hidden=1)
     assert row["timing"] == "wall" and row["_median"] == 4e-3 and float(row["gb_s"]) == 8.0
     assert "not hidden" in row["note"] and float(row["device_ms"]) == 1.0
 
 
 def test_cpu_rows_have_wall_timing_only():
     row = _row()
-    bench.finish_row(row, 10**6, walls=[2e-3, 2e-3], device_times=[], host_times=[], hidden=0)
+    finish_row(row, 10**6, walls=[2e-3, 2e-3], device_times=[], host_times=[], hidden=0)
     assert row["timing"] == "wall" and "device_ms" not in row and float(row["gb_s"]) == 16.0

@@ -1,0 +1,119 @@
+"""The providers: the names the benchmark knows, and for each a zero-argument step callable on its
+own copy of a case's parameters and gradients (``build_provider``).
+
+This is the only benchmark module that imports ``bregman_fused``'s internals (``reference``,
+``functional``); everything else uses its public classes and regularizers.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from cases import BETAS, DELTA, EPS, LR, MOMENTUM, bf, bytes_per_elt
+from research_loop import ResearchLoop
+
+# after cases, which puts a checkout without `pip install -e .` on sys.path
+from bregman_fused import reference
+from bregman_fused.functional import init_states, select_backend
+
+OUR_PROVIDERS = ("research-loop", "reference", "compiled-reference", "cpu", "triton", "cuda")
+ANCHOR_PROVIDERS = ("torch-adam-fused", "torch-sgd")
+PROVIDERS = OUR_PROVIDERS + ANCHOR_PROVIDERS + ("copy",)
+GPU_PROVIDERS = ("triton", "cuda")
+# the anchors run their own optimizer; speed-up is quoted against the research loop of the peer
+ANCHOR_OPTIMIZER = {"torch-adam-fused": "adam", "torch-sgd": "sgd"}
+PEER = {"adam": "adabreg", "sgd": "linbreg"}
+# the anchor timed in the same round-robin as our providers of an optimizer: time_vs_anchor
+PEER_ANCHOR = {PEER[opt]: provider for provider, opt in ANCHOR_OPTIMIZER.items()}
+
+
+class Skip(Exception):
+    """The provider cannot run this case; the message says why."""
+
+
+def _leaf_params(params, grads):
+    out = []
+    for p0, g0 in zip(params, grads):
+        p = torch.nn.Parameter(p0.clone(), requires_grad=True)
+        p.grad = g0.clone()
+        out.append(p)
+    return out
+
+
+def _ours(kind: str, params, reg, backend: str):
+    lr = LR[kind]
+    if kind in ("linbreg", "linbreg-momentum"):
+        return bf.LinBreg(params, lr=lr, reg=reg, delta=DELTA, momentum=MOMENTUM if kind == "linbreg-momentum" else 0.0,
+                          backend=backend)
+    if kind == "adabreg":
+        return bf.AdaBreg(params, lr=lr, reg=reg, delta=DELTA, betas=BETAS, eps=EPS, backend=backend)
+    return bf.ProxSGD(params, lr=lr, reg=reg, backend=backend)
+
+
+def _compiled_reference(kind: str, params, grads, reg):
+    """torch.compile of a function that calls ``reference.step`` on the lists (states made by
+    ``init_states``, as the optimizer classes make them; step counts on the params' device)."""
+    import torch._dynamo
+
+    # AdaBreg's reference reads the step count with .item(); capture it instead of breaking the graph
+    torch._dynamo.config.capture_scalar_outputs = True
+    # hyper-parameters are constants of a case; as symbolic floats, torch 2.14 hits "Guard failed on the
+    # same frame it was created" for the momentum coefficient (1 - β)·lr
+    if hasattr(torch._dynamo.config, "specialize_float"):
+        torch._dynamo.config.specialize_float = True
+    # one graph per (kind, dtype, workload) case; the default limit of 8 is too low for a full run
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    ref_kind = "linbreg" if kind == "linbreg-momentum" else kind
+    momentum = MOMENTUM if kind == "linbreg-momentum" else 0.0
+    with torch.no_grad():
+        ps = [p.clone() for p in params]
+        gs = [g.clone() for g in grads]
+        states = init_states(ref_kind, ps, reg=reg, delta=DELTA, momentum=momentum, capturable=True)
+    duals = states.get("duals", [])
+    m = states.get("momentum_buffers", states.get("exp_avgs", []))  # reference.step takes both as exp_avgs
+    s = states.get("exp_avg_sqs", [])
+    steps = states["steps"]
+    hyper = dict(lr=LR[kind], beta1=momentum if kind != "adabreg" else BETAS[0],
+                 beta2=BETAS[1] if kind == "adabreg" else 0.0, eps=EPS if kind == "adabreg" else 0.0, delta=DELTA)
+
+    def step_fn(ps, gs, duals, m, s, steps):
+        return reference.step(ref_kind, ps, gs, duals, m, s, steps, reg=reg, **hyper)
+
+    compiled = torch.compile(step_fn)
+
+    @torch.no_grad()
+    def step():
+        compiled(ps, gs, duals, m, s, steps)
+
+    return step
+
+
+def build_provider(provider: str, kind: str, params, grads, reg, reg_name: str) -> Callable[[], object]:
+    """Return a zero-argument step function; raise Skip with the reason if it cannot run here."""
+    device = params[0].device
+    if provider == "copy":
+        nbytes = bytes_per_elt(kind, params[0].dtype) * sum(p.numel() for p in params)
+        n = (nbytes + 7) // 8  # src and dst each hold half the bytes: a copy reads one, writes the other
+        src = torch.randn(n, device=device, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    if provider == "research-loop":
+        return ResearchLoop(_leaf_params(params, grads), kind, reg_name, LR[kind]).step
+    if provider == "compiled-reference":
+        return _compiled_reference(kind, params, grads, reg)
+    if provider == "torch-adam-fused":
+        try:
+            opt = torch.optim.Adam(_leaf_params(params, grads), lr=LR["adam"], betas=BETAS, eps=EPS, fused=True)
+        except RuntimeError as e:
+            raise Skip(f"torch.optim.Adam(fused=True) refused: {e}") from None
+        return opt.step
+    if provider == "torch-sgd":
+        return torch.optim.SGD(_leaf_params(params, grads), lr=LR["sgd"]).step
+    backend = provider
+    if provider != "reference":
+        try:
+            select_backend(backend, device, reg)
+        except RuntimeError as e:
+            raise Skip(str(e)) from None
+    return _ours(kind, _leaf_params(params, grads), reg, backend).step
