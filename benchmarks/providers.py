@@ -1,7 +1,7 @@
 """The providers: the names the benchmark knows, and for each a zero-argument step callable on its
 own copy of a case's parameters and gradients (``build_provider``).
 
-This is the only benchmark module that imports ``bregman_fused``'s internals (``reference``,
+This is the only benchmark module that imports ``bregman_fused``'s internals (``backends``,
 ``functional``); everything else uses its public classes and regularizers.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from cases import BETAS, DELTA, EPS, LR, MOMENTUM, bf, bytes_per_elt
 from research_loop import ResearchLoop
 
 # after cases, which puts a checkout without `pip install -e .` on sys.path
-from bregman_fused import reference
-from bregman_fused.functional import init_states, select_backend
+from bregman_fused.backends import contract, reference, select
+from bregman_fused.functional import init_states
 
 OUR_PROVIDERS = ("research-loop", "reference", "compiled-reference", "cpu", "triton", "cuda")
 ANCHOR_PROVIDERS = ("torch-adam-fused", "torch-sgd")
@@ -52,8 +52,9 @@ def _ours(kind: str, params, reg, backend: str):
 
 
 def _compiled_reference(kind: str, params, grads, reg):
-    """torch.compile of a function that calls ``reference.step`` on the lists (states made by
-    ``init_states``, as the optimizer classes make them; step counts on the params' device)."""
+    """torch.compile of a function that counts the step (``contract.begin_step``) and calls
+    ``reference.step`` on the lists (states made by ``init_states``, as the optimizer classes make
+    them; step counts on the params' device)."""
     import torch._dynamo
 
     # AdaBreg's reference reads the step count with .item(); capture it instead of breaking the graph
@@ -70,21 +71,21 @@ def _compiled_reference(kind: str, params, grads, reg):
         ps = [p.clone() for p in params]
         gs = [g.clone() for g in grads]
         states = init_states(ref_kind, ps, reg=reg, delta=DELTA, momentum=momentum, capturable=True)
-    duals = states.get("duals", [])
-    m = states.get("momentum_buffers", states.get("exp_avgs", []))  # reference.step takes both as exp_avgs
-    s = states.get("exp_avg_sqs", [])
-    steps = states["steps"]
-    hyper = dict(lr=LR[kind], beta1=momentum if kind != "adabreg" else BETAS[0],
-                 beta2=BETAS[1] if kind == "adabreg" else 0.0, eps=EPS if kind == "adabreg" else 0.0, delta=DELTA)
+    m = states.get("momentum_buffers") or states.get("exp_avgs", [])  # the contract's exp_avgs hold both
+    tensors = contract.StepTensors(ps, gs, states.get("duals", []), m, states.get("exp_avg_sqs", []), states["steps"])
+    hyper = {"linbreg": lambda: contract.Hyper.linbreg(LR[kind], momentum, DELTA),
+             "adabreg": lambda: contract.Hyper.adabreg(LR[kind], BETAS[0], BETAS[1], EPS, DELTA),
+             "proxsgd": lambda: contract.Hyper.proxsgd(LR[kind])}[ref_kind]()
 
-    def step_fn(ps, gs, duals, m, s, steps):
-        return reference.step(ref_kind, ps, gs, duals, m, s, steps, reg=reg, **hyper)
+    def step_fn(tensors):
+        contract.begin_step(tensors.steps, None, capturable=True)
+        return reference.step(tensors, hyper, reg)
 
     compiled = torch.compile(step_fn)
 
     @torch.no_grad()
     def step():
-        compiled(ps, gs, duals, m, s, steps)
+        compiled(tensors)
 
     return step
 
@@ -113,7 +114,7 @@ def build_provider(provider: str, kind: str, params, grads, reg, reg_name: str) 
     backend = provider
     if provider != "reference":
         try:
-            select_backend(backend, device, reg)
+            select(backend, device, reg)
         except RuntimeError as e:
             raise Skip(str(e)) from None
     return _ours(kind, _leaf_params(params, grads), reg, backend).step

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from ._layout import leading_dims
+from .backends.contract import RegCode
+from .backends.layout import leading_dims
 from .regularizers import Regularizer
 
 try:
@@ -45,10 +46,10 @@ def check_sharding(param: torch.Tensor, reg: Regularizer) -> None:
     """Raise ValueError if param's sharding would split one of reg's groups across ranks."""
     if not is_dtensor(param):
         return
-    kind = reg.kind
-    if kind == "nuclear":
+    code = RegCode.of(reg.kind)
+    if code is None:
         raise ValueError("Nuclear needs the whole matrix for its SVD; it does not support sharded (DTensor) parameters")
-    if kind not in ("group", "sparse_group"):
+    if not code.is_row_map:
         return  # element-wise maps are exact on any shard
     # rows are θ.flatten(1) (GroupL1L2) or the kernels θ.flatten(2) (KernelL1L2): sharding one of
     # the leading dims in front of a row keeps every group on one rank

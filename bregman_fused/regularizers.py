@@ -33,10 +33,21 @@ __all__ = [
 
 
 def _check_lamda(name: str, value: float) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)") from None
     if not math.isfinite(value) or value < 0.0:
         raise ValueError(f"Invalid {name}: {value} (must be a finite number >= 0)")
     return value
+
+
+def _refuse_unknown_keywords(cls_name: str, unknown: dict[str, Any], known: tuple[str, ...]) -> None:
+    """``L1(lambda_=...)`` names the public class and its keywords (λ is spelt ``lamda``: ``lambda``
+    is a Python keyword)."""
+    if unknown:
+        raise TypeError(f"{cls_name}() got unexpected keyword argument(s) {sorted(unknown)}; its keywords are "
+                        f"{', '.join(known)} (spelt 'lamda': 'lambda' is a Python keyword)")
 
 
 def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
@@ -56,9 +67,15 @@ class Regularizer:
 
     ``"none"``, ``"l1"``, ``"l1pos"`` (element-wise), ``"group"``, ``"sparse_group"`` (row maps),
     ``"nuclear"`` (reference backend only).
+
+    The fused kernels run the built-in map of ``kind``, never a Python ``shrink``: they take only
+    the exact built-in classes. A subclass runs on the reference backend (``"auto"`` picks it with
+    a one-time warning; a named fused backend refuses), unless it declares in its own class body
+    ``keeps_builtin_map = True`` (it changes no math, e.g. adds logging).
     """
 
     kind = "none"
+    keeps_builtin_map = False  # read from the class's own body only: subclasses do not inherit it
 
     # -- the three things every regularizer provides -------------------------------------------
     def value(self, theta: torch.Tensor) -> torch.Tensor:
@@ -138,7 +155,10 @@ class NoReg(Regularizer):
 
 
 class _LamdaReg(Regularizer):
-    def __init__(self, lamda: float):
+    def __init__(self, lamda: float | None = None, **unknown: Any):
+        _refuse_unknown_keywords(type(self).__name__, unknown, ("lamda",))
+        if lamda is None:
+            raise TypeError(f"{type(self).__name__}() needs the strength lamda, e.g. {type(self).__name__}(lamda=1e-3)")
         self.lamda = _check_lamda("lamda", lamda)
 
     def _params(self):
@@ -239,7 +259,10 @@ class SparseGroupL1L2(GroupL1L2):
 
     kind = "sparse_group"
 
-    def __init__(self, lamda_l1: float, lamda_group: float):
+    def __init__(self, lamda_l1: float | None = None, lamda_group: float | None = None, **unknown: Any):
+        _refuse_unknown_keywords(type(self).__name__, unknown, ("lamda_l1", "lamda_group"))
+        if lamda_l1 is None or lamda_group is None:
+            raise TypeError("SparseGroupL1L2() needs both strengths, e.g. SparseGroupL1L2(lamda_l1=1e-3, lamda_group=1e-2)")
         self.lamda_l1 = _check_lamda("lamda_l1", lamda_l1)
         self.lamda_group = _check_lamda("lamda_group", lamda_group)
 
@@ -309,7 +332,15 @@ class Nuclear(_LamdaReg):
         return (self.lamda * (u * keep) @ vh).reshape(theta.shape)
 
 
-_REGISTRY = {cls.__name__: cls for cls in (NoReg, L1, L1Pos, GroupL1L2, KernelL1L2, SparseGroupL1L2, Nuclear)}
+BUILTIN_TYPES = (NoReg, L1, L1Pos, GroupL1L2, KernelL1L2, SparseGroupL1L2, Nuclear)
+_REGISTRY = {cls.__name__: cls for cls in BUILTIN_TYPES}
+
+
+def runs_builtin_map(reg: Regularizer) -> bool:
+    """True when ``reg`` computes exactly its kind's built-in map: a built-in class, or a subclass
+    that says so in its own class body (``keeps_builtin_map = True``)."""
+    cls = type(reg)
+    return cls in BUILTIN_TYPES or bool(cls.__dict__.get("keeps_builtin_map", False))
 
 
 def regularizer_from_dict(d: dict[str, Any]) -> Regularizer:

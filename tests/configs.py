@@ -180,3 +180,13 @@ def assert_matches_reference(cfg: Config, backend: str, device="cpu", num_steps:
     counts = opt._nonzeros()
     (p,) = opt.param_groups[0]["params"]
     assert int(counts[p]) == int(torch.count_nonzero(p)), f"{cfg.id} [{backend}] non-zero count"
+
+
+def backend_step(backend, kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, reg, lr, beta1=0.0, beta2=0.0,
+                 eps=0.0, delta=1.0, **amp):
+    """One step of ``kind`` on ``backend`` over raw lists, through the functional layer (which
+    applies the step-count policy), for tests that drive a backend without an optimizer."""
+    from bregman_fused.backends.contract import Hyper, Kind, StepTensors
+
+    return bf.functional.fused_step(backend, StepTensors(params, grads, duals, exp_avgs, exp_avg_sqs, steps),
+                                    Hyper(Kind.parse(kind), lr, beta1, beta2, eps, delta), reg, **amp)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from bregman_fused.functional import _unavailable_reason
+from bregman_fused.backends import unavailable_reason as _unavailable_reason
 from bregman_fused.regularizers import NoReg
 
 from configs import CONFIGS, Config, assert_matches_reference, make_configs

@@ -14,7 +14,8 @@ import zipfile
 import pytest
 import torch
 
-from bregman_fused import _build, _ext
+from bregman_fused import _build
+from bregman_fused.backends import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +38,9 @@ def test_binary_without_a_digest_reads_as_none(tmp_path):
     assert _build.built_source_hash(str(blob)) == "habc123"  # a bare marker before the marked digest
 
 
-@pytest.mark.skipif(not _ext.cpu_available(), reason="the C++ extension is not built here")
+@pytest.mark.skipif(not loader.cpu_available(), reason="the C++ extension is not built here")
 def test_loaded_extension_was_built_from_these_sources():
-    module = _ext._load_cpu().module
+    module = loader._load_cpu().module
     assert module.source_hash == _build.source_hash(_build.source_root())
     assert _build.built_source_hash(module.__file__) == module.source_hash
 
@@ -51,14 +52,14 @@ def test_a_stale_extension_is_not_imported(monkeypatch):
     if spec is None or not spec.origin:
         pytest.skip("no installed C++ extension to be stale")
     imported = []
-    real_import = _ext.importlib.import_module
-    monkeypatch.setattr(_ext.importlib, "import_module",
+    real_import = loader.importlib.import_module
+    monkeypatch.setattr(loader.importlib, "import_module",
                         lambda name, *a, **k: imported.append(name) or real_import(name, *a, **k))
     monkeypatch.setattr(_build, "source_hash", lambda root: "hedited")
-    monkeypatch.setattr(_ext, "_cpu", None)
+    monkeypatch.setattr(loader, "_cpu", None)
     monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
-    assert not _ext.cpu_available()
-    assert "changed since the install" in _ext.cpu_error() and "pip install" in _ext.cpu_error()
+    assert not loader.cpu_available()
+    assert "changed since the install" in loader.cpu_error() and "pip install" in loader.cpu_error()
     assert _build.CPU_MODULE not in imported
 
 
@@ -70,11 +71,12 @@ _JIT_SCRIPT = textwrap.dedent("""
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     import torch
     import bregman_fused as bf
-    from bregman_fused import _build, _ext
+    from bregman_fused import _build
+from bregman_fused.backends import loader
     assert bf.__file__.startswith(sys.argv[1]), bf.__file__
     assert _build.source_root().endswith("_src"), _build.source_root()
-    assert _ext.cpu_available(), _ext.cpu_error()
-    assert _ext._load_cpu().module.__name__ == "bregman_fused_cpu"
+    assert loader.cpu_available(), loader.cpu_error()
+    assert loader._load_cpu().module.__name__ == "bregman_fused_cpu"
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(37, 5)) for _ in range(2)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
@@ -123,9 +125,9 @@ _CUDA_LOAD_SCRIPT = textwrap.dedent("""
     sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     import torch
     import bregman_fused
-    from bregman_fused import _ext
+    from bregman_fused.backends import loader
     assert bregman_fused.__file__.startswith(sys.argv[1]), bregman_fused.__file__
-    assert _ext.cuda_available(), _ext.cuda_error()
+    assert loader.cuda_available(), loader.cuda_error()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("bregman_fused::fused_step", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("bregman_fused::fused_step_capturable", "CUDA")
     print("CUDA MODULE OK")

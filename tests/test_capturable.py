@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import bregman_fused as bf
-from bregman_fused import _ext, functional
-from bregman_fused import triton as triton_backend
+from bregman_fused import functional
+from bregman_fused.backends import loader
+from bregman_fused.backends import triton as triton_backend
 
 from cuda_graphs import warm_up_on_side_stream
 
@@ -35,7 +36,7 @@ SHAPES = [(13, 7), (5, 37), (1,), (2, 3, 5, 5)]
 
 def _cpu_backends():
     out = ["reference"]
-    if _ext.cpu_available():
+    if loader.cpu_available():
         out.append("cpu")
     if triton_backend.unavailable_reason("cpu") is None:
         out.append("triton")
@@ -205,7 +206,7 @@ def test_triton_capturable_checks_the_step_counters():
 def _gpu_backends():
     out = []
     if torch.cuda.is_available():
-        if _ext.cuda_available():
+        if loader.cuda_available():
             out.append("cuda")
         if triton_backend.unavailable_reason("cuda") is None:
             out.append("triton")
@@ -219,8 +220,8 @@ def _gpu_backends():
 def test_training_step_replayed_from_a_cuda_graph(backend, kind, reg):
     """Forward, backward and optimizer.step() captured once and replayed; the lr tensor and the AMP
     overflow flag change between replays. Matches eager steps of a non-capturable twin."""
-    if backend == "cuda" and not _ext.cuda_available():
-        pytest.skip(f"CUDA extension not built: {_ext.cuda_error()}")
+    if backend == "cuda" and not loader.cuda_available():
+        pytest.skip(f"CUDA extension not built: {loader.cuda_error()}")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(dev)
@@ -340,7 +341,7 @@ def test_counts_land_in_one_buffer_per_bucket(backend, capturable):
         opt.step()
         opt.__dict__.pop("found_inf", None)
         assert opt.density() == _true_density(params)
-        now = [c for _, c in opt._counts.values()]
+        now = [c for _, c in opt._counts.latest.values()]
         buffers = buffers or now
         if k < 3:
             assert all(a is b for a, b in zip(now, buffers))  # the same tensors, updated in place
@@ -355,8 +356,8 @@ def test_counts_land_in_one_buffer_per_bucket(backend, capturable):
 def test_density_follows_replays_and_eager_steps_in_between(backend):
     """Before the counts buffer, an eager step after the capture replaced the tensor density() read,
     so later replays no longer reached it."""
-    if backend == "cuda" and not _ext.cuda_available():
-        pytest.skip(f"CUDA extension not built: {_ext.cuda_error()}")
+    if backend == "cuda" and not loader.cuda_available():
+        pytest.skip(f"CUDA extension not built: {loader.cuda_error()}")
     dev = torch.device("cuda")
     params, opt = _make("linbreg", backend, bf.L1(lamda=0.25), capturable=True, device=dev,
                         lr=torch.tensor(0.1, device=dev))

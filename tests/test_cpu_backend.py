@@ -6,7 +6,6 @@ tests/test_backends.py::test_cpu_matches_reference.
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import subprocess
@@ -17,19 +16,20 @@ import pytest
 import torch
 
 import bregman_fused as bf
-from bregman_fused import _ext, functional
+from bregman_fused import backends
+from bregman_fused.backends import loader
 
-from configs import OPTIMIZERS, REGULARIZERS, tolerance
+from configs import OPTIMIZERS, REGULARIZERS, backend_step, tolerance
 
 STATE_KEYS = ("dual", "momentum_buffer", "exp_avg", "exp_avg_sq")
 FUSED_REGS = ["none", "l1", "l1pos", "group", "sparse_group"]
 
 
 def _need_cpu():
-    if not _ext.cpu_available():
+    if not loader.cpu_available():
         if os.environ.get("CI"):
-            pytest.fail(f"CI must build the CPU extension: {_ext.cpu_error()}")
-        pytest.skip(f"C++ CPU extension unavailable: {_ext.cpu_error()}")
+            pytest.fail(f"CI must build the CPU extension: {loader.cpu_error()}")
+        pytest.skip(f"C++ CPU extension unavailable: {loader.cpu_error()}")
 
 
 def no_ext_needed(fn):
@@ -127,24 +127,6 @@ def test_two_thousand_tiny_tensors(opt_name, reg_name):
     _assert_like_reference(opt_name, reg_name, cat_theta, cat_grads)
 
 
-def test_mixed_dtypes_in_one_group():
-    # the optimizer buckets by dtype: one fused call per dtype, each checked against the reference
-    shapes = [(37, 5), (1023,), (3, 4, 3, 3)] * 3
-    dtypes = [torch.float32] * 3 + [torch.bfloat16] * 3 + [torch.float64] * 3
-    for opt_name in OPTIMIZERS:
-        thetas, grads = _inputs(shapes, 3, dtypes=dtypes)
-        got, got_opt = _run(opt_name, "sparse_group", thetas, grads, "cpu")
-        ref, _ = _run(opt_name, "sparse_group", thetas, grads, "reference")
-        r64, _ = _run(opt_name, "sparse_group", thetas, grads, "reference", dtype=torch.float64)
-        for p, rp, q in zip(got, ref, r64):
-            assert p.dtype == rp.dtype
-            tol = tolerance(rp.detach(), q.detach(), p.dtype)
-            err = (p.detach().double() - q.detach()).abs().max().item()
-            assert err <= tol, f"{opt_name} {p.dtype}: θ off by {err:.3g} > {tol:.3g}"
-            if opt_name != "proxsgd":
-                assert got_opt.state[p]["dual"].dtype == (torch.float64 if p.dtype == torch.float64 else torch.float32)
-
-
 @pytest.mark.parametrize("kind,reg", [("linbreg", bf.L1(0.1)), ("adabreg", bf.L1(0.1)),
                                       ("adabreg", bf.GroupL1L2(1.0)), ("proxsgd", bf.SparseGroupL1L2(0.1, 0.1))])
 def test_big_misaligned_bucket_vs_reference(kind, reg):
@@ -166,24 +148,12 @@ def test_big_misaligned_bucket_vs_reference(kind, reg):
     got, ref = make(), make()
     for k in range(2):
         g = [torch.randn(rows, n, generator=torch.Generator().manual_seed(10 + k))]
-        counts = _ext.cpu_step(kind, got[0], g, *got[1:], reg=reg, **hyper)
-        bf.reference.step(kind, ref[0], g, *ref[1:], reg=reg, **hyper)
+        counts = backend_step("cpu", kind, got[0], g, *got[1:], reg=reg, **hyper)
+        backend_step("reference", kind, ref[0], g, *ref[1:], reg=reg, **hyper)
         assert counts.tolist() == [int(torch.count_nonzero(got[0][0]))]
     for a, b in zip(got[0] + got[1] + got[2], ref[0] + ref[1] + ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert 0 < int(torch.count_nonzero(got[0][0])) < rows * n  # the threshold is active
-
-
-def test_counts_see_the_stored_dtype():
-    # θ = δ·v = 1e-9 rounds to 0 in float16: the count must be of the stored θ, in the SIMD body
-    # (the first 32 elements) and in the scalar tail alike
-    p = torch.zeros(37, dtype=torch.float16)
-    g = torch.zeros(37, dtype=torch.float16)
-    v = torch.tensor([1e-9, 1.0, 0.0, -2e-8] * 9 + [1e-9])
-    counts = _ext.cpu_step("linbreg", [p], [g], [v], [], [], [torch.zeros(())], lr=0.0, beta1=0.0, beta2=0.0,
-                           eps=0.0, delta=1.0, reg=bf.NoReg())
-    assert p.tolist() == [0.0, 1.0, 0.0, 0.0] * 9 + [0.0]
-    assert counts.tolist() == [9]
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -226,8 +196,8 @@ def test_non_contiguous_params_grads_and_states(opt_name):
     ref = make()
     assert not got[1][0].is_contiguous() and not got[2][0].is_contiguous()
     for _ in range(3):
-        c = _ext.cpu_step(kind, *got[1:], reg=reg, **hyper)
-        r = bf.reference.step(kind, *ref[1:], reg=reg, **hyper)
+        c = backend_step("cpu", kind, *got[1:], reg=reg, **hyper)
+        r = backend_step("reference", kind, *ref[1:], reg=reg, **hyper)
         assert torch.equal(c, r)
     # results landed in the caller's (strided) tensors and nowhere else in the shared storage
     assert torch.allclose(got[0], ref[0], rtol=1e-5, atol=1e-6)
@@ -240,77 +210,7 @@ def test_non_contiguous_params_grads_and_states(opt_name):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ---- checkpoints move between backends ---------------------------------------------------------
-@pytest.mark.parametrize("opt_name", ["linbreg_momentum", "adabreg", "proxsgd"])
-@pytest.mark.parametrize("first,second", [("cpu", "reference"), ("reference", "cpu")])
-def test_state_dict_resumes_across_backends(opt_name, first, second):
-    shapes = [(13, 7), (2, 3, 3, 3), (50,)]
-    thetas, grads = _inputs(shapes, 6)
-    cls, hyper = OPTIMIZERS[opt_name]
-
-    def make(backend, init):
-        params = [torch.nn.Parameter(t.clone()) for t in init]
-        return params, cls([{"params": params, "reg": bf.SparseGroupL1L2(0.1, 0.05)}], backend=backend, **hyper)
-
-    def steps(params, opt, ks):
-        for k in ks:
-            for p, g in zip(params, grads):
-                p.grad = g[k].clone()
-            opt.step()
-
-    # uninterrupted: 3 steps on `first`, then 3 on `second` (same optimizer object)
-    u_params, u_opt = make(first, thetas)
-    steps(u_params, u_opt, range(3))
-    u_opt.backend = second
-    steps(u_params, u_opt, range(3, 6))
-
-    # interrupted: 3 steps on `first`, checkpoint through bytes, a fresh optimizer on `second`
-    a_params, a_opt = make(first, thetas)
-    steps(a_params, a_opt, range(3))
-    buf = io.BytesIO()
-    torch.save({"params": [p.detach() for p in a_params], "opt": a_opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    b_params, b_opt = make(second, ckpt["params"])
-    b_opt.load_state_dict(ckpt["opt"])
-    steps(b_params, b_opt, range(3, 6))
-
-    for pu, pb in zip(u_params, b_params):
-        assert torch.equal(pu, pb)
-        su, sb = u_opt.state[pu], b_opt.state[pb]
-        assert set(su) == set(sb)
-        for key in su:
-            assert torch.equal(su[key], sb[key]), key
-    assert float(b_opt.state[b_params[0]]["step"]) == 6
-
-
-# ---- AMP ----------------------------------------------------------------------------------------
-def _snapshot(params, opt):
-    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-
-
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_found_inf_changes_nothing(opt_name):
-    thetas, grads = _inputs([(13, 7), (1023,)], 3)
-    params, opt = _run(opt_name, "l1", thetas, grads, "cpu", num_steps=2)
-    before_p, before_s = _snapshot(params, opt)
-    for p, g in zip(params, grads):
-        p.grad = g[2].clone()
-    opt.grad_scale = torch.full((), 4.0)
-    opt.found_inf = torch.ones(())
-    opt.step()
-    for p, b, bs in zip(params, before_p, before_s):
-        assert torch.equal(p, b)
-        for k in bs:
-            assert torch.equal(opt.state[p][k], bs[k]), k
-        assert float(opt.state[p]["step"]) == 2
-    # found_inf = 0: a normal step
-    opt.found_inf = torch.zeros(())
-    opt.step()
-    assert float(opt.state[params[0]]["step"]) == 3
-    assert not torch.equal(params[0], before_p[0])
-
-
+# ---- AMP (the shared behaviour is in test_shared_behaviour.py) -----------------------------------
 def test_op_with_found_inf_returns_current_counts():
     p = torch.tensor([0.0, 1.0, 2.0, 0.0])
     g = torch.ones(4)
@@ -320,74 +220,6 @@ def test_op_with_found_inf_returns_current_counts():
                                                  0.25, 0.0, None, torch.ones(()))
     assert counts.tolist() == [2]
     assert p.tolist() == [0.0, 1.0, 2.0, 0.0] and v.tolist() == [5.0, -1.0, 0.5, 0.0] and float(step) == 0
-    assert _ext.cpu_step("linbreg", [p], [g], [v], [], [], [step], lr=0.1, beta1=0.0, beta2=0.0, eps=0.0, delta=1.0,
-                         reg=bf.L1(0.25), found_inf=torch.ones(())) is None
-
-
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("reg_name", ["none", "group"])
-def test_grad_scale_equals_pre_divided_grads(opt_name, reg_name):
-    scale = torch.full((), 3.0)  # not a power of two: the division really rounds
-    thetas, grads = _inputs([(13, 7), (1023,), (4, 2, 3, 3)], 3)
-    scaled = [[g * scale for g in gs] for gs in grads]
-    divided = [[g / scale for g in gs] for gs in scaled]
-    cls, hyper = OPTIMIZERS[opt_name]
-
-    def run(gs, with_scale, backend="cpu"):
-        params = [torch.nn.Parameter(t.clone()) for t in thetas]
-        opt = cls([{"params": params, "reg": REGULARIZERS[reg_name][0]()}], backend=backend, **hyper)
-        for k in range(3):
-            for p, g in zip(params, gs):
-                p.grad = g[k].clone()
-            if with_scale:
-                opt.grad_scale = scale
-            opt.step()
-        return params, opt
-
-    a, a_opt = run(scaled, True)
-    b, b_opt = run(divided, False)
-    r, _ = run(scaled, True, backend="reference")
-    for pa, pb, pr in zip(a, b, r):
-        assert torch.equal(pa, pb)
-        for key in a_opt.state[pa]:
-            assert torch.equal(a_opt.state[pa][key], b_opt.state[pb][key])
-        assert torch.allclose(pa, pr, rtol=1e-5, atol=1e-6)
-
-
-def test_grad_scaler_loop_skips_inf_steps():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    twin.load_state_dict(model.state_dict())
-    opt = bf.AdaBreg(model.parameters(), lr=1e-2, reg=bf.L1(1e-3), backend="cpu")
-    twin_opt = bf.AdaBreg(twin.parameters(), lr=1e-2, reg=bf.L1(1e-3), backend="cpu")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    x, y = torch.randn(32, 8), torch.randn(32, 2)
-    inf_step = 2
-    for k in range(5):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        scaler.scale(loss).backward()
-        if k == inf_step:
-            model[0].weight.grad[0, 0] = float("inf")
-            before = [p.detach().clone() for p in model.parameters()]
-            steps_before = [float(opt.state[p]["step"]) for p in model.parameters()]
-        scale_before = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        if k == inf_step:
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-            assert [float(opt.state[p]["step"]) for p in model.parameters()] == steps_before
-            assert scaler.get_scale() == scale_before / 2
-            continue
-        # the twin takes the same step without a scaler (power-of-two scales: identical grads)
-        twin_opt.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        twin_opt.step()
-        for p, q in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    assert not hasattr(opt, "found_inf")  # GradScaler cleans up after itself
-    assert float(opt.state[model[0].weight]["step"]) == 4
 
 
 # ---- boundary checks of the op ------------------------------------------------------------------
@@ -479,16 +311,16 @@ def test_op_valid_args_run():
 # ---- loader: unavailable extension --------------------------------------------------------------
 @no_ext_needed
 def test_named_cpu_backend_raises_with_the_stored_error(monkeypatch):
-    monkeypatch.setattr(_ext, "_cpu", _ext._LoadState(error="simulated: no C++ compiler found"))
-    monkeypatch.setattr(functional, "_warned_fallback", set())
-    assert not _ext.cpu_available()
+    monkeypatch.setattr(loader, "_cpu", loader._LoadState(error="simulated: no C++ compiler found"))
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    assert not loader.cpu_available()
     p = torch.nn.Parameter(torch.randn(4))
     p.grad = torch.randn(4)
     opt = bf.LinBreg([p], reg=bf.L1(0.1), backend="cpu")
     with pytest.raises(RuntimeError, match=r"backend='cpu' cannot run here.*simulated: no C\+\+ compiler found"):
         opt.step()
     with pytest.raises(RuntimeError, match="simulated: no C"):
-        _ext.cpu_step("linbreg", [p], [p.grad], [p.detach().clone()], [], [], [torch.zeros(())], lr=0.1, beta1=0.0,
+        backend_step("cpu", "linbreg", [p], [p.grad], [p.detach().clone()], [], [], [torch.zeros(())], lr=0.1, beta1=0.0,
                       beta2=0.0, eps=0.0, delta=1.0, reg=bf.L1(0.1))
     # "auto" falls back to the reference with one warning
     auto = bf.LinBreg([p], reg=bf.L1(0.1), backend="auto")
@@ -508,22 +340,22 @@ def test_loader_stores_import_and_jit_errors(monkeypatch):
             raise ImportError("simulated: no compiled module")
         return real_import(name, *a, **k)
 
-    monkeypatch.setattr(_ext, "_cpu", None)
-    monkeypatch.setattr(_ext.importlib, "import_module", fake_import)
+    monkeypatch.setattr(loader, "_cpu", None)
+    monkeypatch.setattr(loader.importlib, "import_module", fake_import)
     monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
-    assert not _ext.cpu_available()
-    err = _ext.cpu_error()
+    assert not loader.cpu_available()
+    err = loader.cpu_error()
     assert "simulated: no compiled module" in err and "BREGMAN_FUSED_NO_JIT" in err
     # cached: a second query does not retry
-    monkeypatch.setattr(_ext.importlib, "import_module", real_import)
-    assert _ext.cpu_error() == err
+    monkeypatch.setattr(loader.importlib, "import_module", real_import)
+    assert loader.cpu_error() == err
 
 
 @no_ext_needed
 def test_cuda_reports_unavailable_with_a_reason():
-    if _ext.cuda_available():
+    if loader.cuda_available():
         pytest.skip("the CUDA extension is built here")
-    assert "bregman_fused._C_cuda" in _ext.cuda_error()
+    assert "bregman_fused._C_cuda" in loader.cuda_error()
 
 
 # ---- 64-bit indexing (opt-in: needs ~13 GB of memory) -------------------------------------------
@@ -535,7 +367,7 @@ def test_more_than_2_pow_31_elements():
     g = torch.zeros(n, dtype=torch.bfloat16)
     g[-5:] = -1.0
     g[:3] = 1.0
-    counts = _ext.cpu_step("proxsgd", [p], [g], [], [], [], [torch.zeros(())], lr=0.5, beta1=0.0, beta2=0.0,
+    counts = backend_step("cpu", "proxsgd", [p], [g], [], [], [], [torch.zeros(())], lr=0.5, beta1=0.0, beta2=0.0,
                            eps=0.0, delta=1.0, reg=bf.L1(0.25))
     assert counts.tolist() == [8]
     assert p[-1].item() == 0.25 and p[0].item() == -0.25 and p[n // 2].item() == 0

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import bregman_fused as bf
-from bregman_fused import reference
 
-from configs import OPTIMIZERS, REGULARIZERS, tolerance
+from bregman_fused.backends.contract import Kind, RegCode
+
+from configs import OPTIMIZERS, REGULARIZERS, backend_step, tolerance
 from cuda_graphs import warm_up_on_side_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,17 +26,17 @@ CHECK_SCRIPT = os.path.join(ROOT, "tools", "check_cuda_compile.sh")
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
 
-KIND = {"linbreg": 0, "adabreg": 1, "proxsgd": 2}
-REG_CODE = {"none": 0, "l1": 1, "l1pos": 2, "group": 3, "sparse_group": 4}
+KIND = {k.label: int(k) for k in Kind}
+REG_CODE = {r.name.lower(): int(r) for r in RegCode}
 
 
 @pytest.fixture(scope="module")
 def ops():
-    from bregman_fused import _ext
+    from bregman_fused.backends import loader
 
-    if not _ext.cuda_available():
-        pytest.fail(f"a GPU is present but the CUDA extension did not load: {_ext.cuda_error()}")
-    _ext.cpu_available()  # the fused_step schema is defined by the CPU module
+    if not loader.cuda_available():
+        pytest.fail(f"a GPU is present but the CUDA extension did not load: {loader.cuda_error()}")
+    loader.cpu_available()  # the fused_step schema is defined by the CPU module
     return torch.ops.bregman_fused
 
 
@@ -119,8 +120,8 @@ class Case:
                               REG_CODE[self.reg.kind], l1, group, grad_scale, found_inf)
 
     def reference_call(self, grad_scale=None):
-        reference.step(self.kind, self.params, self.grads, self.duals, self.exp_avgs, self.exp_avg_sqs, self.steps,
-                       reg=self.reg, grad_scale=grad_scale, **self.hyper)
+        backend_step("reference", self.kind, self.params, self.grads, self.duals, self.exp_avgs, self.exp_avg_sqs,
+                     self.steps, reg=self.reg, grad_scale=grad_scale, **self.hyper)
 
 
 def _assert_close_to_reference(got: Case, ref: Case, ref64: Case, what=""):
@@ -161,10 +162,10 @@ SHAPES = [(0,), (1,), (7,), (1023,), (13, 7), (5, 37), (6, 4, 3, 3), (2, 3, 5, 5
 @pytest.mark.parametrize("reg", ["none", "l1", "l1pos", "group", "kernel", "sparse_group"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_cuda_matches_cpu_backend(ops, optimizer, reg, dtype):
-    from bregman_fused import _ext
+    from bregman_fused.backends import loader
 
-    if not _ext.cpu_available():
-        pytest.fail(f"CUDA-vs-CPU needs the C++ CPU extension: {_ext.cpu_error()}")
+    if not loader.cpu_available():
+        pytest.fail(f"CUDA-vs-CPU needs the C++ CPU extension: {loader.cpu_error()}")
     shapes = [s for s in SHAPES if REGULARIZERS[reg][1](s)]
     gen = torch.Generator().manual_seed(1)
     theta0 = [(torch.randn(s, generator=gen, dtype=torch.float64) * 0.5) for s in shapes]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import bregman_fused as bf
-from bregman_fused import _ext, _layout
-from bregman_fused.functional import _unavailable_reason
+from bregman_fused.backends import layout as _layout, loader, native
+from bregman_fused.backends import unavailable_reason as _unavailable_reason
 from bregman_fused.regularizers import NoReg
 
 from configs import OPTIMIZERS, in_layout
@@ -27,8 +27,8 @@ def _gpu_reason(backend: str) -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
     if backend == "cuda":
-        return None if _ext.cuda_available() else f"CUDA extension unavailable: {_ext.cuda_error()}"
-    from bregman_fused import triton as triton_gpu
+        return None if loader.cuda_available() else f"CUDA extension unavailable: {loader.cuda_error()}"
+    from bregman_fused.backends import triton as triton_gpu
 
     return triton_gpu.unavailable_reason(torch.device("cuda"))
 
@@ -42,10 +42,10 @@ FUSED = [pytest.param("cpu", "cpu", marks=needs_cpu_ext, id="cpu")] + [
 def _spy_target(backend: str):
     """The module whose ``kernel_views`` the backend calls."""
     if backend == "triton":
-        from bregman_fused.triton import launcher as triton_launcher
+        from bregman_fused.backends.triton import launcher as triton_launcher
 
         return triton_launcher
-    return _ext
+    return native
 
 
 def _conv(shape=(6, 4, 3, 3), layout="channels_last", seed=0):
@@ -198,10 +198,10 @@ def test_checkpoints_move_between_layouts_bit_for_bit(opt_name):
 
 # ---- triton: a dense layout keeps its pointers, so the pointer table is built once --------------
 try:
-    from bregman_fused import triton as triton_backend
-    from bregman_fused.triton import launcher
+    from bregman_fused.backends import triton as triton_backend
+    from bregman_fused.backends.triton import launcher, tables
 except ImportError:  # triton not installed
-    launcher = None
+    launcher = tables = None
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # conftest sets TRITON_INTERPRET=1 without a GPU
 _TRITON_REASON = "triton not installed" if launcher is None else triton_backend.unavailable_reason(
@@ -216,8 +216,8 @@ def test_triton_channels_last_is_updated_in_place(reg):
     opt = bf.AdaBreg([p], lr=1e-2, reg=reg, backend="triton")
     ref = bf.AdaBreg([q], lr=1e-2, reg=reg, backend="reference")
     p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
-    launcher.clear_caches()
-    builds = launcher.stats["table_builds"]
+    tables.clear_caches()
+    builds = tables.stats["table_builds"]
     for k in range(3):
         g = _conv(seed=30 + k)
         p.grad.copy_(g)  # grads kept in place, as under CUDA-graph capture
@@ -225,7 +225,7 @@ def test_triton_channels_last_is_updated_in_place(reg):
         opt.step()
         ref.step()
     # before dense views, θ and its states were copied every step: new pointers, a new table each time
-    assert launcher.stats["table_builds"] == builds + 1
+    assert tables.stats["table_builds"] == builds + 1
     assert opt.state[p]["dual"].stride() == p.stride()
     torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
     for key in ("dual", "exp_avg", "exp_avg_sq"):
@@ -292,7 +292,7 @@ def test_size_one_dims_with_odd_strides_take_the_as_stored_path(monkeypatch, reg
 
     seen = []
     real = _layout.kernel_views
-    monkeypatch.setattr(_ext, "kernel_views", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(native, "kernel_views", lambda *a: seen.append(real(*a)) or seen[-1])
     gen = torch.Generator().manual_seed(7)
     theta0, grads = torch.randn(shape, generator=gen), [torch.randn(shape, generator=gen) for _ in range(3)]
     results = []

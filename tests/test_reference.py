@@ -93,7 +93,7 @@ def test_linbreg_momentum_is_the_papers_form():
 
 
 def test_adabreg_is_the_design_formula():
-    """AdaBreg with L1, written out from DESIGN.md §1 including both bias corrections."""
+    """AdaBreg with L1, written out from docs/design.md §1 including both bias corrections."""
     lr, b1, b2, eps, delta, lam = 0.01, 0.9, 0.999, 1e-8, 1.5, 0.05
     torch.manual_seed(3)
     theta0 = torch.randn(40, dtype=torch.float64)
@@ -518,9 +518,9 @@ def test_a_model_converted_after_a_step_is_refused_before_any_update(backend):
     """model.double() after a step leaves float32 states behind: the step refuses before it updates
     any group (the kernel's own check would only fail at that group), and reloading the optimizer's
     own state dict re-places the states."""
-    from bregman_fused import _ext
+    from bregman_fused.backends import loader
 
-    if backend == "cpu" and not _ext.cpu_available():
+    if backend == "cpu" and not loader.cpu_available():
         pytest.skip("C++ CPU extension unavailable")
     torch.manual_seed(0)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import bregman_fused as bf
-from bregman_fused import reference
+from bregman_fused.backends import triton as triton_backend
 
-import bregman_fused.triton as triton_backend
+from configs import backend_step
 
 try:
-    from bregman_fused.triton import kernels, launcher
+    from bregman_fused.backends.triton import kernels, launcher, tables
 except ImportError:  # triton not installed: every test below skips with the backend's reason
-    kernels = launcher = None
+    kernels = launcher = tables = None
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 _REASON = triton_backend.unavailable_reason(torch.device(DEVICE))
@@ -44,7 +44,7 @@ def _state_dtype(dtype):
 
 
 class Lists:
-    """Params, grads and states for a direct ``step`` call (as optim.py would make them)."""
+    """Params, grads and states for a direct ``step`` call (as the optimizer classes would make them)."""
 
     def __init__(self, opt: str, shapes, dtypes, reg, seed=0, device=DEVICE, offset=0):
         gen = torch.Generator().manual_seed(seed)
@@ -79,8 +79,8 @@ class Lists:
             setattr(c, key, [t.clone() for t in getattr(self, key)])
         return c
 
-    def step(self, fn, **extra):
-        return fn(self.kind, self.params, self.grads, self.duals, self.exp_avgs, self.exp_avg_sqs, self.steps,
+    def step(self, backend: str, **extra):
+        return backend_step(backend, self.kind, self.params, self.grads, self.duals, self.exp_avgs, self.exp_avg_sqs, self.steps,
                   reg=self.reg, **{**self.hyper, **extra})
 
     def tensors(self):
@@ -97,8 +97,8 @@ def _assert_same(got: Lists, ref: Lists, what=""):
 def _run_both(lists: Lists, num_steps=3, **extra):
     ref = lists.clone()
     for _ in range(num_steps):
-        counts = lists.step(triton_backend.step, **extra)
-        ref_counts = ref.step(reference.step, **extra)
+        counts = lists.step("triton", **extra)
+        ref_counts = ref.step("reference", **extra)
     _assert_same(lists, ref)
     if ref_counts is None:
         assert counts is None
@@ -114,9 +114,9 @@ def small_blocks(monkeypatch):
     blocks, several row tiles per entry, and rows longer than the row tile (64)."""
     if not launcher.interpreting():
         pytest.skip("block sizes are only shrunk for the interpreter")
-    cfg = launcher.LaunchConfig(block=32, num_warps=1, row_block=64, row_num_warps=1, max_chunk=128,
-                                programs_per_sm=1)
-    monkeypatch.setattr(launcher, "INTERPRETER_CONFIG", cfg)
+    cfg = tables.LaunchConfig(block=32, num_warps=1, row_block=64, row_num_warps=1, max_chunk=128,
+                              programs_per_sm=1)
+    monkeypatch.setattr(tables, "INTERPRETER_CONFIG", cfg)
     return cfg
 
 
@@ -174,17 +174,17 @@ def test_table_cache_reused_and_rebuilt():
     for p in params:
         p.grad = torch.randn_like(p)
     opt = bf.LinBreg(params, lr=0.1, reg=bf.L1(0.2), momentum=0.5, backend="triton")
-    launcher.clear_caches()
-    builds = launcher.stats["table_builds"]
+    tables.clear_caches()
+    builds = tables.stats["table_builds"]
     opt.step()
-    assert launcher.stats["table_builds"] == builds + 1
+    assert tables.stats["table_builds"] == builds + 1
     for _ in range(3):  # same tensors: the uploaded table is reused
         opt.step()
-    assert launcher.stats["table_builds"] == builds + 1
+    assert tables.stats["table_builds"] == builds + 1
     # lr changes must not touch the tables either
     opt.param_groups[0]["lr"] = 0.05
     opt.step()
-    assert launcher.stats["table_builds"] == builds + 1
+    assert tables.stats["table_builds"] == builds + 1
 
     # re-allocating a param (new data_ptr) builds a new table, and the kernel writes the new storage
     ref = bf.LinBreg([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.05, reg=bf.L1(0.2),
@@ -197,7 +197,7 @@ def test_table_cache_reused_and_rebuilt():
     assert params[0].data_ptr() != old_ptr
     opt.step()
     ref.step()
-    assert launcher.stats["table_builds"] == builds + 2
+    assert tables.stats["table_builds"] == builds + 2
     for p, q in zip(params, ref.param_groups[0]["params"]):
         torch.testing.assert_close(p.detach().cpu(), q.detach().cpu())
 
@@ -206,9 +206,9 @@ def test_table_cache_reused_and_rebuilt():
     extra.grad = torch.randn_like(extra)
     opt.add_param_group({"params": [extra], "reg": bf.L1(0.1)})
     opt.step()
-    assert launcher.stats["table_builds"] == builds + 3
+    assert tables.stats["table_builds"] == builds + 3
     opt.step()
-    assert launcher.stats["table_builds"] == builds + 3
+    assert tables.stats["table_builds"] == builds + 3
 
 
 @needs_triton
@@ -220,8 +220,8 @@ def test_new_grad_tensors_give_correct_pointers():
         g = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE) for p in lists.params]
         lists.grads = g
         ref.grads = [t.clone() for t in g]
-        lists.step(triton_backend.step)
-        ref.step(reference.step)
+        lists.step("triton")
+        ref.step("reference")
         del g
     _assert_same(lists, ref)
 
@@ -254,7 +254,7 @@ def test_row_kernel_all_row_classes(opt, reg, small_blocks):
 @pytest.mark.parametrize("opt", ["linbreg_momentum", "adabreg", "proxsgd"])
 def test_long_rows_default_config(opt):
     """Rows longer than the default row tile take the two-sweep path."""
-    block = launcher.launch_config(torch.device(DEVICE)).row_block
+    block = tables.launch_config(torch.device(DEVICE)).row_block
     lists = Lists(opt, [(3, block + 477), (2, 2 * block + 1), (4, 7)], torch.float32,
                   bf.SparseGroupL1L2(0.05, 0.02))
     lists.hyper = {**lists.hyper, "lr": 0.3}
@@ -289,117 +289,28 @@ def test_host_hyper_table_follows_lr_and_step_counts(kind):
     must follow an lr that changes between steps, as the reference does."""
     lists = Lists(kind, [(40,), (6, 7)], torch.float32, bf.L1(0.1))
     ref = lists.clone()
-    launcher.clear_caches()
-    builds = launcher.stats["hyper_builds"]
+    tables.clear_caches()
+    builds = tables.stats["hyper_builds"]
     for lr in (0.1, 0.1, 0.05, 0.1, 0.05):
-        lists.step(triton_backend.step, lr=lr)
-        ref.step(reference.step, lr=lr)
+        lists.step("triton", lr=lr)
+        ref.step("reference", lr=lr)
         _assert_same(lists, ref, f"lr={lr}")
-    assert launcher.stats["hyper_builds"] == builds + 2  # one per distinct lr, whatever the step count
+    assert tables.stats["hyper_builds"] == builds + 2  # one per distinct lr, whatever the step count
 
 
 @needs_triton
-def test_next_step_counts_match_the_float32_increment():
-    steps = [torch.tensor(0.0), torch.tensor(16777216.0), torch.tensor(3.0)]
-    assert launcher._next_step_counts(steps) == [1.0, 16777216.0, 4.0]  # float32: 2^24 + 1 rounds to 2^24
-    mixed = [torch.tensor(2.0), torch.tensor([5.0])]  # shapes a functional caller may pass
-    assert launcher._next_step_counts(mixed) == [3.0, 6.0]
-
-
-# ---- dtypes ----------------------------------------------------------------------------------------
-@needs_triton
-@pytest.mark.parametrize("reg", [bf.L1(0.2), bf.SparseGroupL1L2(0.1, 0.05)], ids=lambda r: r.kind)
-def test_mixed_dtypes_one_group(reg):
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    shapes = [(6, 5), (6, 5), (4, 9), (3, 7)]
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter((torch.randn(s) * 0.5).to(DEVICE, d)) for s, d in zip(shapes, dtypes)]
-    refs = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt = bf.AdaBreg(params, lr=0.05, reg=reg, backend="triton")
-    ref = bf.AdaBreg(refs, lr=0.05, reg=reg, backend="reference")
-    for i in range(3):
-        for p, q in zip(params, refs):
-            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE, p.dtype)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
-    for p, q in zip(params, refs):
-        assert p.dtype == q.dtype
-        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu())
-        for key in ("dual", "exp_avg", "exp_avg_sq"):
-            assert opt.state[p][key].dtype == ref.state[q][key].dtype
-            torch.testing.assert_close(opt.state[p][key].cpu(), ref.state[q][key].cpu())
-    assert opt.density() == ref.density()
-
-
-@needs_triton
-def test_low_precision_counts_use_the_stored_value():
-    """A θ that is non-zero in float32 but rounds to 0 in float16 must not be counted."""
-    lists = Lists("linbreg", [(4,)], torch.float16, bf.NoReg())
-    lists.grads = [torch.zeros(4, dtype=torch.float16, device=DEVICE)]
-    lists.duals = [torch.tensor([1e-9, 0.5, 0.0, -0.5], device=DEVICE)]
-    counts = lists.step(triton_backend.step)
-    assert lists.params[0].tolist()[0] == 0.0
-    assert counts.tolist() == [2] == [int(torch.count_nonzero(lists.params[0]))]
-
-
-# ---- AMP -------------------------------------------------------------------------------------------
-@needs_triton
-@pytest.mark.parametrize("opt", ["linbreg_momentum", "adabreg", "proxsgd"])
-@pytest.mark.parametrize("reg", [bf.L1(0.2), bf.GroupL1L2(0.05)], ids=lambda r: r.kind)
-def test_grad_scale_and_found_inf(opt, reg):
-    lists = Lists(opt, [(7,), (4, 5)], torch.float32, reg)
-    scale = torch.tensor(1024.0, device=DEVICE)
-    ref = lists.clone()
-
-    # found_inf set: nothing changes, steps are not incremented, None is returned
-    before = lists.clone()
-    scaled = [g * 1024.0 for g in lists.grads]
-    lists.grads = scaled
-    assert lists.step(triton_backend.step, grad_scale=scale, found_inf=torch.ones((), device=DEVICE)) is None
-    _assert_same(lists, before, "after found_inf")
-
-    # found_inf clear: the grads are divided by grad_scale in the kernel
-    for _ in range(2):
-        counts = lists.step(triton_backend.step, grad_scale=scale, found_inf=torch.zeros((), device=DEVICE))
-        ref.step(reference.step)
-    _assert_same(lists, ref, "grad_scale")
-    assert counts.tolist() == [int(torch.count_nonzero(p)) for p in lists.params]
-    assert [float(s) for s in lists.steps] == [2.0, 2.0]
-
-
-@needs_triton
-def test_grad_scaler_with_optimizer():
-    """torch.amp.GradScaler hands grad_scale / found_inf to the optimizer (_step_supports_amp_scaling)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(6, 3).to(DEVICE)
-    ref_model = torch.nn.Linear(6, 3).to(DEVICE)
-    ref_model.load_state_dict(model.state_dict())
-    opt = bf.AdaBreg(model.parameters(), lr=0.01, reg=bf.L1(0.01), backend="triton")
-    ref = bf.AdaBreg(ref_model.parameters(), lr=0.01, reg=bf.L1(0.01), backend="reference")
-    scaler = torch.amp.GradScaler(DEVICE, init_scale=256.0)
-    x = torch.randn(8, 6, device=DEVICE)
-    for i in range(3):
-        opt.zero_grad()
-        ref.zero_grad()
-        scaler.scale(model(x).square().sum()).backward()
-        if i == 1:
-            model.weight.grad[0, 0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-        if i != 1:  # the step with an inf grad is skipped
-            ref_model(x).square().sum().backward()
-            ref.step()
-    for p, q in zip(model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu())
-        assert float(opt.state[p]["step"]) == 2.0
+def test_step_counts_are_read_as_the_float32_counters_hold_them():
+    steps = [torch.tensor(1.0), torch.tensor(16777216.0), torch.tensor(4.0)]
+    assert launcher._step_counts(steps) == [1.0, 16777216.0, 4.0]
+    mixed = [torch.tensor(3.0), torch.tensor([6.0])]  # shapes a functional caller may pass
+    assert launcher._step_counts(mixed) == [3.0, 6.0]
 
 
 # ---- availability -----------------------------------------------------------------------------------
 def test_cpu_without_interpreter_raises_clear_error():
     code = textwrap.dedent("""
         import torch, bregman_fused as bf
-        from bregman_fused import triton as tb
+        from bregman_fused.backends import triton as tb
         reason = tb.unavailable_reason(torch.device("cpu"))
         assert reason is not None and "TRITON_INTERPRET=1" in reason, reason
         p = torch.nn.Parameter(torch.randn(3))
@@ -430,13 +341,18 @@ def test_interpreter_rejects_cuda_tensors():
 
 @needs_triton
 def test_nuclear_and_bad_arguments_are_rejected():
+    from bregman_fused.backends.contract import Hyper, StepTensors
+
     lists = Lists("linbreg", [(3, 3)], torch.float32, bf.Nuclear(0.1))
-    with pytest.raises(ValueError, match="Nuclear"):
-        lists.step(triton_backend.step)
+    with pytest.raises(RuntimeError, match="Nuclear"):  # refused by backends.select
+        lists.step("triton")
+    with pytest.raises(ValueError, match="Nuclear"):  # and by the backend itself
+        triton_backend.step(StepTensors(lists.params, lists.grads, lists.duals, [], [], lists.steps),
+                            Hyper.linbreg(0.1), lists.reg)
     lists = Lists("adabreg", [(3, 3)], torch.float32, bf.L1(0.1))
     lists.exp_avgs = [lists.exp_avgs[0].double()]
     with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
-        lists.step(triton_backend.step)
+        lists.step("triton")
     assert float(lists.steps[0]) == 0.0
 
 
@@ -445,7 +361,7 @@ def test_nuclear_and_bad_arguments_are_rejected():
                     reason="needs a CUDA GPU (compiled kernels)")
 def test_changing_lr_does_not_recompile():
     lists = Lists("adabreg", [(1000,), (33, 7)], torch.float32, bf.L1(0.1), device="cuda")
-    lists.step(triton_backend.step)
+    lists.step("triton")
 
     def compiled():
         caches = kernels.elementwise_kernel.device_caches
@@ -453,5 +369,5 @@ def test_changing_lr_does_not_recompile():
 
     n = compiled()
     for lr in (0.01, 1.0, 0.5, 2.0):
-        lists.step(triton_backend.step, lr=lr)
+        lists.step("triton", lr=lr)
     assert compiled() == n

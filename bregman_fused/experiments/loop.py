@@ -210,7 +210,7 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
 
     sampler = DistributedSampler(splits.train, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed)
     if not history:
-        from ..functional import select_backend
+        from ..backends import select
 
         stats = sparsity_stats(model)
         group0 = opt.param_groups[0]
@@ -218,7 +218,7 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
                        f"{len(splits.test)} test; model={cfg['model']} optim={cfg['optim']} lr={cfg['lr']:g} "
                        f"lamda={cfg['lamda']:g} lamda_conv={cfg['lamda_conv']:g} init density={stats['density']:.4f} "
                        f"backend={cfg.get('backend', 'auto')} "
-                       f"({select_backend(cfg.get('backend', 'auto'), device, group0['reg'])[0]}) device={device} "
+                       f"({select(cfg.get('backend', 'auto'), device, group0['reg']).name}) device={device} "
                        f"world={ctx.world}{' fsdp' if cfg.get('fsdp') else ''}")
     max_batches = cfg.get("max_batches")
     show = ctx.main and not cfg.get("quiet")

@@ -1,4 +1,4 @@
-"""The paper's models, written from their descriptions (DESIGN.md §1 and the paper's experiments).
+"""The paper's models, written from their descriptions (docs/design.md §1 and the paper's experiments).
 
 ``MLP``          fully connected, ReLU; 784-200-80-10 on MNIST, 64-200-80-10 on scikit-learn's digits.
 ``ConvNet``      conv 64-64 5×5 + FC 1024-128-10 (the paper's Fashion-MNIST net).

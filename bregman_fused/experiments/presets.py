@@ -1,4 +1,4 @@
-"""Experiment presets: the paper's settings (DESIGN.md §1 and the paper's code), one dict each.
+"""Experiment presets: the paper's settings (docs/design.md §1 and the paper's code), one dict each.
 
 A run's configuration is resolved in three layers, each overriding the one before:
 
@@ -6,7 +6,7 @@ A run's configuration is resolved in three layers, each overriding the one befor
 2. the preset's values for the chosen optimizer (``Preset.per_optim[optim]``: lr, λ, init density …),
 3. whatever was given on the command line (every key of ``FIELDS`` is a ``--flag``).
 
-"sgd" is LinBreg with no regularizer and "adam" is AdaBreg with no regularizer (DESIGN.md: SGD =
+"sgd" is LinBreg with no regularizer and "adam" is AdaBreg with no regularizer (docs/design.md §1: SGD =
 LinBreg with λ = 0, δ = 1), so every optimizer runs through the same backends. AdaBreg is Adam-type:
 its lr is ~1e-3; at lr 0.1 every coordinate crosses the threshold and the net densifies and
 diverges (the known reproduction failure), so no preset ever gives AdaBreg an SGD-sized lr.

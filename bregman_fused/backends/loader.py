@@ -1,4 +1,4 @@
-"""Loads the compiled C++/CUDA ops and wraps them in reference.step's signature.
+"""Loads the compiled C++/CUDA ops (registered as torch.ops.bregman_fused.*); native.py calls them.
 
 Loading follows the apex/torchao habit: try the module built at install (``bregman_fused._C``);
 if it is missing, or was built from other sources than the csrc/ next to it (an edit since the
@@ -6,7 +6,7 @@ install, _build.py [note: stale builds]), JIT-build it from csrc/ with
 ``torch.utils.cpp_extension.load`` (ninja; build folder under TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) on first use; if that fails too, remember why. A stale CUDA module is
 not loaded (there is no JIT build for it). ``cpu_available()`` is then False and ``cpu_error()`` says why:
-functional.select_backend falls back on "auto" (one warning) and raises for backend="cpu".
+backends.select falls back on "auto" (one warning) and raises for backend="cpu".
 Everything is loaded once and cached.
 
 Switches (environment): BREGMAN_FUSED_NO_JIT=1 never JIT-builds (the installed module or nothing).
@@ -23,16 +23,10 @@ from typing import Any
 
 import torch
 
-from . import _build
-from ._layout import kernel_views
+from .. import _build
 
-__all__ = ["cpu_available", "cpu_error", "cpu_step", "cuda_available", "cuda_error", "cuda_step",
-           "KIND_CODES", "REG_CODES"]
+__all__ = ["cpu_available", "cpu_error", "cuda_available", "cuda_error", "require_cpu", "require_cuda"]
 
-# bregman::Kind and bregman::Reg in csrc/bregman_math.h
-KIND_CODES = {"linbreg": 0, "adabreg": 1, "proxsgd": 2}
-REG_CODES = {"none": 0, "l1": 1, "l1pos": 2, "group": 3, "sparse_group": 4}
-_ROW_REGS = ("group", "sparse_group")
 JIT_NAME = "bregman_fused_cpu"
 
 
@@ -166,83 +160,15 @@ def cuda_error() -> str | None:
     return _load_cuda().error
 
 
-def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-               grad_scale=None, found_inf=None, capturable=False):
-    """reference.step on the compiled op (CPU or CUDA: the dispatcher routes by the tensors' device).
-
-    The op walks every tensor as flat memory: contiguous ones, and dense ones (e.g. channels_last)
-    whose partners share their strides, go in as they are; other layouts go in as permuted views
-    or copies, copied back here (_layout [note: dense views]). Returns the non-zeros of each new θ,
-    or None when ``found_inf`` is set (like the reference). ``capturable`` on CUDA tensors: the op ``fused_step_capturable`` with the steps and
-    lr on the device and no host read at all (see reference.py [note: capturable]).
-    """
-    if kind not in KIND_CODES:
-        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {tuple(KIND_CODES)}")
-    if reg.kind not in REG_CODES:
-        raise ValueError(f"the fused backends do not implement the {type(reg).__name__} regularizer "
-                         "(use backend='reference')")
-    lamda_l1, lamda_group = reg.lamdas()
-    row = reg.kind in _ROW_REGS
-    group_sizes = [int(reg.group_size(p.shape)) if row else 1 for p in params]
-    params_c, grads_c, states_c, writeback = kernel_views(params, grads, [duals, exp_avgs, exp_avg_sqs], group_sizes)
-    # the AMP scalars may live elsewhere (GradScaler("cuda") with some CPU params): the op wants them
-    # beside the params, as the reference's .to(g.device) does
-    device = params[0].device if params else None
-    if grad_scale is not None and grad_scale.device != device:
-        grad_scale = grad_scale.to(device)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device)
-    with torch.no_grad():
-        if capturable and device is not None and device.type == "cuda":
-            lr_t = _device_lr(lr, device)
-            counts = torch.empty(len(params), dtype=torch.int64, device=device)
-            torch.ops.bregman_fused.fused_step_capturable(
-                KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
-                lr_t, float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind], float(lamda_l1),
-                float(lamda_group), grad_scale, found_inf, counts)
-        else:
-            counts = torch.ops.bregman_fused.fused_step(
-                KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
-                float(lr), float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind],
-                float(lamda_l1), float(lamda_group), grad_scale, found_inf)
-            if found_inf is not None and bool(found_inf.item()):
-                # nothing changed: nothing to copy back; the kernels counted the unchanged θ
-                return counts if capturable else None
-        # a skipped step copies back unchanged values: harmless, and no host read of found_inf
-        for orig, c in writeback:
-            orig.copy_(c)
-    return counts
-
-
-def _device_lr(lr, device: torch.device) -> torch.Tensor:
-    """lr as the 0-dim device tensor a capturable op reads. A float becomes a fill kernel (its value
-    is fixed in a captured graph, as in torch's optimizers); a tensor must already be there, since
-    copying it from the host cannot be captured."""
-    if not isinstance(lr, torch.Tensor):
-        return torch.full((), float(lr), dtype=torch.float64, device=device)
-    if lr.device != device:
-        raise ValueError(f"lr must be on the params' device ({device}) with capturable=True, got {lr.device}")
-    if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"lr must be a one-element float32/float64 tensor, got {lr.dtype} with {lr.numel()} elements")
-    return lr.reshape(())
-
-
 def _require(state: _LoadState, what: str) -> None:
     if not state.ok:
         raise RuntimeError(f"the {what} extension could not be loaded: {state.error}")
 
 
-def cpu_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-             grad_scale=None, found_inf=None, capturable=False):
-    """Backend "cpu": reference.step's signature and return, on the fused C++ kernel."""
+
+def require_cpu() -> None:
     _require(_load_cpu(), "C++ CPU")
-    return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
 
 
-def cuda_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-              grad_scale=None, found_inf=None, capturable=False):
-    """Backend "cuda": the same op; the dispatcher picks the CUDA kernel for CUDA tensors."""
+def require_cuda() -> None:
     _require(_load_cuda(), "CUDA")
-    return fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)

@@ -1,9 +1,10 @@
 """Triton backend: multi-tensor fused kernels, one launch per (param group, dtype) bucket.
 
-``step`` has exactly the signature and return of ``bregman_fused.reference.step`` and can be called
-directly on lists of tensors (e.g. from benchmarks). It runs on CUDA tensors, or on CPU tensors when
-Triton's interpreter is on (``TRITON_INTERPRET=1`` set before this package is imported; slow, for
-tests only). Kernels: ``kernels.py``; tables, caches and launch: ``launcher.py``.
+``step`` keeps the backend contract (backends/contract.py; ``reference.step`` is the spec). It runs
+on CUDA tensors, or on CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before
+this package is imported; slow, for tests only). Files: ``bregman_math.py`` (per-element math, codes,
+hyper columns), ``kernels.py`` (the two kernels), ``tables.py`` (launch tables and their caches),
+``launcher.py`` (checks and launch).
 """
 from __future__ import annotations
 
@@ -43,11 +44,8 @@ def unavailable_reason(device: torch.device | str) -> str | None:
             f"TRITON_INTERPRET=1 before importing bregman_fused (tests only){hint}")
 
 
-def step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, delta, reg,
-         grad_scale=None, found_inf=None, capturable=False):
-    """Same contract as ``bregman_fused.reference.step`` (see there)."""
+def step(tensors, hyper, reg, **amp):
+    """The backend contract's step (backends/contract.py) on Triton kernels."""
     if _launcher is None:
         raise RuntimeError(f"backend='triton' cannot run here: triton could not be imported ({_import_error})")
-    return _launcher.step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1,
-                          beta2=beta2, eps=eps, delta=delta, reg=reg, grad_scale=grad_scale, found_inf=found_inf,
-                          capturable=capturable)
+    return _launcher.step(tensors, hyper, reg, **amp)

@@ -1,8 +1,7 @@
 """Triton kernels of the bregman_fused backend.
 
-The per-element math (dual updates, proximal maps, row factor) is written once, as ``@triton.jit``
-helpers that mirror ``csrc/bregman_math.h`` formula by formula and in the same op order; the two
-kernels below only differ in how they walk memory:
+The per-element math (dual updates, proximal maps, row factor) is written once, in
+``bregman_math.py``; the two kernels below only differ in how they walk memory:
 
 * ``elementwise_kernel`` — none / L1 / L1Pos: every program takes one (tensor, chunk) entry of the
   bucket's table and runs the whole update on it in blocks of ``BLOCK`` elements.
@@ -34,29 +33,20 @@ pieces twice: the first sweep updates and stores the states and accumulates Σu�
 the updated dual back (after a CTA barrier) and writes θ. ProxSGD has no dual: its second sweep
 recomputes the point θ − τg from θ and g, which are only overwritten in that sweep.
 
-[note: hyper table] Columns of a row of ``hp`` (float64, cast to the compute type in the kernel):
-lr, β1, 1−β1, β2, 1−β2, ε, (1−β)·τ, τ/(1−β1^t), √(1−β2^t), δ, element threshold, row threshold
-(λ₂·√n, both multiplied by τ for ProxSGD). They are computed in double on the host exactly as
-``reference.py`` computes them.
-
+[note: hyper table] See bregman_math.py: one float64 row per tensor, columns named by
+``HYPER_COLUMNS``, computed in double on the host exactly as ``reference.py`` computes them.
 Compute type: float32 for float32 / bfloat16 / float16 parameters (states are float32), float64 for
-float64 parameters. Divisions and square roots are the correctly rounded ones (``div_rn``,
-``sqrt_rn``) because the default float32 ``/`` on NVIDIA GPUs is an approximate division.
+float64 parameters.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-# Codes shared with csrc/bregman_math.h (enum class Kind / Reg).
-KIND_LINBREG = tl.constexpr(0)
-KIND_ADABREG = tl.constexpr(1)
-KIND_PROXSGD = tl.constexpr(2)
-REG_NONE = tl.constexpr(0)
-REG_L1 = tl.constexpr(1)
-REG_L1POS = tl.constexpr(2)
-REG_GROUP = tl.constexpr(3)
-REG_SPARSE_GROUP = tl.constexpr(4)
+from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_COLS, HP_EPS, HP_LR, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
+                           HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, HP_THR_ROW, KIND_ADABREG,
+                           KIND_PROXSGD, _div, adabreg_update, elementwise_shrink,
+                           linbreg_momentum_update, linbreg_update, proxsgd_point, row_factor)
 
 # Columns of the per-tensor pointer table. [note: pointer table]
 COL_PARAM = tl.constexpr(0)
@@ -70,109 +60,6 @@ COL_COUNT_SLOT = tl.constexpr(7)
 COL_ROW_CLASS = tl.constexpr(8)
 TABLE_COLS = tl.constexpr(9)
 ENTRY_COLS = tl.constexpr(3)
-
-# Columns of the per-tensor hyper-parameter table. [note: hyper table]
-HP_LR = tl.constexpr(0)
-HP_BETA1 = tl.constexpr(1)
-HP_ONE_MINUS_BETA1 = tl.constexpr(2)
-HP_BETA2 = tl.constexpr(3)
-HP_ONE_MINUS_BETA2 = tl.constexpr(4)
-HP_EPS = tl.constexpr(5)
-HP_MOM_SCALE = tl.constexpr(6)
-HP_STEP_SIZE = tl.constexpr(7)
-HP_BC2_SQRT = tl.constexpr(8)
-HP_DELTA = tl.constexpr(9)
-HP_THR_L1 = tl.constexpr(10)
-HP_THR_ROW = tl.constexpr(11)
-HP_COLS = tl.constexpr(12)
-
-
-# ---- exact arithmetic building blocks --------------------------------------------------------
-@triton.jit
-def _div(a, b):
-    """a / b, correctly rounded (float32 '/' is approximate on NVIDIA GPUs; float64 '/' is exact)."""
-    if a.dtype == tl.float64:
-        q = a / b
-    else:
-        q = tl.div_rn(a, b)
-    return q
-
-
-@triton.jit
-def _sqrt(x):
-    """√x, correctly rounded, as ::sqrtf / ::sqrt in bregman_math.h."""
-    if x.dtype == tl.float64:
-        r = tl.sqrt(x)
-    else:
-        r = tl.sqrt_rn(x)
-    return r
-
-
-# ---- dual / point updates (bregman_math.h: linbreg_update ... proxsgd_point) ------------------
-@triton.jit
-def linbreg_update(v, g, lr):
-    """LinBreg, β = 0: v ← v − τ·g."""
-    return v - lr * g
-
-
-@triton.jit
-def linbreg_momentum_update(v, m, g, beta1, mom_scale):
-    """LinBreg, β > 0: m ← β·m + (1−β)·τ·g ; v ← v − m."""
-    m = m * beta1 + mom_scale * g
-    v = v - m
-    return v, m
-
-
-@triton.jit
-def _lerp(a, b, w):
-    """torch.lerp(a, b, w) in torch's two-branch form (exact at w = 0 and w = 1)."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
-
-
-@triton.jit
-def adabreg_update(v, m, s, g, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt):
-    """AdaBreg: m ← β1·m + (1−β1)·g ; s ← β2·s + (1−β2)·g² ;
-    v ← v − (τ/(1−β1^t)) · m / (√s/√(1−β2^t) + ε)."""
-    m = _lerp(m, g, one_minus_beta1)
-    s = s * beta2 + one_minus_beta2 * g * g
-    denom = _div(_sqrt(s), bc2_sqrt) + eps
-    v = v - step_size * _div(m, denom)
-    return v, m, s
-
-
-@triton.jit
-def proxsgd_point(theta, g, lr):
-    """ProxSGD: the point θ − τ·g that prox_{τJ} is applied to."""
-    return theta - lr * g
-
-
-# ---- proximal maps (bregman_math.h: soft_threshold, elementwise_shrink, row_factor) -----------
-@triton.jit
-def soft_threshold(x, thr):
-    """sign(x)·max(|x| − thr, 0) written as x − clamp(x, −thr, thr) (same rounding, branch-free)."""
-    return x - tl.minimum(tl.maximum(x, -thr), thr)
-
-
-@triton.jit
-def elementwise_shrink(x, thr_l1, REG: tl.constexpr):
-    """The element-wise part of the map: the whole map for none/L1/L1Pos, the L1 part of
-    sparse_group, identity for group. Still to be scaled by δ (and the row factor)."""
-    if REG == REG_L1 or REG == REG_SPARSE_GROUP:
-        u = soft_threshold(x, thr_l1)
-    elif REG == REG_L1POS:
-        u = tl.maximum(x - thr_l1, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        u = x
-    return u
-
-
-@triton.jit
-def row_factor(sum_sq, thr_row):
-    """max(1 − thr/‖u_r‖, 0), 0 for a zero row; thr_row = λ₂·√n (·τ for ProxSGD)."""
-    norm = _sqrt(sum_sq)
-    safe = tl.where(norm > 0, norm, 1.0)
-    return tl.where(norm > thr_row, 1.0 - _div(thr_row, safe), 0.0)
-
 
 # ---- memory access shared by both kernels ------------------------------------------------------
 @triton.jit
@@ -213,7 +100,7 @@ def _load_hyper(hp, t, S_DTYPE: tl.constexpr):
         tl.load(row + HP_MOM_SCALE).to(S_DTYPE),
         tl.load(row + HP_STEP_SIZE).to(S_DTYPE),
         tl.load(row + HP_BC2_SQRT).to(S_DTYPE),
-        tl.load(row + HP_DELTA).to(S_DTYPE),
+        tl.load(row + HP_PROX_DELTA).to(S_DTYPE),
         tl.load(row + HP_THR_L1).to(S_DTYPE),
         tl.load(row + HP_THR_ROW).to(S_DTYPE),
     )
@@ -286,7 +173,7 @@ def _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
                        KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
                        P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
-    theta = elementwise_shrink(x, hyp[HP_THR_L1], REG) * hyp[HP_DELTA]
+    theta = elementwise_shrink(x, hyp[HP_THR_L1], REG) * hyp[HP_PROX_DELTA]
     return _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
 
 
@@ -347,7 +234,7 @@ def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
         # masked lanes can hold 0/0 (AdaBreg with ε = 0): keep them out of the norms
         u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
         factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
-        theta = (u * factor[:, None]) * hyp[HP_DELTA]
+        theta = (u * factor[:, None]) * hyp[HP_PROX_DELTA]
         nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
     return tl.sum(nnz.to(tl.int64))  # int64 before the sum: a long row may hold 2³¹ non-zeros
 
@@ -383,7 +270,7 @@ def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
             else:
                 x = tl.load(v_ptr + offs, mask=mask, other=0.0)
             u = elementwise_shrink(x, hyp[HP_THR_L1], REG)
-            theta = (u * factor) * hyp[HP_DELTA]
+            theta = (u * factor) * hyp[HP_PROX_DELTA]
             nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
     return tl.sum(nnz.to(tl.int64))  # int64 before the sum: a long row may hold 2³¹ non-zeros
 
@@ -425,3 +312,8 @@ def row_kernel(
             nnz = _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
                              KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, BLOCK)
             tl.atomic_add(counts + slot, nnz)
+
+
+# Triton decides at decoration time (import of this module) whether @triton.jit functions are
+# compiled or interpreted; TRITON_INTERPRET set later changes nothing.
+INTERPRETING = type(elementwise_kernel).__name__ == "InterpretedFunction"

@@ -1,0 +1,264 @@
+"""The contract between the optimizers and the backends, written once (docs/design.md §5).
+
+* ``Kind`` and ``RegCode``: the optimizer and regularizer codes shared with csrc/bregman_math.h
+  (``enum class Kind`` / ``enum class Reg``) and the Triton kernels (tests/test_contract.py
+  compares them).
+* ``state_dtype``: the dtype of every optimizer state of a param.
+* ``Hyper``: one step's hyper-parameters, frozen, with the derived per-tensor constants addressed
+  by name; the names are those of ``bregman::StepParams`` and of the Triton hyper table's columns.
+* ``StepTensors``: the lists one backend call updates.
+* ``begin_step``: the step-count and skipped-step (AMP ``found_inf``) policy of every backend.
+
+Every backend exposes ``step(tensors, hyper, reg, *, grad_scale=None, found_inf=None,
+capturable=False)`` (``reference.step`` is the spec) and is only called through
+``bregman_fused.functional``, after ``begin_step``: backends read the step counts, they never
+count or decide to skip themselves.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..regularizers import Regularizer, runs_builtin_map
+
+__all__ = ["Kind", "RegCode", "fused_code", "state_dtype", "Hyper", "StepTensors", "check_tensors", "begin_step",
+           "undo_step", "StepFn"]
+
+
+class Kind(enum.IntEnum):
+    """Optimizer codes (bregman::Kind)."""
+
+    LINBREG = 0
+    ADABREG = 1
+    PROXSGD = 2
+
+    @classmethod
+    def parse(cls, kind: "str | Kind") -> "Kind":
+        if isinstance(kind, Kind):
+            return kind
+        try:
+            return cls[str(kind).upper()]
+        except KeyError:
+            raise ValueError(f"Invalid kind: {kind!r}; expected one of {[k.label for k in cls]}") from None
+
+    @property
+    def label(self) -> str:
+        """The name used by the functional API and in messages: "linbreg", "adabreg", "proxsgd"."""
+        return self.name.lower()
+
+
+class RegCode(enum.IntEnum):
+    """Regularizer codes of the fused kernels (bregman::Reg), keyed by ``Regularizer.kind``."""
+
+    NONE = 0
+    L1 = 1
+    L1POS = 2
+    GROUP = 3
+    SPARSE_GROUP = 4
+
+    @classmethod
+    def of(cls, reg_kind: str) -> "RegCode | None":
+        """The code of a regularizer kind, None for kinds no fused kernel implements (nuclear)."""
+        return cls.__members__.get(reg_kind.upper())
+
+    @property
+    def is_row_map(self) -> bool:
+        """Couples whole rows (group norms): the row kernels, and shards must keep rows whole."""
+        return self in (RegCode.GROUP, RegCode.SPARSE_GROUP)
+
+
+def fused_code(reg: Regularizer) -> RegCode | None:
+    """The code of the map a fused kernel would run for ``reg``; None when no kernel may run it:
+    kinds without a kernel (Nuclear) and subclasses that may have changed the math (a kernel would
+    silently run the built-in map instead of their ``shrink``, regularizers.Regularizer)."""
+    return RegCode.of(reg.kind) if runs_builtin_map(reg) else None
+
+
+def state_dtype(param: torch.Tensor | torch.dtype) -> torch.dtype:
+    """Optimizer states are float64 for float64 params, else float32 (for float32/bf16/fp16 params
+    the dual is the master copy of θ, so it keeps full precision)."""
+    dtype = param if isinstance(param, torch.dtype) else param.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One step's hyper-parameters. ``lr`` is a float, or a one-element tensor in capturable steps.
+
+    The derived constants are computed in double exactly as the reference does, and rounded once
+    to the compute type by each kernel (csrc/bregman_math.h ``make_step_params``). For LinBreg
+    ``beta1`` is the momentum β; unused fields stay at their defaults."""
+
+    kind: Kind
+    lr: float | torch.Tensor
+    beta1: float = 0.0
+    beta2: float = 0.0
+    eps: float = 0.0
+    delta: float = 1.0
+
+    @classmethod
+    def linbreg(cls, lr, momentum: float = 0.0, delta: float = 1.0) -> "Hyper":
+        return cls(Kind.LINBREG, lr, beta1=float(momentum), delta=float(delta))
+
+    @classmethod
+    def adabreg(cls, lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, delta: float = 1.0) -> "Hyper":
+        return cls(Kind.ADABREG, lr, beta1=float(beta1), beta2=float(beta2), eps=float(eps), delta=float(delta))
+
+    @classmethod
+    def proxsgd(cls, lr) -> "Hyper":
+        return cls(Kind.PROXSGD, lr)
+
+    # -- which states a step reads and writes ------------------------------------------------------
+    @property
+    def uses_dual(self) -> bool:
+        return self.kind != Kind.PROXSGD
+
+    @property
+    def uses_exp_avg(self) -> bool:
+        """AdaBreg's first moment, or LinBreg's momentum buffer when β > 0."""
+        return self.kind == Kind.ADABREG or (self.kind == Kind.LINBREG and self.beta1 > 0)
+
+    @property
+    def uses_exp_avg_sq(self) -> bool:
+        return self.kind == Kind.ADABREG
+
+    @property
+    def momentum(self) -> bool:
+        """LinBreg with β > 0 (m ← β·m + (1−β)·τ·g; v ← v − m)."""
+        return self.kind == Kind.LINBREG and self.beta1 > 0
+
+    # -- derived constants (bregman::StepParams, the Triton hyper columns) ------------------------
+    @property
+    def one_minus_beta1(self) -> float:
+        return 1.0 - self.beta1
+
+    @property
+    def one_minus_beta2(self) -> float:
+        return 1.0 - self.beta2
+
+    @property
+    def mom_scale(self) -> float:
+        """(1 − β)·τ, LinBreg's momentum increment per unit grad."""
+        return (1.0 - self.beta1) * float(self.lr)
+
+    def step_size(self, t: float) -> float:
+        """AdaBreg: τ / (1 − β1^t) at step count t (0 for the other kinds)."""
+        return float(self.lr) / (1.0 - self.beta1**t) if self.kind == Kind.ADABREG else 0.0
+
+    def bc2_sqrt(self, t: float) -> float:
+        """AdaBreg: √(1 − β2^t) at step count t (1 for the other kinds)."""
+        return math.sqrt(1.0 - self.beta2**t) if self.kind == Kind.ADABREG else 1.0
+
+    @property
+    def prox_delta(self) -> float:
+        """The δ of θ = δ·shrink(x): δ for the Bregman methods, 1 for ProxSGD."""
+        return 1.0 if self.kind == Kind.PROXSGD else self.delta
+
+    @property
+    def threshold_scale(self) -> float:
+        """Thresholds are λ for the Bregman methods and τ·λ for ProxSGD (prox of τJ)."""
+        return float(self.lr) if self.kind == Kind.PROXSGD else 1.0
+
+    def thr_l1(self, lamda_l1: float) -> float:
+        """The element-wise threshold."""
+        return self.threshold_scale * lamda_l1
+
+    def thr_row(self, lamda_group: float, n: int) -> float:
+        """The row threshold λ₂·√n (·τ for ProxSGD), as bregman::row_threshold."""
+        return self.threshold_scale * (lamda_group * math.sqrt(n))
+
+
+class StepTensors(NamedTuple):
+    """The lists one backend call updates in place, one entry per param (``exp_avgs`` holds
+    LinBreg's momentum buffers; lists a kind does not use are empty)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    duals: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    steps: list[torch.Tensor]
+
+
+def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    """The checks every backend's step needs before it writes anything: one tensor per param in
+    every list the kind reads; grads of their param's shape; states in the state dtype and the
+    param's shape; all on params[0]'s device; one-element step counts. ``dtypes``: the param (and
+    grad) dtypes the backend supports. One pass, attribute reads and comparisons only (it runs on
+    every tensor at every step where a backend has no compiled checks)."""
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
+    n = len(params)
+    states = [(name, lst) for name, lst, used in (("duals", duals, hyper.uses_dual),
+                                                   ("exp_avgs", exp_avgs, hyper.uses_exp_avg),
+                                                   ("exp_avg_sqs", exp_avg_sqs, hyper.uses_exp_avg_sq)) if used]
+    for name, lst in [("grads", grads), ("steps", steps)] + states:
+        if len(lst) != n:
+            raise ValueError(f"{name}: expected {n} tensors (one per param), got {len(lst)}")
+    if n == 0:
+        return
+    device = params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        dtype, shape = p.dtype, p.shape
+        if dtypes is not None and dtype not in dtypes:
+            raise TypeError(f"params[{i}]: supported dtypes are {[str(d) for d in dtypes]}, got {dtype}")
+        if not p.is_floating_point():
+            raise TypeError(f"params[{i}]: expected a floating-point tensor, got {dtype}")
+        if p.device != device:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}: one device per call")
+        if g.shape != shape or not g.is_floating_point() or g.device != device or (dtypes and g.dtype not in dtypes):
+            raise ValueError(f"grads[{i}]: expected a floating tensor of shape {list(shape)} on {device}, "
+                             f"got {g.dtype} {list(g.shape)} on {g.device}")
+        s_dtype = state_dtype(dtype)
+        for name, lst in states:
+            st = lst[i]
+            if st.shape != shape or st.dtype != s_dtype or st.device != device:
+                raise ValueError(f"{name}[{i}]: expected {s_dtype} of shape {list(shape)} on {device} (the state "
+                                 f"dtype of a {dtype} param), got {st.dtype} {list(st.shape)} on {st.device}")
+        if steps[i].numel() != 1:
+            raise ValueError(f"steps[{i}]: expected a one-element step count, got {steps[i].numel()} elements")
+
+
+def begin_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool) -> bool:
+    """The step-count and skipped-step (AMP ``found_inf``) policy, applied once before a backend runs.
+
+    Not capturable: ``found_inf`` (an inf/NaN in the grads) is read on the host ONCE; a skipped
+    step changes nothing at all (no param, state or count): this returns False, the backend is not
+    called and the step returns None. Otherwise every count is incremented here (a float32
+    ``+= 1``) and the backend reads the new counts (AdaBreg's bias corrections).
+
+    Capturable [note: capturable]: nothing is read on the host. The counts (on the params' device)
+    are incremented by ``found_inf == 0`` with device ops; the backend receives ``found_inf``,
+    leaves params and states unchanged itself when it is set, and returns the non-zero counts
+    either way, since knowing whether the step ran would need a host read."""
+    if not capturable and found_inf is not None and bool(found_inf.item()):
+        return False
+    _add_to_counts(steps, found_inf if capturable else None, 1.0)
+    return True
+
+
+def undo_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool) -> None:
+    """Take back ``begin_step``'s increment when the backend refused the call before writing (its
+    checks run before any write): a refused call leaves the counts as they were too."""
+    _add_to_counts(steps, found_inf if capturable else None, -1.0)
+
+
+def _add_to_counts(steps: list[torch.Tensor], found_inf: torch.Tensor | None, sign: float) -> None:
+    if not steps:
+        return
+    if found_inf is None:
+        torch._foreach_add_(steps, sign)
+        return
+    ran = (found_inf.reshape(()) == 0).to(torch.float32) * sign  # device ops only: no host read
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for s in steps:
+        by_device.setdefault(s.device, []).append(s)
+    for device, counts in by_device.items():
+        torch._foreach_add_(counts, ran.to(device, non_blocking=True))
+
+
+# backend step: step(tensors, hyper, reg, *, grad_scale=None, found_inf=None, capturable=False)
+StepFn = Callable[..., "torch.Tensor | None"]

@@ -1,0 +1,68 @@
+"""The spec: one plain-PyTorch step per tensor, in the order docs/design.md §1 writes the math.
+
+Every fused backend implements the same ``step`` contract (backends/contract.py) and is tested
+against this one. Math runs in the states' dtype (``contract.state_dtype``); θ is written back in
+the parameter's own dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..regularizers import Regularizer
+from .contract import Hyper, Kind, StepTensors, check_tensors, state_dtype
+
+
+def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: torch.Tensor | None = None,
+         found_inf: torch.Tensor | None = None, capturable: bool = False) -> torch.Tensor:
+    """Update the params and their states in place; return the non-zeros of each new θ (int64).
+
+    The step counts were already incremented (``contract.begin_step``); AdaBreg reads them for its
+    bias corrections. ``found_inf`` only reaches a backend in capturable steps: when it is set,
+    nothing changes and the counts of the unchanged θ are returned.
+
+    [note: capturable] ``hyper.lr`` may be a float or a one-element tensor. A capturable step can
+    be captured in a CUDA graph: the step counts live on the params' device and nothing is read on
+    the host. The GPU backends (cuda, triton) keep that contract without any host sync; this spec
+    (and the cpu backend) compute the same values and return but read lr, the counts and found_inf
+    on the host.
+    """
+    check_tensors(tensors, hyper)  # every tensor before the first write
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
+    if found_inf is not None and bool(found_inf.item()):
+        return nonzeros(params)
+    lr = float(hyper.lr)
+    kind = hyper.kind
+    for i, p in enumerate(params):
+        dtype = state_dtype(p)
+        g = grads[i].to(dtype)
+        if grad_scale is not None:
+            g = g / grad_scale.to(device=g.device, dtype=dtype)
+        if kind == Kind.PROXSGD:
+            theta = reg.shrink(torch.add(p.to(dtype), g, alpha=-lr), lr)
+        else:
+            v = duals[i]
+            if kind == Kind.LINBREG:
+                if hyper.momentum:
+                    m = exp_avgs[i]
+                    m.mul_(hyper.beta1).add_(g, alpha=hyper.mom_scale)
+                    v.sub_(m)
+                else:
+                    v.add_(g, alpha=-lr)
+            else:
+                # the same op sequence as torch.optim.Adam's single-tensor path
+                t = float(steps[i].item())
+                m, s = exp_avgs[i], exp_avg_sqs[i]
+                m.lerp_(g, hyper.one_minus_beta1)
+                s.mul_(hyper.beta2).addcmul_(g, g, value=hyper.one_minus_beta2)
+                denom = (s.sqrt() / hyper.bc2_sqrt(t)).add_(hyper.eps)
+                v.addcdiv_(m, denom, value=-hyper.step_size(t))
+            theta = reg.prox(v, hyper.delta)
+        p.copy_(theta)
+    return nonzeros(params)
+
+
+def nonzeros(params: list[torch.Tensor]) -> torch.Tensor:
+    """The non-zeros of each tensor, as one int64 tensor (on the tensors' device)."""
+    if not params:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack([torch.count_nonzero(p) for p in params])

@@ -1,0 +1,113 @@
+"""Buckets: a group's params split by (device, dtype), each with the backend that updates it and
+its cached state lists. [note: step overhead] Rebuilding the lists costs ~µs per tensor in
+Python, which is a measurable share of a fused step on a CPU (and most of it for thousands of
+small tensors), so a group's buckets are kept while the set of params with grads, the requested
+backend, the regularizer type, the capturable flag and the states the kind needs stay the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from .. import distributed as dist_utils
+from ..backends import Backend, select
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Params of one group that share a device and dtype: one backend call per step."""
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list[torch.Tensor]
+    backend: Backend
+    lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
+    sharded: bool = False  # DTensor params: backends get the local shards of params and grads
+    counts: torch.Tensor | None = None  # where the backends' counts are copied (CountsBuffers)
+
+    @property
+    def key(self) -> tuple:
+        return self.device, self.dtype
+
+
+class Plans:
+    """The cached buckets of every group, by group index."""
+
+    def __init__(self):
+        self._plans: dict[int, tuple[tuple, list[torch.Tensor], list[Bucket]]] = {}
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def drop_lists(self) -> None:
+        """Forget every bucket's cached state lists (rebuilt from opt.state at the next step)."""
+        for _, _, buckets in self._plans.values():
+            for bucket in buckets:
+                bucket.lists = None
+
+    def buckets(self, group_index: int, group: dict[str, Any], params: list[torch.Tensor], backend: str,
+                state_signature: tuple) -> list[Bucket]:
+        signature = (backend, type(group["reg"]), group["capturable"], state_signature)
+        cached = self._plans.get(group_index)
+        if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
+                and all(map(operator.is_, cached[1], params))):
+            return cached[2]
+        by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            by_key[(p.device, p.dtype)].append(p)
+        buckets = [Bucket(device, dtype, members, select(backend, device, group["reg"]),
+                          sharded=any(map(dist_utils.is_dtensor, members)))
+                   for (device, dtype), members in by_key.items()]
+        self._plans[group_index] = (signature, params, buckets)
+        return buckets
+
+
+class CountsBuffers:
+    """Where the latest non-zero counts of each bucket live, for ``density()``.
+
+    [note: counts buffer] A captured step copies its counts into the bucket's buffer at every
+    replay, and an eager step between replays writes the same buffer, so density() always sees the
+    step that ran last. In a capturable group the buffer is kept for the optimizer's lifetime per
+    (group, device, dtype, params): a graph writes its address at every replay, so it must never
+    be freed, and buckets rebuilt for the same params (another backend, capturable switched, a
+    param without grad for a while) find it again. A bucket's first step, which makes the buffer,
+    is never captured (checks refuse it)."""
+
+    def __init__(self):
+        # latest counts: {(group index, bucket key): (params, counts)}
+        self.latest: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        # capturable groups: one buffer per (group index, bucket key, param ids), kept for good
+        self._kept: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+
+    def clear_latest(self) -> None:
+        self.latest.clear()
+
+    def record(self, group_index: int, capturable: bool, bucket: Bucket, counts: torch.Tensor) -> None:
+        if bucket.counts is None:
+            bucket.counts = self._buffer(group_index, capturable, bucket, counts)
+        else:
+            bucket.counts.copy_(counts)
+        self.latest[(group_index, bucket.key)] = (bucket.params, bucket.counts)
+
+    def _buffer(self, group_index: int, capturable: bool, bucket: Bucket, counts: torch.Tensor) -> torch.Tensor:
+        if not capturable:  # never written by a graph: the bucket's own copy will do
+            return counts.clone()
+        key = (group_index, bucket.key, tuple(map(id, bucket.params)))  # the params are kept: ids stay unique
+        entry = self._kept.get(key)
+        if entry is None:
+            entry = self._kept[key] = (bucket.params, counts.clone())
+        else:
+            entry[1].copy_(counts)
+        return entry[1]
+
+    def nonzeros(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The latest count of every param stepped so far."""
+        latest: dict[torch.Tensor, torch.Tensor] = {}
+        for params, counts in self.latest.values():
+            for p, c in zip(params, counts):
+                latest[p] = c
+        return latest
