@@ -48,6 +48,7 @@ BF_HD double bf_select_gt(double a, double b, double x, double y) { return a > b
 // definition (ADL at instantiation only searches at::vec). Never seen by nvcc.
 #if defined(BREGMAN_MATH_AT_VEC) && !defined(__CUDACC__) && !defined(__HIPCC__)
 #include <ATen/cpu/vec/vec.h>
+#define BREGMAN_MATH_HAS_AT_VEC 1  // checked by csrc/cpu/simd_memory.h
 
 namespace bregman {
 template <typename U>
