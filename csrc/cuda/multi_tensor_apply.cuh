@@ -1,5 +1,6 @@
-// Multi-tensor launcher shared by the element-wise and the row-group kernels, plus the small
-// device helpers both use (vector loads, reductions, per-tensor step constants).
+// Multi-tensor launcher shared by the element-wise and the row-group kernels, plus the per-call
+// helpers both use (per-tensor step constants). Loads, stores and non-zero tests: device_memory.cuh;
+// warp and block sums: reductions.cuh.
 //
 // [note: multi-tensor apply] The design follows PyTorch's MultiTensorApply.cuh and apex's
 // multi_tensor_apply (the code is our own): every tensor is cut into chunks, each block of a launch
@@ -20,6 +21,8 @@
 #include <type_traits>
 
 #include "bregman_math.h"
+#include "device_memory.cuh"
+#include "reductions.cuh"
 
 namespace bregman_cuda {
 
@@ -136,75 +139,11 @@ void multi_tensor_apply(int64_t ntensors, Fill&& fill, NumChunks&& num_chunks, L
   if (blocks > 0) launch(meta, blocks);
 }
 
-// ---- device helpers ------------------------------------------------------------------------------
-template <typename T, int N>
-struct alignas(sizeof(T) * N) AlignedVector {
-  T val[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ bool is_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void load_vec(T (&dst)[N], const T* src, int64_t i) {
-  const auto v = *reinterpret_cast<const AlignedVector<T, N>*>(src + i);
-#pragma unroll
-  for (int k = 0; k < N; ++k) dst[k] = v.val[k];
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* dst, int64_t i, const T (&src)[N]) {
-  AlignedVector<T, N> v;
-#pragma unroll
-  for (int k = 0; k < N; ++k) v.val[k] = src[k];
-  *reinterpret_cast<AlignedVector<T, N>*>(dst + i) = v;
-}
-
+// ---- per-call helpers ------------------------------------------------------------------------
 // Grad unscaling, g / grad_scale as the reference writes it, correctly rounded whatever the build's
 // -prec-div setting.
 __device__ __forceinline__ float unscale(float g, float scale) { return __fdiv_rn(g, scale); }
 __device__ __forceinline__ double unscale(double g, double scale) { return g / scale; }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v, int width = 32) {
-  for (int offset = width / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, width);
-  return v;
-}
-
-// Sum over the block, returned to every thread. Every thread of the block must call it.
-// `scratch` holds at least blockDim.x / 32 values.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int nwarps = (blockDim.x + 31) / 32;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous block_sum
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T total = lane < nwarps ? scratch[lane] : T(0);
-  return warp_sum(total);
-}
-
-// One atomicAdd per block of the block's non-zero count (every thread must call it).
-__device__ __forceinline__ void add_block_count(unsigned long long* counts, int32_t index, unsigned int mine) {
-  __shared__ unsigned long long scratch[32];
-  const unsigned long long total = block_sum<unsigned long long>(mine, scratch);
-  if (threadIdx.x == 0 && total != 0) atomicAdd(counts + index, total);
-}
-
-// Non-zero test on the stored bits (sign bit ignored, NaN counts, like torch.count_nonzero). A bit
-// test and not `x != 0`: under --ftz=true (e.g. a --use_fast_math build) comparisons flush fp32
-// subnormals to zero, which would miscount subnormal θ already in memory (the found_inf path
-// counts the untouched θ).
-__device__ __forceinline__ unsigned int is_nonzero(float x) { return (__float_as_uint(x) << 1) != 0u ? 1u : 0u; }
-__device__ __forceinline__ unsigned int is_nonzero(double x) {
-  return (static_cast<unsigned long long>(__double_as_longlong(x)) << 1) != 0ull ? 1u : 0u;
-}
-__device__ __forceinline__ unsigned int is_nonzero(c10::Half x) { return (x.x & 0x7fffu) != 0u ? 1u : 0u; }
-__device__ __forceinline__ unsigned int is_nonzero(c10::BFloat16 x) { return (x.x & 0x7fffu) != 0u ? 1u : 0u; }
 
 __device__ __forceinline__ bool skip_step(const float* found_inf) {
   return found_inf != nullptr && *found_inf != 0.0f;
