@@ -438,7 +438,7 @@ def test_argument_errors_name_the_argument(ops):
         case.op_call(ops)
     case = Case("adabreg", "l1", [(4,), (5,)], torch.float32).to("cuda")
     case.exp_avg_sqs[0] = case.exp_avg_sqs[0].double()
-    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must be Float"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must have dtype Float"):
         case.op_call(ops)
     # same size, other shape: the element orders would differ (a channels_last θ walked as a view)
     case = Case("linbreg", "l1", [(4, 6)], torch.float32).to("cuda")

@@ -64,7 +64,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         ScratchSink<scalar_t, R> sink{u, gb, t.hp};
         sweep<scalar_t, K, MOM>(t, gb, ge, w.has_scale, w.scale, sink);
         row_sums(u, rows, n, row_f);
-        row_factors(row_f, rows, t.row_thr);
+        row_factors(row_f, rows, t.hp.thr_row);
         const T* f = row_f;
         if (n > 1) {
           broadcast_rows(row_f, rows, n, factor);
@@ -86,7 +86,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         }
         sum_sq += static_cast<double>(sum_squares(u, be - bb));
       }
-      const T f = row_factor_thr(static_cast<T>(sum_sq), t.row_thr);
+      const T f = row_factor_thr(static_cast<T>(sum_sq), t.hp.thr_row);
       std::fill(factor, factor + kScratch, f);
       for (int64_t bb = b; bb < e; bb += kScratch) {
         const int64_t be = std::min(e, bb + kScratch);
@@ -144,7 +144,7 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
 
 template <typename scalar_t, Kind K, bool MOM>
 void dispatch_reg(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
-  switch (w.reg) {
+  switch (w.hyper.reg) {
     case Reg::None: return run_all<scalar_t, K, MOM, Reg::None>(w, counts);
     case Reg::L1: return run_all<scalar_t, K, MOM, Reg::L1>(w, counts);
     case Reg::L1Pos: return run_all<scalar_t, K, MOM, Reg::L1Pos>(w, counts);
@@ -157,9 +157,9 @@ void dispatch_reg(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
 
 template <typename scalar_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
-  switch (w.kind) {
+  switch (w.hyper.kind) {
     case Kind::LinBreg:
-      if (w.momentum) return detail::dispatch_reg<scalar_t, Kind::LinBreg, true>(w, counts);
+      if (w.hyper.momentum) return detail::dispatch_reg<scalar_t, Kind::LinBreg, true>(w, counts);
       return detail::dispatch_reg<scalar_t, Kind::LinBreg, false>(w, counts);
     case Kind::AdaBreg:
       return detail::dispatch_reg<scalar_t, Kind::AdaBreg, false>(w, counts);

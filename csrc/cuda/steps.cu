@@ -1,8 +1,13 @@
 // Device-resident step counters: steps[i] += 1 unless found_inf is set, with no host read, so the
 // counters stay in sync with the AMP skip decision and the step can be captured in a CUDA graph.
 // Runs before the update kernels on the same stream; they then read the incremented count.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
 #include "fused_step_cuda.h"
-#include "multi_tensor_apply.cuh"
+#include "launch_args.cuh"
 
 namespace bregman_cuda {
 namespace {
