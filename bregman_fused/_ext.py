@@ -201,14 +201,22 @@ def fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, *, lr, 
                 lr_t, float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind], float(lamda_l1),
                 float(lamda_group), grad_scale, found_inf, counts)
         else:
+            # [note: one found_inf read] found_inf is read on the host ONCE per step, here, before
+            # the launch (a sync on a GPU): a skipped step returns None untouched, as reference.step
+            # does, and a step that runs passes no found_inf, so the op reads none (with CPU steps
+            # the CUDA op would read it again to decide the increment, csrc/cuda/ops_cuda.cpp
+            # [note: step counts]). Only capturable=True off the GPU returns the counts of a skipped
+            # step: the op gets found_inf then, skips and counts the unchanged θ.
+            skipped = found_inf is not None and bool(found_inf.item())
+            if skipped and not capturable:
+                return None
             counts = torch.ops.bregman_fused.fused_step(
                 KIND_CODES[kind], params_c, grads_c, states_c[0], states_c[1], states_c[2], list(steps), group_sizes,
                 float(lr), float(beta1), float(beta2), float(eps), float(delta), REG_CODES[reg.kind],
-                float(lamda_l1), float(lamda_group), grad_scale, found_inf)
-            if found_inf is not None and bool(found_inf.item()):
-                # nothing changed: nothing to copy back; the kernels counted the unchanged θ
-                return counts if capturable else None
-        # a skipped step copies back unchanged values: harmless, and no host read of found_inf
+                float(lamda_l1), float(lamda_group), grad_scale, found_inf if skipped else None)
+            if skipped:
+                return counts  # nothing changed: nothing to copy back
+        # a skipped capturable GPU step copies back unchanged values: harmless, and no host read
         for orig, c in writeback:
             orig.copy_(c)
     return counts

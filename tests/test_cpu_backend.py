@@ -324,6 +324,30 @@ def test_op_with_found_inf_returns_current_counts():
                          reg=bf.L1(0.25), found_inf=torch.ones(())) is None
 
 
+def test_wrapper_reads_found_inf_once_and_the_op_only_when_it_counts(monkeypatch):
+    """_ext [note: one found_inf read]: found_inf is read once by the wrapper, before any launch (on a
+    GPU each read is a sync): a skipped step never reaches the op, a step that runs gives it no
+    found_inf to read; only capturable=True hands it over, for the counts of the unchanged θ."""
+    seen = []
+    op = torch.ops.bregman_fused.fused_step
+
+    def spy(*args):
+        seen.append(args[-1])  # the op's found_inf
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.bregman_fused, "fused_step", spy)
+    p = torch.tensor([0.0, 1.0, 2.0, 0.0])
+
+    def step(flag, capturable):
+        return _ext.cpu_step("linbreg", [p], [torch.ones(4)], [torch.tensor([5.0, -1.0, 0.5, 0.0])], [],
+                             [], [torch.zeros(())], lr=0.1, beta1=0.0, beta2=0.0, eps=0.0, delta=1.0,
+                             reg=bf.L1(0.25), found_inf=torch.tensor(flag), capturable=capturable)
+
+    assert step(1.0, capturable=False) is None and seen == [] and p.tolist() == [0.0, 1.0, 2.0, 0.0]
+    assert step(1.0, capturable=True).tolist() == [2] and len(seen) == 1 and float(seen[0]) == 1.0
+    assert step(0.0, capturable=False).tolist() == [3] and len(seen) == 2 and seen[1] is None
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("reg_name", ["none", "group"])
 def test_grad_scale_equals_pre_divided_grads(opt_name, reg_name):

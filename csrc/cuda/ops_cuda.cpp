@@ -11,8 +11,8 @@
 //    the host in double with bregman::make_step_params. With found_inf given this needs ONE
 //    device→host read of found_inf (a sync) to know whether to increment — the price of keeping
 //    CPU steps. The update kernels read found_inf themselves (on the device, no sync). The Python
-//    wrapper (bregman_fused/_ext.py fused_step) reads found_inf once BEFORE the call instead and
-//    passes it on only where the op must count an unchanged θ, so one step reads it once.
+//    wrapper reads found_inf before the call and gives it to the op only where the op must count
+//    an unchanged θ, so a step reads it once (bregman_fused/_ext.py [note: one found_inf read]).
 //  - on the params' device (what torch's _fused_adam does): a tiny kernel does
 //    steps += (found_inf == 0) and the update kernels read the incremented count and compute the
 //    bias corrections in-kernel (in double). No host read; use this with AMP.
