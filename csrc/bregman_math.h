@@ -21,9 +21,33 @@
 
 namespace bregman {
 
-// Optimizer and regularizer codes shared with bregman_fused/_ext.py and the Triton launcher.
+// Optimizer and regularizer codes: the ONE C++ definition (the op checks and their messages are
+// written from these). The Python side passes them as ints: bregman_fused/_ext.py KIND_CODES and
+// REG_CODES, the Triton launcher; the values must not change.
 enum class Kind : int64_t { LinBreg = 0, AdaBreg = 1, ProxSGD = 2 };
 enum class Reg : int64_t { None = 0, L1 = 1, L1Pos = 2, Group = 3, SparseGroup = 4 };
+constexpr Kind kLastKind = Kind::ProxSGD;    // codes run from 0 to these, without gaps
+constexpr Reg kLastReg = Reg::SparseGroup;
+
+// Names for error messages.
+constexpr const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::LinBreg: return "LinBreg";
+    case Kind::AdaBreg: return "AdaBreg";
+    case Kind::ProxSGD: return "ProxSGD";
+  }
+  return "?";
+}
+constexpr const char* reg_name(Reg reg) {
+  switch (reg) {
+    case Reg::None: return "none";
+    case Reg::L1: return "L1";
+    case Reg::L1Pos: return "L1Pos";
+    case Reg::Group: return "Group";
+    case Reg::SparseGroup: return "SparseGroup";
+  }
+  return "?";
+}
 
 BF_HD constexpr bool is_row_reg(Reg reg) { return reg == Reg::Group || reg == Reg::SparseGroup; }
 
@@ -48,6 +72,7 @@ BF_HD double bf_select_gt(double a, double b, double x, double y) { return a > b
 // definition (ADL at instantiation only searches at::vec). Never seen by nvcc.
 #if defined(BREGMAN_MATH_AT_VEC) && !defined(__CUDACC__) && !defined(__HIPCC__)
 #include <ATen/cpu/vec/vec.h>
+#define BREGMAN_MATH_HAS_AT_VEC 1  // checked by csrc/cpu/simd_memory.h
 
 namespace bregman {
 template <typename U>
@@ -72,8 +97,42 @@ inline at::vec::Vectorized<U> bf_select_gt(const at::vec::Vectorized<U>& a, cons
 
 namespace bregman {
 
-// ---- hyper-parameters of one tensor's step, in the compute type ------------------------------
-// Host code fills this once per tensor (bias corrections depend on that tensor's step count).
+// ---- the scalar arguments of one call -------------------------------------------------------
+// The op's hyper-parameters (Python floats: doubles) and codes, checked and packed once at the op
+// boundary (csrc/op_checks.h, make_step_hyper) and handed down whole. Everything per tensor in the
+// compute type (StepParams below) is derived from it, in double, by make_step_params.
+struct StepHyper {
+  Kind kind = Kind::LinBreg;
+  Reg reg = Reg::None;
+  bool momentum = false;    // LinBreg with momentum buffers (exp_avgs given)
+  double lr = 0;            // τ (the capturable CUDA op reads it from a device tensor instead)
+  double beta1 = 0;         // momentum β (LinBreg) or β1 (AdaBreg)
+  double beta2 = 0;         // β2 (AdaBreg)
+  double eps = 0;           // ε (AdaBreg)
+  double delta = 1;         // δ of the Bregman methods (ProxSGD ignores it)
+  double lamda_l1 = 0;      // λ₁: L1 strength of L1 / L1Pos / SparseGroup
+  double lamda_group = 0;   // λ₂: the group strength per unit of √n; a row of n elements has the
+                            // threshold λ₂·√n (StepParams::thr_row)
+};
+
+// The row threshold λ₂·√n (times τ for ProxSGD), in double like the reference's Python floats, so
+// that its single rounding to the compute type matches. Once per tensor (host, or in-kernel on CUDA).
+BF_HD double row_threshold(Kind kind, double lr, double lamda_group, int64_t n) {
+  const double thr = lamda_group * ::sqrt(static_cast<double>(n));
+  return kind == Kind::ProxSGD ? lr * thr : thr;
+}
+
+// StepParams::thr_row of a tensor with rows of n elements: row_threshold rounded once to T; 0 for
+// the element-wise maps, which have no rows.
+template <typename T>
+BF_HD T make_thr_row(const StepHyper& h, int64_t n) {
+  return is_row_reg(h.reg) ? static_cast<T>(row_threshold(h.kind, h.lr, h.lamda_group, n)) : T(0);
+}
+
+// ---- per-tensor constants of a step, in the compute type -------------------------------------
+// Host code fills this once per tensor (bias corrections depend on that tensor's step count, the
+// row threshold on its row length). The field names are those of the Triton backend's hyper table
+// (bregman_fused/triton/launcher.py, _hyper_rows), which holds the same values.
 template <typename T>
 struct StepParams {
   T lr;           // τ
@@ -85,31 +144,34 @@ struct StepParams {
   T step_size;    // AdaBreg: τ / (1 − β1^t)
   T bc2_sqrt;     // AdaBreg: √(1 − β2^t)
   T mom_scale;    // LinBreg with momentum: (1 − β)·τ
-  T delta;        // δ: θ = δ·shrink(v) for the Bregman methods, 1 for ProxSGD
+  T prox_delta;   // δ of θ = δ·shrink(x): δ for the Bregman methods, 1 for ProxSGD
   T thr_l1;       // element-wise threshold: λ₁ (Bregman) or τ·λ₁ (ProxSGD)
-  T thr_group;    // row threshold before √n: λ₂ (Bregman) or τ·λ₂ (ProxSGD)
+  T thr_row;      // the threshold of one row's norm: λ₂·√n (Bregman) or τ·λ₂·√n (ProxSGD), n the
+                  // tensor's row length; 0 for the element-wise maps. NOT λ₂ itself (StepHyper::lamda_group).
 };
 
-// Fill the per-tensor constants exactly as reference.py computes them (in double, then cast).
-// Host code calls it once per tensor; CUDA kernels call it in-kernel when lr or the step count
-// live on the device (capturable, AMP with device steps). Double math is correctly rounded on both.
+// Fill the per-tensor constants exactly as reference.py computes them (in double, then cast), for
+// a tensor at step count `step` (after this step's increment) with rows of n elements (1 for the
+// element-wise maps). Host code calls it once per tensor; CUDA kernels call it in-kernel when lr or
+// the step count live on the device (capturable, AMP with device steps). Double math is correctly
+// rounded on both.
 template <typename T>
-BF_HD StepParams<T> make_step_params(Kind kind, double lr, double beta1, double beta2, double eps,
-                                      double delta, double lamda_l1, double lamda_group, double step) {
+BF_HD StepParams<T> make_step_params(const StepHyper& h, double step, int64_t n) {
+  const double lr = h.lr, beta1 = h.beta1, beta2 = h.beta2;
   StepParams<T> p;
   p.lr = static_cast<T>(lr);
   p.beta1 = static_cast<T>(beta1);
   p.beta2 = static_cast<T>(beta2);
   p.one_minus_beta1 = static_cast<T>(1.0 - beta1);
   p.one_minus_beta2 = static_cast<T>(1.0 - beta2);
-  p.eps = static_cast<T>(eps);
-  p.step_size = static_cast<T>(kind == Kind::AdaBreg ? lr / (1.0 - ::pow(beta1, step)) : 0.0);
-  p.bc2_sqrt = static_cast<T>(kind == Kind::AdaBreg ? ::sqrt(1.0 - ::pow(beta2, step)) : 1.0);
+  p.eps = static_cast<T>(h.eps);
+  p.step_size = static_cast<T>(h.kind == Kind::AdaBreg ? lr / (1.0 - ::pow(beta1, step)) : 0.0);
+  p.bc2_sqrt = static_cast<T>(h.kind == Kind::AdaBreg ? ::sqrt(1.0 - ::pow(beta2, step)) : 1.0);
   p.mom_scale = static_cast<T>((1.0 - beta1) * lr);
-  const bool prox_sgd = kind == Kind::ProxSGD;
-  p.delta = static_cast<T>(prox_sgd ? 1.0 : delta);
-  p.thr_l1 = static_cast<T>(prox_sgd ? lr * lamda_l1 : lamda_l1);
-  p.thr_group = static_cast<T>(prox_sgd ? lr * lamda_group : lamda_group);
+  const bool prox_sgd = h.kind == Kind::ProxSGD;
+  p.prox_delta = static_cast<T>(prox_sgd ? 1.0 : h.delta);
+  p.thr_l1 = static_cast<T>(prox_sgd ? lr * h.lamda_l1 : h.lamda_l1);
+  p.thr_row = make_thr_row<T>(h, n);
   return p;
 }
 
@@ -199,24 +261,17 @@ BF_HD T elementwise_shrink(Reg reg, T x, const StepParams<S>& hp) {
 // θ of the element-wise maps: shrink(x)·δ, in the reference's order (prox = shrink(v, 1) * delta).
 template <typename T, typename S>
 BF_HD T elementwise_theta(Reg reg, T x, const StepParams<S>& hp) {
-  return elementwise_shrink(reg, x, hp) * T(hp.delta);
+  return elementwise_shrink(reg, x, hp) * T(hp.prox_delta);
 }
 
 // θ of a row map from the element-wise part u and the row's factor: (u·factor)·δ, the reference's order.
 template <typename T, typename S>
 BF_HD T row_theta(T u, T factor, const StepParams<S>& hp) {
-  return (u * factor) * T(hp.delta);
-}
-
-// The row threshold λ₂·√n (times τ for ProxSGD), in double like the reference's Python floats, so
-// that its single rounding to the compute type matches. Once per tensor (host, or in-kernel on CUDA).
-BF_HD double row_threshold(Kind kind, double lr, double lamda_group, int64_t n) {
-  const double thr = lamda_group * ::sqrt(static_cast<double>(n));
-  return kind == Kind::ProxSGD ? lr * thr : thr;
+  return (u * factor) * T(hp.prox_delta);
 }
 
 // Row maps: θ_r = δ·u_r·factor with factor = max(1 − thr/‖u_r‖, 0) (0 for a zero row), from Σu² and
-// the row threshold of row_threshold; Σu² is accumulated by the kernel in the compute type.
+// the row threshold thr = StepParams::thr_row; Σu² is accumulated by the kernel in the compute type.
 // S may be a SIMD type: the CPU kernel computes the factors of 8 rows at once (thr/0 = inf in a
 // zero row's lane is discarded by the select).
 template <typename S>

@@ -7,9 +7,10 @@
 #include "cpu/fused_step.h"
 #include "module_init.h"
 
-// One call updates every tensor of a (param group, device, dtype) bucket; see DESIGN.md §2 and
-// bregman_fused/reference.py (the spec). kind: 0 LinBreg, 1 AdaBreg, 2 ProxSGD; reg: 0 none,
-// 1 L1, 2 L1Pos, 3 Group, 4 SparseGroup. Returns the non-zeros of each new θ (int64).
+// One call updates every tensor of a (param group, device, dtype) bucket; see docs/design.md §2 and
+// bregman_fused/reference.py (the spec). kind and reg: the codes of bregman::Kind and bregman::Reg
+// (csrc/bregman_math.h). Returns the non-zeros of each new θ (int64). The Python side
+// (bregman_fused/_ext.py) calls it positionally: the schema is its interface.
 TORCH_LIBRARY(bregman_fused, m) {
   m.def(
       "fused_step(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, Tensor(c!)[] exp_avgs, "

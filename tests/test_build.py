@@ -72,7 +72,7 @@ _JIT_SCRIPT = textwrap.dedent("""
     import torch
     import bregman_fused as bf
     from bregman_fused import _build
-from bregman_fused.backends import loader
+    from bregman_fused.backends import loader
     assert bf.__file__.startswith(sys.argv[1]), bf.__file__
     assert _build.source_root().endswith("_src"), _build.source_root()
     assert loader.cpu_available(), loader.cpu_error()

@@ -222,6 +222,30 @@ def test_op_with_found_inf_returns_current_counts():
     assert p.tolist() == [0.0, 1.0, 2.0, 0.0] and v.tolist() == [5.0, -1.0, 0.5, 0.0] and float(step) == 0
 
 
+def test_wrapper_reads_found_inf_once_and_the_op_only_when_it_counts(monkeypatch):
+    """contract.begin_step: found_inf is read once, before any launch (on a GPU each read is a sync):
+    a skipped step never reaches the op, a step that runs gives it no found_inf to read; only
+    capturable=True hands it over, for the counts of the unchanged θ."""
+    seen = []
+    op = torch.ops.bregman_fused.fused_step
+
+    def spy(*args):
+        seen.append(args[-1])  # the op's found_inf
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.bregman_fused, "fused_step", spy)
+    p = torch.tensor([0.0, 1.0, 2.0, 0.0])
+
+    def step(flag, capturable):
+        return backend_step("cpu", "linbreg", [p], [torch.ones(4)], [torch.tensor([5.0, -1.0, 0.5, 0.0])], [],
+                            [], [torch.zeros(())], lr=0.1, reg=bf.L1(0.25), found_inf=torch.tensor(flag),
+                            capturable=capturable)
+
+    assert step(1.0, capturable=False) is None and seen == [] and p.tolist() == [0.0, 1.0, 2.0, 0.0]
+    assert step(1.0, capturable=True).tolist() == [2] and len(seen) == 1 and float(seen[0]) == 1.0
+    assert step(0.0, capturable=False).tolist() == [3] and len(seen) == 2 and seen[1] is None
+
+
 # ---- boundary checks of the op ------------------------------------------------------------------
 def _op_args(**over):
     p = [torch.randn(5), torch.randn(2, 3)]
@@ -305,7 +329,7 @@ def test_op_valid_args_run():
     args = _op_args()
     counts = _call(args)
     assert counts.dtype == torch.int64 and counts.shape == (2,)
-    assert all(float(s) == 1 for s in args["steps"])
+    assert all(float(s) == 0 for s in args["steps"])  # the op reads the counts; the caller counts (begin_step)
 
 
 # ---- loader: unavailable extension --------------------------------------------------------------

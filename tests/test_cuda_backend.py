@@ -112,6 +112,12 @@ class Case:
         return out
 
     def op_call(self, ops, grad_scale=None, found_inf=None):
+        """The op as the package calls it: the caller counts the step first (contract.begin_step:
+        steps += found_inf == 0; the op only reads the counts), then the op skips in-kernel when
+        found_inf is set and reports the unchanged θ's non-zeros."""
+        ran = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float()
+        for s in self.steps:
+            s.add_(ran.to(s.device) if isinstance(ran, torch.Tensor) else ran)
         l1, group = self.reg.lamdas()
         sizes = [self.reg.group_size(p.shape) if p.dim() > 0 else 1 for p in self.params]
         h = self.hyper
@@ -383,6 +389,7 @@ def test_capturable_step_in_cuda_graph(ops):
         with torch.no_grad():
             for st in graph_state.values():
                 l1, group = st["reg"].lamdas()
+                torch._foreach_add_(st["steps"], 1.0)  # the caller counts the step; the op reads the counts
                 ops.fused_step_capturable(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
                                           st["s"], st["steps"], st["sizes"], lr_t, hyper["beta1"], hyper["beta2"],
                                           hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group, None,
@@ -393,6 +400,7 @@ def test_capturable_step_in_cuda_graph(ops):
         with torch.no_grad():
             for st in eager_state.values():
                 l1, group = st["reg"].lamdas()
+                torch._foreach_add_(st["steps"], 1.0)
                 st["counts"] = ops.fused_step(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
                                               st["s"], st["steps"], st["sizes"], lr, hyper["beta1"], hyper["beta2"],
                                               hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group,
@@ -439,7 +447,7 @@ def test_argument_errors_name_the_argument(ops):
         case.op_call(ops)
     case = Case("adabreg", "l1", [(4,), (5,)], torch.float32).to("cuda")
     case.exp_avg_sqs[0] = case.exp_avg_sqs[0].double()
-    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must be Float"):
+    with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must have dtype Float"):
         case.op_call(ops)
     # same size, other shape: the element orders would differ (a channels_last θ walked as a view)
     case = Case("linbreg", "l1", [(4, 6)], torch.float32).to("cuda")

@@ -14,8 +14,8 @@ Every backend's params and every state tensor must lie within ``configs.toleranc
 reference run (all params float64, the same inputs), step counts must be exact, and
 ``opt.density()`` must be the true non-zero fraction. Seeds 0-199 run on the reference and the cpu
 backend, the even ones (100 configs) also on Triton, which the interpreter makes slow (the whole
-file takes about 45 s of CPU time). The reference runs that set the tolerance take no checkpoint,
-so a checkpoint that loses anything shows as a difference on every backend.
+file: 35-65 s of CPU time, 45-95 s on a busy 2-core machine). The reference runs that set the
+tolerance take no checkpoint, so a checkpoint that loses anything shows as a difference.
 
 One allowance beyond ``configs.tolerance``: Triton's interpreter converts float32 to bfloat16 by
 truncation (round toward zero), not round-to-nearest as every compiled kernel does; about half of
@@ -189,7 +189,7 @@ def run(cfg: Config, first: str, second: str | None, float64: bool = False):
             opt.param_groups[group_index]["reg"].scale_strength(factor)
             opt.reinit_dual(group_index)
         for p, gs in zip(params, grads):
-            p.grad = gs[k].to(p.dtype)
+            p.grad = gs[k].to(p.dtype, copy=True)  # the inputs are shared by every run of the seed
         if cfg.grad_scale is not None:
             opt.grad_scale = torch.tensor(cfg.grad_scale)
             opt.found_inf = torch.tensor(1.0 if k == cfg.found_inf_step else 0.0)
@@ -281,6 +281,8 @@ CASES = (_backend_params("reference", _seeds()) + _backend_params("cpu", _seeds(
          + _backend_params("triton", [s for s in _seeds() if s % TRITON_EVERY == 0]))
 
 
+# the table's AdaBreg lr (0.05) is far above Adam's scale on purpose: coordinates cross the thresholds
+@pytest.mark.filterwarnings("ignore:AdaBreg with lr")
 @pytest.mark.parametrize("backend,seed", CASES)
 def test_matches_the_float64_reference(backend, seed):
     check(draw(seed), backend)

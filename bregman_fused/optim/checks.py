@@ -17,6 +17,7 @@ import torch
 
 from .. import backends
 from .. import distributed as dist_utils
+from ..backends.contract import state_dtype
 from ..regularizers import Regularizer
 
 
@@ -120,8 +121,8 @@ def check_sparse_grads(owner: str, params: list[torch.Tensor]) -> None:
 def check_states(owner: str, group_index: int, params: list[torch.Tensor], state, allowed: set[str],
                  needed: set[str]) -> None:
     """The states a bucket's lists are (re)built from, as the user may have edited them: a state
-    that exists holds every key its optimizer needs, each a floating tensor of its param's shape
-    (dtypes and devices are checked with the step's tensors). Missing states are made later."""
+    that exists holds every key its optimizer needs, each a tensor of its param's shape, state
+    dtype and device. Missing states are made later."""
     for i, p in enumerate(params):
         s = state.get(p)
         if not s:
@@ -135,12 +136,17 @@ def check_states(owner: str, group_index: int, params: list[torch.Tensor], state
             value = s[key]
             if key == "step":
                 ok = isinstance(value, torch.Tensor) and value.numel() == 1
+                want = "a one-element tensor"
             else:
-                ok = isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape
+                local = dist_utils.local(p)
+                ok = (isinstance(value, torch.Tensor) and value.shape == p.shape and value.dtype == state_dtype(p)
+                      and dist_utils.local(value).device == local.device)
+                want = f"a {state_dtype(p)} tensor of the param's shape {list(p.shape)} on {local.device}"
             if not ok:
-                got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                got = (f"{value.dtype} {list(value.shape)} on {value.device}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
                 raise ValueError(f"{owner}: state {key!r} of param {i} of param group {group_index} is {got}; "
-                                 f"expected a floating tensor of the param's shape {list(p.shape)}")
+                                 f"expected {want}")
 
 
 def check_plan(owner: str, plan) -> None:

@@ -24,15 +24,12 @@ struct TensorWork {
   T* s = nullptr;               // exp_avg_sq
   int64_t numel = 0;
   int64_t n = 1;                // row length (row regularizers), 1 otherwise
-  StepParams<T> hp{};
-  T row_thr = T(0);             // λ₂·√n (·τ for ProxSGD), row regularizers only
+  StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)
 };
 
 template <typename T>
 struct Work {
-  Kind kind = Kind::LinBreg;
-  Reg reg = Reg::None;
-  bool momentum = false;        // LinBreg with β > 0
+  StepHyper hyper;              // the call's codes (kind, reg, momentum) and scalars
   bool stream = false;          // non-temporal stores for θ [note: streaming stores]
   bool has_scale = false;       // divide grads by `scale` (AMP)
   T scale = T(1);

@@ -3,13 +3,13 @@
 // One block = one 64 Ki-element chunk of one tensor (see [note: multi-tensor apply]). Each thread
 // reads g (θ for ProxSGD) and the states, calls the bregman_math.h formulas in opmath_t, writes the
 // states and θ, and counts θ's non-zeros; the block adds its count with one atomicAdd.
-// The regularizer is a runtime switch (uniform per launch; it costs nothing next to the memory
-// traffic and keeps the number of kernel instantiations — and the compile time — down).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
+// The regularizer is a run-time switch (dispatch_step.cuh says why).
+#include "device_memory.cuh"
+#include "dispatch_step.cuh"
 #include "fused_step_cuda.h"
+#include "launch_args.cuh"
 #include "multi_tensor_apply.cuh"
+#include "reductions.cuh"
 
 namespace bregman_cuda {
 namespace {
@@ -21,7 +21,7 @@ constexpr int64_t kChunk = 65536;
 template <typename scalar_t, typename opmath_t, Kind K, bool Momentum>
 __global__ void __launch_bounds__(kBlock)
     elementwise_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
-                       const __grid_constant__ Hyper<opmath_t> h) {
+                       const __grid_constant__ LaunchArgs<opmath_t> args) {
   constexpr int Depth = list_depth(K, Momentum);
   const int slot = meta.block_to_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunk;
@@ -39,16 +39,16 @@ __global__ void __launch_bounds__(kBlock)
   if constexpr (Depth >= 5) s = static_cast<opmath_t*>(meta.ptrs[kExpAvgSq][slot]) + start;
 
   unsigned int nnz = 0;
-  if (skip_step(h.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
+  if (skip_step(args.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
     for (int64_t i = threadIdx.x; i < len; i += blockDim.x) nnz += is_nonzero(p[i]);
-    add_block_count(h.counts, index, nnz);
+    add_block_count(args.counts, index, nnz);
     return;
   }
 
-  const StepParams<opmath_t> hp = tensor_step_params(meta, h, slot);
-  const Reg reg = h.reg;
-  const bool scaled = h.grad_scale != nullptr;
-  const opmath_t scale = scaled ? static_cast<opmath_t>(*h.grad_scale) : opmath_t(1);
+  const StepParams<opmath_t> hp = tensor_step_params(meta, args, slot);
+  const Reg reg = args.hyper.reg;
+  const bool scaled = args.grad_scale != nullptr;
+  const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
 
   // the per-element step, shared by the vector body and the scalar tail
   auto theta_of = [&](scalar_t g_in, opmath_t theta_old, opmath_t& vi, opmath_t& mi, opmath_t& si) -> scalar_t {
@@ -103,47 +103,21 @@ __global__ void __launch_bounds__(kBlock)
     if constexpr (Depth >= 5) s[i] = si;
     p[i] = theta;
   }
-  add_block_count(h.counts, index, nnz);
-}
-
-template <typename scalar_t, Kind K, bool Momentum>
-void launch_typed(const StepInputs& in) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int Depth = list_depth(K, Momentum);
-  using Meta = TensorListMeta<Depth, opmath_t>;
-  const Hyper<opmath_t> hyper = make_hyper<opmath_t>(in);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  multi_tensor_apply<Meta>(
-      static_cast<int64_t>(in.params.size()),
-      [&](Meta& meta, int slot, int64_t i) { fill_slot<Depth, scalar_t>(meta, slot, i, in); },
-      [&](int64_t i) { return (in.params[i].numel() + kChunk - 1) / kChunk; },
-      [&](const Meta& meta, int nblocks) {
-        elementwise_kernel<scalar_t, opmath_t, K, Momentum><<<nblocks, kBlock, 0, stream>>>(meta, hyper);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  add_block_count(args.counts, index, nnz);
 }
 
 }  // namespace
 
 void launch_elementwise(const StepInputs& in) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.params[0].scalar_type(), "bregman_fused_elementwise",
-                                  [&] {
-                                    switch (in.kind) {
-                                      case Kind::LinBreg:
-                                        if (in.momentum) {
-                                          launch_typed<scalar_t, Kind::LinBreg, true>(in);
-                                        } else {
-                                          launch_typed<scalar_t, Kind::LinBreg, false>(in);
-                                        }
-                                        break;
-                                      case Kind::AdaBreg:
-                                        launch_typed<scalar_t, Kind::AdaBreg, false>(in);
-                                        break;
-                                      case Kind::ProxSGD:
-                                        launch_typed<scalar_t, Kind::ProxSGD, false>(in);
-                                        break;
-                                    }
-                                  });
+  dispatch_step(in, [&](auto variant) {
+    using V = decltype(variant);
+    launch_step_tables<V>(
+        in, [&](int64_t i) { return (in.tensors.params[i].numel() + kChunk - 1) / kChunk; },
+        [&](const auto& meta, const auto& args, int nblocks, cudaStream_t stream) {
+          elementwise_kernel<typename V::scalar_t, typename V::opmath_t, V::kind, V::momentum>
+              <<<nblocks, kBlock, 0, stream>>>(meta, args);
+        });
+  });
 }
 
 }  // namespace bregman_cuda

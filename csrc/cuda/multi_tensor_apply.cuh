@@ -1,5 +1,7 @@
-// Multi-tensor launcher shared by the element-wise and the row-group kernels, plus the small
-// device helpers both use (vector loads, reductions, per-tensor step constants).
+// The multi-tensor launcher shared by the element-wise and the row-group kernels: the per-launch
+// tensor table, how it is filled and cut into launches. Device-side helpers live beside it:
+// launch_args.cuh (the per-call arguments), device_memory.cuh (loads, stores, non-zero tests),
+// reductions.cuh (warp and block sums).
 //
 // [note: multi-tensor apply] The design follows PyTorch's MultiTensorApply.cuh and apex's
 // multi_tensor_apply (the code is our own): every tensor is cut into chunks, each block of a launch
@@ -13,27 +15,23 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "bregman_math.h"
+#include "fused_step_cuda.h"
+#include "launch_args.cuh"
 
 namespace bregman_cuda {
-
-using bregman::Kind;
-using bregman::Reg;
-using bregman::StepParams;
 
 // ---- launch geometry -----------------------------------------------------------------------------
 constexpr int kMaxBlocksPerLaunch = 320;
 // Bytes of kernel arguments we allow ourselves: the classic 4 KiB limit (works with every driver;
 // the 32 KiB limit of CUDA ≥ 12.1 would need a newer driver everywhere the wheel runs).
 constexpr int kArgBytes = 4096;
-// Room kept for the Hyper struct passed next to the tensor table.
-constexpr int kHyperReserve = 320;
+// Room kept for the LaunchArgs struct passed next to the tensor table.
+constexpr int kLaunchArgsReserve = 320;
 
 // Pointer order in TensorListMeta::ptrs: param, grad, dual, m (momentum buffer / exp_avg), s.
 constexpr int kParam = 0, kGrad = 1, kDual = 2, kExpAvg = 3, kExpAvgSq = 4;
@@ -47,7 +45,7 @@ template <int Depth, typename opmath_t>
 constexpr int max_tensors_per_launch() {
   // per tensor: Depth addresses, numel, group size, step pointer, 2 step constants, index
   constexpr int per_tensor = Depth * 8 + 8 + 8 + 8 + 2 * static_cast<int>(sizeof(opmath_t)) + 4;
-  constexpr int fit = (kArgBytes - kHyperReserve - kMaxBlocksPerLaunch * 5 - 16) / per_tensor;
+  constexpr int fit = (kArgBytes - kLaunchArgsReserve - kMaxBlocksPerLaunch * 5 - 16) / per_tensor;
   return fit < 255 ? fit : 255;  // block_to_tensor is a uint8
 }
 
@@ -57,7 +55,7 @@ struct TensorListMeta {
   static constexpr int kMaxTensors = max_tensors_per_launch<Depth, opmath_t>();
   void* ptrs[Depth][kMaxTensors];
   int64_t numel[kMaxTensors];
-  int64_t group_size[kMaxTensors];     // row length n (row kernel only)
+  int64_t group_size[kMaxTensors];     // row length n (1 for the element-wise maps)
   const float* step_ptr[kMaxTensors];  // device mode: the tensor's (already incremented) step
   opmath_t step_size[kMaxTensors];     // host mode: AdaBreg τ/(1−β1^t) of this tensor
   opmath_t bc2_sqrt[kMaxTensors];      // host mode: AdaBreg √(1−β2^t) of this tensor
@@ -76,31 +74,15 @@ struct TensorListMeta {
   }
 };
 
-// Scalars of a call, shared by all tensors (passed by value next to the table).
-template <typename opmath_t>
-struct Hyper {
-  StepParams<opmath_t> hp;  // host-filled; step_size / bc2_sqrt replaced per tensor
-  // raw hyper-parameters for the in-kernel make_step_params (device mode)
-  double lr, beta1, beta2, eps, delta, lamda_l1, lamda_group;
-  const void* lr_ptr;  // capturable: 0-dim device lr, nullptr otherwise
-  const float* grad_scale;
-  const float* found_inf;
-  unsigned long long* counts;  // int64 counts, one per tensor of the op call
-  Kind kind;
-  Reg reg;
-  bool lr_is_double;
-  bool device_steps;
-};
-
 template <int Depth, typename opmath_t>
 constexpr bool fits_argument_space() {
-  return sizeof(TensorListMeta<Depth, opmath_t>) + sizeof(Hyper<opmath_t>) <= kArgBytes;
+  return sizeof(TensorListMeta<Depth, opmath_t>) + sizeof(LaunchArgs<opmath_t>) <= kArgBytes;
 }
 static_assert(fits_argument_space<2, float>() && fits_argument_space<3, float>() &&
                   fits_argument_space<4, float>() && fits_argument_space<5, float>() &&
                   fits_argument_space<2, double>() && fits_argument_space<5, double>(),
-              "tensor table + hyper-parameters exceed the 4 KiB kernel-argument space");
-static_assert(sizeof(Hyper<double>) <= kHyperReserve, "raise kHyperReserve");
+              "tensor table + launch arguments exceed the 4 KiB kernel-argument space");
+static_assert(sizeof(LaunchArgs<double>) <= kLaunchArgsReserve, "raise kLaunchArgsReserve");
 
 // ---- host launcher -------------------------------------------------------------------------------
 // fill(meta, slot, i): write tensor i's entries into `slot`; num_chunks(i): blocks tensor i needs
@@ -136,149 +118,48 @@ void multi_tensor_apply(int64_t ntensors, Fill&& fill, NumChunks&& num_chunks, L
   if (blocks > 0) launch(meta, blocks);
 }
 
-// ---- device helpers ------------------------------------------------------------------------------
-template <typename T, int N>
-struct alignas(sizeof(T) * N) AlignedVector {
-  T val[N];
-};
-
-template <int N, typename T>
-__device__ __forceinline__ bool is_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * N) == 0;
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void load_vec(T (&dst)[N], const T* src, int64_t i) {
-  const auto v = *reinterpret_cast<const AlignedVector<T, N>*>(src + i);
-#pragma unroll
-  for (int k = 0; k < N; ++k) dst[k] = v.val[k];
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_vec(T* dst, int64_t i, const T (&src)[N]) {
-  AlignedVector<T, N> v;
-#pragma unroll
-  for (int k = 0; k < N; ++k) v.val[k] = src[k];
-  *reinterpret_cast<AlignedVector<T, N>*>(dst + i) = v;
-}
-
-// Grad unscaling, g / grad_scale as the reference writes it, correctly rounded whatever the build's
-// -prec-div setting.
-__device__ __forceinline__ float unscale(float g, float scale) { return __fdiv_rn(g, scale); }
-__device__ __forceinline__ double unscale(double g, double scale) { return g / scale; }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v, int width = 32) {
-  for (int offset = width / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, width);
-  return v;
-}
-
-// Sum over the block, returned to every thread. Every thread of the block must call it.
-// `scratch` holds at least blockDim.x / 32 values.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int nwarps = (blockDim.x + 31) / 32;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read by a previous block_sum
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T total = lane < nwarps ? scratch[lane] : T(0);
-  return warp_sum(total);
-}
-
-// One atomicAdd per block of the block's non-zero count (every thread must call it).
-__device__ __forceinline__ void add_block_count(unsigned long long* counts, int32_t index, unsigned int mine) {
-  __shared__ unsigned long long scratch[32];
-  const unsigned long long total = block_sum<unsigned long long>(mine, scratch);
-  if (threadIdx.x == 0 && total != 0) atomicAdd(counts + index, total);
-}
-
-// Non-zero test on the stored bits (sign bit ignored, NaN counts, like torch.count_nonzero). A bit
-// test and not `x != 0`: under --ftz=true (e.g. a --use_fast_math build) comparisons flush fp32
-// subnormals to zero, which would miscount subnormal θ already in memory (the found_inf path
-// counts the untouched θ).
-__device__ __forceinline__ unsigned int is_nonzero(float x) { return (__float_as_uint(x) << 1) != 0u ? 1u : 0u; }
-__device__ __forceinline__ unsigned int is_nonzero(double x) {
-  return (static_cast<unsigned long long>(__double_as_longlong(x)) << 1) != 0ull ? 1u : 0u;
-}
-__device__ __forceinline__ unsigned int is_nonzero(c10::Half x) { return (x.x & 0x7fffu) != 0u ? 1u : 0u; }
-__device__ __forceinline__ unsigned int is_nonzero(c10::BFloat16 x) { return (x.x & 0x7fffu) != 0u ? 1u : 0u; }
-
-__device__ __forceinline__ bool skip_step(const float* found_inf) {
-  return found_inf != nullptr && *found_inf != 0.0f;
-}
-
-// The StepParams of table slot `slot`.
-template <typename Meta, typename opmath_t>
-__device__ __forceinline__ StepParams<opmath_t> tensor_step_params(const Meta& meta, const Hyper<opmath_t>& h,
-                                                                   int slot) {
-  if (!h.device_steps && h.lr_ptr == nullptr) {
-    StepParams<opmath_t> p = h.hp;
-    p.step_size = meta.step_size[slot];
-    p.bc2_sqrt = meta.bc2_sqrt[slot];
-    return p;
-  }
-  const double lr = call_lr(h);
-  const double step = h.device_steps ? static_cast<double>(*meta.step_ptr[slot]) : 1.0;
-  return bregman::make_step_params<opmath_t>(h.kind, lr, h.beta1, h.beta2, h.eps, h.delta, h.lamda_l1, h.lamda_group,
-                                             step);
-}
-
-// The lr of this call: the device scalar (capturable) or the host value.
-template <typename opmath_t>
-__device__ __forceinline__ double call_lr(const Hyper<opmath_t>& h) {
-  if (h.lr_ptr == nullptr) return h.lr;
-  return h.lr_is_double ? *static_cast<const double*>(h.lr_ptr)
-                        : static_cast<double>(*static_cast<const float*>(h.lr_ptr));
-}
-
-// Shared host-side table filling: addresses, sizes and step constants of tensor i.
-template <int Depth, typename scalar_t, typename opmath_t, typename In>
-__host__ void fill_slot(TensorListMeta<Depth, opmath_t>& meta, int slot, int64_t i, const In& in) {
-  meta.ptrs[kParam][slot] = in.params[i].data_ptr();
-  meta.ptrs[kGrad][slot] = in.grads[i].data_ptr();
-  if constexpr (Depth >= 3) meta.ptrs[kDual][slot] = in.duals[i].data_ptr();
-  if constexpr (Depth >= 4) meta.ptrs[kExpAvg][slot] = in.exp_avgs[i].data_ptr();
-  if constexpr (Depth >= 5) meta.ptrs[kExpAvgSq][slot] = in.exp_avg_sqs[i].data_ptr();
-  meta.numel[slot] = in.params[i].numel();
-  meta.group_size[slot] = in.group_sizes.empty() ? 1 : in.group_sizes[i];
+// Tensor i's entries of the table: addresses, size, row length and step constants.
+template <int Depth, typename opmath_t>
+__host__ void fill_slot(TensorListMeta<Depth, opmath_t>& meta, int slot, int64_t i, const StepInputs& in) {
+  const bregman::StepTensors& t = in.tensors;
+  meta.ptrs[kParam][slot] = t.params[i].data_ptr();
+  meta.ptrs[kGrad][slot] = t.grads[i].data_ptr();
+  if constexpr (Depth >= 3) meta.ptrs[kDual][slot] = t.duals[i].data_ptr();
+  if constexpr (Depth >= 4) meta.ptrs[kExpAvg][slot] = t.exp_avgs[i].data_ptr();
+  if constexpr (Depth >= 5) meta.ptrs[kExpAvgSq][slot] = t.exp_avg_sqs[i].data_ptr();
+  meta.numel[slot] = t.params[i].numel();
+  meta.group_size[slot] = t.group_sizes.empty() ? 1 : t.group_sizes[i];
   meta.tensor_index[slot] = static_cast<int32_t>(i);
-  if (in.device_mode()) {
-    meta.step_ptr[slot] = in.device_steps[i].template data_ptr<float>();
+  if (in.device_steps) {
+    meta.step_ptr[slot] = t.steps[i].data_ptr<float>();
     meta.step_size[slot] = opmath_t(0);
     meta.bc2_sqrt[slot] = opmath_t(1);
   } else {
     meta.step_ptr[slot] = nullptr;
-    const auto p = bregman::make_step_params<opmath_t>(in.kind, in.lr, in.beta1, in.beta2, in.eps, in.delta,
-                                                       in.lamda_l1, in.lamda_group, in.host_steps[i]);
+    const auto p = bregman::make_step_params<opmath_t>(in.hyper, in.host_steps[i], meta.group_size[slot]);
     meta.step_size[slot] = p.step_size;
     meta.bc2_sqrt[slot] = p.bc2_sqrt;
   }
 }
 
-template <typename opmath_t, typename In>
-__host__ Hyper<opmath_t> make_hyper(const In& in) {
-  Hyper<opmath_t> h;
-  h.hp = bregman::make_step_params<opmath_t>(in.kind, in.lr, in.beta1, in.beta2, in.eps, in.delta, in.lamda_l1,
-                                             in.lamda_group, 1.0);
-  h.lr = in.lr;
-  h.beta1 = in.beta1;
-  h.beta2 = in.beta2;
-  h.eps = in.eps;
-  h.delta = in.delta;
-  h.lamda_l1 = in.lamda_l1;
-  h.lamda_group = in.lamda_group;
-  h.lr_ptr = in.lr_tensor ? in.lr_tensor->data_ptr() : nullptr;
-  h.lr_is_double = in.lr_tensor && in.lr_tensor->scalar_type() == at::kDouble;
-  h.grad_scale = in.grad_scale ? in.grad_scale->template data_ptr<float>() : nullptr;
-  h.found_inf = in.found_inf ? in.found_inf->template data_ptr<float>() : nullptr;
-  h.counts = reinterpret_cast<unsigned long long*>(in.counts.template data_ptr<int64_t>());
-  h.kind = in.kind;
-  h.reg = in.reg;
-  h.device_steps = in.device_mode();
-  return h;
+// One step call of variant V (dispatch_step.cuh) on the current stream: the tables filled, cut
+// into launches, and launch_kernel(meta, args, nblocks, stream) called for each; num_chunks(i):
+// the blocks tensor i needs (0 to skip it).
+template <typename V, typename NumChunks, typename LaunchKernel>
+void launch_step_tables(const StepInputs& in, NumChunks&& num_chunks, LaunchKernel&& launch_kernel) {
+  using opmath_t = typename V::opmath_t;
+  constexpr int Depth = list_depth(V::kind, V::momentum);
+  using Meta = TensorListMeta<Depth, opmath_t>;
+  const LaunchArgs<opmath_t> args = make_launch_args<opmath_t>(in);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  multi_tensor_apply<Meta>(
+      static_cast<int64_t>(in.tensors.size()),
+      [&](Meta& meta, int slot, int64_t i) { fill_slot<Depth, opmath_t>(meta, slot, i, in); },
+      num_chunks,
+      [&](const Meta& meta, int nblocks) {
+        launch_kernel(meta, args, nblocks, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace bregman_cuda

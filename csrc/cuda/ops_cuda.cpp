@@ -1,18 +1,21 @@
-// CUDA bindings of the bregman_fused ops: argument checks, step-count handling and the choice of
-// kernel. No math here (that is bregman_math.h) and no kernels (elementwise.cu, row_group.cu).
+// CUDA bindings of the bregman_fused ops: argument checks (csrc/op_checks.h, shared with the CPU op,
+// plus the CUDA-only arguments), where the step counts are read and the choice of kernel. No math here (that is
+// bregman_math.h) and no kernels (elementwise.cu, row_group.cu).
 //
 // Registers
 //  - the CUDA kernel of `fused_step` (schema defined with TORCH_LIBRARY in csrc/ops.cpp), and
 //  - the op `fused_step_capturable` (schema in the TORCH_LIBRARY_FRAGMENT below, CUDA only).
 //
-// [note: step counts] `fused_step` accepts its 0-dim float32 step tensors in either place:
-//  - on the CPU (the optimizer's default): incremented here and the bias corrections computed on
-//    the host in double with bregman::make_step_params. With found_inf given this needs ONE
-//    device→host read of found_inf (a sync) to know whether to increment — the price of keeping
-//    CPU steps; the update kernels still read found_inf themselves.
-//  - on the params' device (what torch's _fused_adam does): a tiny kernel does
-//    steps += (found_inf == 0) and the update kernels read the incremented count and compute the
-//    bias corrections in-kernel (in double). No host read; use this with AMP.
+// [note: step counts] The ops read the step counts, they never change them: the caller has
+// incremented them for this step (bregman_fused/backends/contract.py begin_step; with capturable
+// steps by found_inf == 0, on the device). `fused_step` accepts its 0-dim float32 counts in either
+// place:
+//  - on the CPU (the optimizer's default): read here and the bias corrections computed on the host
+//    in double with bregman::make_step_params. found_inf reaches the op only in capturable steps
+//    (the caller reads it once otherwise, and does not call the op for a skipped step); the update
+//    kernels read it on the device, so the op itself never reads it on the host.
+//  - on the params' device (what torch's _fused_adam does): the update kernels read the count and
+//    compute the bias corrections in-kernel (in double). No host read; use this with AMP.
 // `fused_step_capturable` only takes device steps and a device lr, and writes into a preallocated
 // `counts`, so a whole training step can be captured in a CUDA graph.
 #include <Python.h>
@@ -26,187 +29,56 @@
 #include <vector>
 
 #include "bregman_math.h"
-#include "flat_layout.h"
 #include "fused_step_cuda.h"
 #include "module_init.h"
+#include "op_checks.h"
+#include "step_tensors.h"
 
 namespace bregman_cuda {
 namespace {
 
+using bregman::check_scalar_tensor;
 using bregman::Kind;
-using bregman::Reg;
+using bregman::OpBoundary;
+using bregman::StepHyper;
+using bregman::StepTensors;
 
-const char* kind_name(Kind kind) {
-  switch (kind) {
-    case Kind::LinBreg:
-      return "LinBreg";
-    case Kind::AdaBreg:
-      return "AdaBreg";
-    default:
-      return "ProxSGD";
-  }
+constexpr OpBoundary kStepOp{"bregman_fused.fused_step", c10::DeviceType::CUDA};
+constexpr OpBoundary kCapturableOp{"bregman_fused.fused_step_capturable", c10::DeviceType::CUDA};
+
+// The checks shared with the CPU op, then where the step counts live (the caller's choice, decided
+// by steps[0], or the device for the capturable op) and the AMP scalars the kernels read as float32.
+// Returns whether the step counts are on the device.
+bool check_args(const OpBoundary& op, const StepHyper& hyper, const StepTensors& t,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                bool require_device_steps) {
+  const size_t n = t.size();
+  TORCH_CHECK(n <= static_cast<size_t>(INT32_MAX), op.op, ": too many params: ", n);  // table indices are int32
+  bregman::check_step_tensors(op, hyper, t);
+  if (n == 0) return require_device_steps;
+  const at::Device device = t.params[0].device();
+  const bool device_steps = require_device_steps || t.steps[0].device().is_cuda();
+  const at::Device steps_device = device_steps ? device : at::Device(at::kCPU);
+  const char* where = require_device_steps ? "fused_step_capturable keeps the step counts on the params' device"
+                                           : "all step counts where steps[0] is";
+  for (size_t i = 0; i < n; ++i) bregman::check_step_count(op, i, t.steps[i], steps_device, where);
+  check_scalar_tensor(op, "grad_scale", grad_scale, device, bregman::is_float32, "float32");
+  check_scalar_tensor(op, "found_inf", found_inf, device, bregman::is_float32, "float32");
+  return device_steps;
 }
 
-at::ScalarType opmath_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// A state list (duals / exp_avgs / exp_avg_sqs): one opmath tensor per param, laid out like it.
-void check_state_list(const char* name, at::TensorList list, at::TensorList params) {
-  for (size_t i = 0; i < list.size(); ++i) {
-    const at::Tensor& t = list[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(t.defined(), name, "[", i, "] is undefined");
-    TORCH_CHECK(t.device() == p.device(), name, "[", i, "] must be on the same device as params[", i, "] (", p.device(),
-                "), got ", t.device());
-    TORCH_CHECK(t.scalar_type() == opmath_dtype(p.scalar_type()), name, "[", i, "] must be ",
-                opmath_dtype(p.scalar_type()), " for ", p.scalar_type(), " params, got ", t.scalar_type());
-    // shapes, not only sizes: a partner of another shape would be walked in another element order
-    TORCH_CHECK(t.sizes() == p.sizes(), name, "[", i, "] has shape ", t.sizes(), " but params[", i, "] has shape ",
-                p.sizes());
-    TORCH_CHECK(bregman::has_flat_order_of(t, p), name, "[", i, "] must have the strides of params[", i, "] ", p.strides(),
-                " (walked in the same element order) or both be contiguous, got strides ", t.strides());
-  }
-}
-
-void check_scalar_tensor(const char* name, const at::Tensor& t, const at::Device& device,
-                         std::initializer_list<at::ScalarType> dtypes) {
-  TORCH_CHECK(t.defined(), name, " is undefined");
-  TORCH_CHECK(t.numel() == 1, name, " must hold exactly one element, got ", t.numel());
-  TORCH_CHECK(t.device() == device, name, " must be on the params' device (", device, "), got ", t.device());
-  bool ok = false;
-  for (auto d : dtypes) ok = ok || t.scalar_type() == d;
-  TORCH_CHECK(ok, name, " must be float32", dtypes.size() > 1 ? " or float64" : "", ", got ", t.scalar_type());
-}
-
-struct Checked {
-  Kind kind;
-  Reg reg;
-  bool momentum;  // LinBreg with momentum buffers
-  bool device_steps;
-};
-
-// All the argument checks shared by both ops; every message names the bad argument.
-Checked check_args(int64_t kind_code, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
-                   at::IntArrayRef group_sizes, int64_t reg_code, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, bool require_device_steps) {
-  TORCH_CHECK(kind_code >= 0 && kind_code <= 2, "kind must be 0 (LinBreg), 1 (AdaBreg) or 2 (ProxSGD), got ",
-              kind_code);
-  TORCH_CHECK(reg_code >= 0 && reg_code <= 4,
-              "reg must be 0 (none), 1 (L1), 2 (L1Pos), 3 (Group) or 4 (SparseGroup), got ", reg_code);
-  const Kind kind = static_cast<Kind>(kind_code);
-  const Reg reg = static_cast<Reg>(reg_code);
-  const size_t n = params.size();
-  TORCH_CHECK(n <= static_cast<size_t>(INT32_MAX), "too many params: ", n);
-
-  TORCH_CHECK(grads.size() == n, "grads must have one tensor per param (", n, "), got ", grads.size());
-  TORCH_CHECK(steps.size() == n, "steps must have one tensor per param (", n, "), got ", steps.size());
-  TORCH_CHECK(group_sizes.size() == n, "group_sizes must have one entry per param (", n, "), got ",
-              group_sizes.size());
-  const bool has_dual = kind != Kind::ProxSGD;
-  TORCH_CHECK(duals.size() == (has_dual ? n : 0), "duals must have ",
-              has_dual ? "one tensor per param" : "no tensors", " for ", kind_name(kind), " (", has_dual ? n : 0,
-              "), got ", duals.size());
-  if (kind == Kind::AdaBreg) {
-    TORCH_CHECK(exp_avgs.size() == n, "exp_avgs must have one tensor per param for AdaBreg (", n, "), got ",
-                exp_avgs.size());
-  } else if (kind == Kind::LinBreg) {
-    TORCH_CHECK(exp_avgs.empty() || exp_avgs.size() == n,
-                "exp_avgs (momentum buffers) must be empty or have one tensor per param for LinBreg (", n,
-                "), got ", exp_avgs.size());
-  } else {
-    TORCH_CHECK(exp_avgs.empty(), "exp_avgs must be empty for ProxSGD, got ", exp_avgs.size());
-  }
-  TORCH_CHECK(exp_avg_sqs.size() == (kind == Kind::AdaBreg ? n : 0), "exp_avg_sqs must have ",
-              kind == Kind::AdaBreg ? "one tensor per param" : "no tensors", " for ", kind_name(kind), ", got ",
-              exp_avg_sqs.size());
-
-  bool device_steps = require_device_steps;
-  if (n > 0) {
-    const at::Device device = params[0].device();
-    const at::ScalarType dtype = params[0].scalar_type();
-    TORCH_CHECK(device.is_cuda(), "params[0] must be a CUDA tensor, got ", device);
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                "params must be float32, float64, float16 or bfloat16, got ", dtype);
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& p = params[i];
-      const at::Tensor& g = grads[i];
-      TORCH_CHECK(p.defined(), "params[", i, "] is undefined");
-      TORCH_CHECK(p.device() == device, "params[", i, "] must be on the same device as params[0] (", device,
-                  "), got ", p.device());
-      TORCH_CHECK(p.scalar_type() == dtype, "params[", i, "] must have the dtype of params[0] (", dtype, "), got ",
-                  p.scalar_type());
-      TORCH_CHECK(bregman::is_flat(p), "params[", i, "] must be contiguous or dense in another dim order (e.g. "
-                  "channels_last), got strides ", p.strides());
-      TORCH_CHECK(g.defined(), "grads[", i, "] is undefined");
-      TORCH_CHECK(g.device() == device, "grads[", i, "] must be on the same device as params[", i, "] (", device,
-                  "), got ", g.device());
-      TORCH_CHECK(g.scalar_type() == dtype, "grads[", i, "] must have the dtype of params[", i, "] (", dtype,
-                  "), got ", g.scalar_type());
-      TORCH_CHECK(g.sizes() == p.sizes(), "grads[", i, "] has shape ", g.sizes(), " but params[", i,
-                  "] has shape ", p.sizes());
-      TORCH_CHECK(bregman::has_flat_order_of(g, p), "grads[", i, "] must have the strides of params[", i, "] ",
-                  p.strides(), " (walked in the same element order) or both be contiguous, got strides ",
-                  g.strides());
-      if (bregman::is_row_reg(reg) && p.numel() > 0) {
-        const int64_t row = group_sizes[i];
-        TORCH_CHECK(row >= 1 && p.numel() % row == 0, "group_sizes[", i, "] = ", row,
-                    " must be >= 1 and divide params[", i, "].numel() (", p.numel(), ")");
-        TORCH_CHECK(bregman::groups_are_blocks(p, row), "params[", i, "] with strides ", p.strides(),
-                    " does not hold its groups of ", row, " elements as consecutive memory (the row maps need that)");
-      }
-    }
-    check_state_list("duals", duals, params);
-    check_state_list("exp_avgs", exp_avgs, params);
-    check_state_list("exp_avg_sqs", exp_avg_sqs, params);
-
-    device_steps = require_device_steps || steps[0].device().is_cuda();
-    for (size_t i = 0; i < n; ++i) {
-      const at::Tensor& st = steps[i];
-      TORCH_CHECK(st.defined(), "steps[", i, "] is undefined");
-      TORCH_CHECK(st.numel() == 1, "steps[", i, "] must hold exactly one element, got ", st.numel());
-      TORCH_CHECK(st.scalar_type() == at::kFloat, "steps[", i, "] must be float32, got ", st.scalar_type());
-      if (device_steps) {
-        TORCH_CHECK(st.device() == device, "steps[", i, "] must be on the params' device (", device, ")",
-                    require_device_steps ? " for fused_step_capturable" : " like steps[0]", ", got ", st.device());
-      } else {
-        TORCH_CHECK(st.device().is_cpu(), "steps[", i, "] must be on the CPU like steps[0], got ", st.device());
-      }
-    }
-    if (grad_scale.has_value()) check_scalar_tensor("grad_scale", *grad_scale, device, {at::kFloat});
-    if (found_inf.has_value()) check_scalar_tensor("found_inf", *found_inf, device, {at::kFloat});
-  }
-  return {kind, reg, kind == Kind::LinBreg && !exp_avgs.empty(), device_steps};
-}
-
-StepInputs make_inputs(const Checked& c, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::IntArrayRef group_sizes,
-                       double lr, double beta1, double beta2, double eps, double delta, double lamda_l1,
-                       double lamda_group, const std::optional<at::Tensor>& grad_scale,
+StepInputs make_inputs(const StepHyper& hyper, const StepTensors& t, const std::optional<at::Tensor>& grad_scale,
                        const std::optional<at::Tensor>& found_inf) {
   StepInputs in;
-  in.kind = c.kind;
-  in.reg = c.reg;
-  in.momentum = c.momentum;
-  in.params = params;
-  in.grads = grads;
-  in.duals = duals;
-  in.exp_avgs = exp_avgs;
-  in.exp_avg_sqs = exp_avg_sqs;
-  in.group_sizes = group_sizes;
-  in.lr = lr;
-  in.beta1 = beta1;
-  in.beta2 = beta2;
-  in.eps = eps;
-  in.delta = delta;
-  in.lamda_l1 = lamda_l1;
-  in.lamda_group = lamda_group;
+  in.hyper = hyper;
+  in.tensors = t;
   in.grad_scale = grad_scale.has_value() ? &*grad_scale : nullptr;
   in.found_inf = found_inf.has_value() ? &*found_inf : nullptr;
   return in;
 }
 
 void run_kernels(const StepInputs& in) {
-  if (bregman::is_row_reg(in.reg)) {
+  if (bregman::is_row_reg(in.hyper.reg)) {
     launch_row_group(in);
   } else {
     launch_elementwise(in);
@@ -218,8 +90,10 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
                            at::IntArrayRef group_sizes, double lr, double beta1, double beta2, double eps,
                            double delta, int64_t reg, double lamda_l1, double lamda_group,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const Checked c = check_args(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, reg, grad_scale,
-                               found_inf, /*require_device_steps=*/false);
+  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  const StepHyper hyper =
+      bregman::make_step_hyper(kStepOp, kind, reg, t, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
+  const bool device_steps = check_args(kStepOp, hyper, t, grad_scale, found_inf, /*require_device_steps=*/false);
   if (params.empty()) {
     const at::Device where = found_inf.has_value() ? found_inf->device()
                              : grad_scale.has_value() ? grad_scale->device()
@@ -227,22 +101,14 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
     return at::zeros({0}, at::TensorOptions().dtype(at::kLong).device(where));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
-  StepInputs in = make_inputs(c, params, grads, duals, exp_avgs, exp_avg_sqs, group_sizes, lr, beta1, beta2, eps,
-                              delta, lamda_l1, lamda_group, grad_scale, found_inf);
+  StepInputs in = make_inputs(hyper, t, grad_scale, found_inf);
   in.counts = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kLong));
 
-  if (c.device_steps) {  // [note: step counts]
-    launch_increment_steps(steps, in.found_inf);
-    in.device_steps = steps;
+  if (device_steps) {  // [note: step counts]
+    in.device_steps = true;
   } else {
-    // one device→host read when found_inf is given with CPU steps, see [note: step counts]
-    const bool skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
     in.host_steps.resize(params.size());
-    for (size_t i = 0; i < params.size(); ++i) {
-      float* st = steps[i].data_ptr<float>();
-      if (!skip) *st += 1.0f;
-      in.host_steps[i] = static_cast<double>(*st);
-    }
+    for (size_t i = 0; i < params.size(); ++i) in.host_steps[i] = static_cast<double>(*steps[i].data_ptr<float>());
   }
   run_kernels(in);
   return in.counts;
@@ -254,27 +120,29 @@ void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorL
                                 double eps, double delta, int64_t reg, double lamda_l1, double lamda_group,
                                 const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf, const at::Tensor& counts) {
-  const Checked c = check_args(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, reg, grad_scale,
-                               found_inf, /*require_device_steps=*/true);
-  TORCH_CHECK(counts.defined() && counts.scalar_type() == at::kLong, "counts must be an int64 tensor, got ",
+  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  // lr is read from the device tensor in-kernel (LaunchArgs::lr_ptr): hyper.lr stays unused
+  const StepHyper hyper = bregman::make_step_hyper(kCapturableOp, kind, reg, t, /*lr=*/0.0, beta1, beta2, eps, delta,
+                                                   lamda_l1, lamda_group);
+  check_args(kCapturableOp, hyper, t, grad_scale, found_inf, /*require_device_steps=*/true);
+  const char* op = kCapturableOp.op;
+  TORCH_CHECK(counts.defined() && counts.scalar_type() == at::kLong, op, ": counts must be an int64 tensor, got ",
               counts.defined() ? c10::toString(counts.scalar_type()) : "undefined");
-  TORCH_CHECK(counts.numel() == static_cast<int64_t>(params.size()), "counts must have one element per param (",
+  TORCH_CHECK(counts.numel() == static_cast<int64_t>(params.size()), op, ": counts must have one element per param (",
               params.size(), "), got ", counts.numel());
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  TORCH_CHECK(counts.device() == device, "counts must be on the params' device (", device, "), got ",
+  TORCH_CHECK(counts.device() == device, op, ": counts must be on the params' device (", device, "), got ",
               counts.device());
-  TORCH_CHECK(counts.is_contiguous(), "counts must be contiguous");
-  check_scalar_tensor("lr", lr, device, {at::kFloat, at::kDouble});
+  TORCH_CHECK(counts.is_contiguous(), op, ": counts must be contiguous");
+  check_scalar_tensor(kCapturableOp, "lr", lr, device, bregman::is_float32_or_64, "float32 or float64");
 
   const c10::cuda::CUDAGuard guard(device);
-  StepInputs in = make_inputs(c, params, grads, duals, exp_avgs, exp_avg_sqs, group_sizes, /*lr=*/0.0, beta1, beta2,
-                              eps, delta, lamda_l1, lamda_group, grad_scale, found_inf);
+  StepInputs in = make_inputs(hyper, t, grad_scale, found_inf);
   in.lr_tensor = &lr;
   in.counts = counts;
   counts.zero_();  // a fill kernel: capturable, no allocation
-  launch_increment_steps(steps, in.found_inf);
-  in.device_steps = steps;
+  in.device_steps = true;  // [note: step counts]
   run_kernels(in);
 }
 

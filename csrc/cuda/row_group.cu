@@ -12,11 +12,12 @@
 //    re-derives u from the stored dual (ProxSGD: from the untouched θ and g, θ is only written in
 //    sweep 2, by the same thread that read it) and writes θ. Only these rows read memory twice.
 // The table's "chunks" are groups of rows: chunk c of a tensor is rows [c·rows_per_block, ...).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
+#include "device_memory.cuh"
+#include "dispatch_step.cuh"
 #include "fused_step_cuda.h"
+#include "launch_args.cuh"
 #include "multi_tensor_apply.cuh"
+#include "reductions.cuh"
 
 namespace bregman_cuda {
 namespace {
@@ -44,7 +45,7 @@ __host__ __device__ __forceinline__ RowPlan row_plan(int64_t n) {
 template <typename scalar_t, typename opmath_t, Kind K, bool Momentum>
 __global__ void __launch_bounds__(kRowBlock)
     row_group_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
-                     const __grid_constant__ Hyper<opmath_t> h) {
+                     const __grid_constant__ LaunchArgs<opmath_t> args) {
   constexpr int Depth = list_depth(K, Momentum);
   __shared__ opmath_t scratch[kRowBlock / 32];
 
@@ -65,19 +66,18 @@ __global__ void __launch_bounds__(kRowBlock)
   if constexpr (Depth >= 5) s = static_cast<opmath_t*>(meta.ptrs[kExpAvgSq][slot]);
 
   unsigned int nnz = 0;
-  if (skip_step(h.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
+  if (skip_step(args.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
     const int64_t last_row = first_row + plan.rows_per_block < rows ? first_row + plan.rows_per_block : rows;
     for (int64_t e = first_row * n + threadIdx.x; e < last_row * n; e += blockDim.x) nnz += is_nonzero(p[e]);
-    add_block_count(h.counts, index, nnz);
+    add_block_count(args.counts, index, nnz);
     return;
   }
 
-  const StepParams<opmath_t> hp = tensor_step_params(meta, h, slot);
-  // λ₂·√n (·τ), rounded once from double, as in the CPU backend
-  const opmath_t row_thr = static_cast<opmath_t>(bregman::row_threshold(h.kind, call_lr(h), h.lamda_group, n));
-  const Reg reg = h.reg;
-  const bool scaled = h.grad_scale != nullptr;
-  const opmath_t scale = scaled ? static_cast<opmath_t>(*h.grad_scale) : opmath_t(1);
+  // hp.thr_row: λ₂·√n (·τ), rounded once from double, as in the CPU backend
+  const StepParams<opmath_t> hp = tensor_step_params(meta, args, slot);
+  const Reg reg = args.hyper.reg;
+  const bool scaled = args.grad_scale != nullptr;
+  const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
 
   auto grad_at = [&](int64_t e) -> opmath_t {
     const opmath_t gi = static_cast<opmath_t>(g[e]);
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kRowBlock)
       }
     }
     sum_sq = warp_sum(sum_sq, G);
-    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, hp.thr_row);
 #pragma unroll
     for (int k = 0; k < kRowK; ++k) {
       const int64_t j = lane + static_cast<int64_t>(k) * G;
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kRowBlock)
       }
     }
     sum_sq = block_sum(sum_sq, scratch);
-    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, hp.thr_row);
 #pragma unroll
     for (int k = 0; k < kRowK; ++k) {
       const int64_t j = threadIdx.x + static_cast<int64_t>(k) * kRowBlock;
@@ -169,56 +169,31 @@ __global__ void __launch_bounds__(kRowBlock)
       sum_sq += u * u;
     }
     sum_sq = block_sum(sum_sq, scratch);
-    const opmath_t factor = bregman::row_factor_thr(sum_sq, row_thr);
+    const opmath_t factor = bregman::row_factor_thr(sum_sq, hp.thr_row);
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) write(base + j, recompute(base + j), factor);
   }
-  add_block_count(h.counts, index, nnz);
-}
-
-template <typename scalar_t, Kind K, bool Momentum>
-void launch_typed(const StepInputs& in) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int Depth = list_depth(K, Momentum);
-  using Meta = TensorListMeta<Depth, opmath_t>;
-  const Hyper<opmath_t> hyper = make_hyper<opmath_t>(in);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  multi_tensor_apply<Meta>(
-      static_cast<int64_t>(in.params.size()),
-      [&](Meta& meta, int slot, int64_t i) { fill_slot<Depth, scalar_t>(meta, slot, i, in); },
-      [&](int64_t i) -> int64_t {
-        const int64_t numel = in.params[i].numel();
-        if (numel == 0) return 0;
-        const int64_t n = in.group_sizes[i];
-        const RowPlan plan = row_plan(n);
-        return (numel / n + plan.rows_per_block - 1) / plan.rows_per_block;
-      },
-      [&](const Meta& meta, int nblocks) {
-        row_group_kernel<scalar_t, opmath_t, K, Momentum><<<nblocks, kRowBlock, 0, stream>>>(meta, hyper);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  add_block_count(args.counts, index, nnz);
 }
 
 }  // namespace
 
 void launch_row_group(const StepInputs& in) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.params[0].scalar_type(), "bregman_fused_row_group",
-                                  [&] {
-                                    switch (in.kind) {
-                                      case Kind::LinBreg:
-                                        if (in.momentum) {
-                                          launch_typed<scalar_t, Kind::LinBreg, true>(in);
-                                        } else {
-                                          launch_typed<scalar_t, Kind::LinBreg, false>(in);
-                                        }
-                                        break;
-                                      case Kind::AdaBreg:
-                                        launch_typed<scalar_t, Kind::AdaBreg, false>(in);
-                                        break;
-                                      case Kind::ProxSGD:
-                                        launch_typed<scalar_t, Kind::ProxSGD, false>(in);
-                                        break;
-                                    }
-                                  });
+  dispatch_step(in, [&](auto variant) {
+    using V = decltype(variant);
+    launch_step_tables<V>(
+        in,
+        [&](int64_t i) -> int64_t {
+          const int64_t numel = in.tensors.params[i].numel();
+          if (numel == 0) return 0;
+          const int64_t n = in.tensors.group_sizes[i];
+          const RowPlan plan = row_plan(n);
+          return (numel / n + plan.rows_per_block - 1) / plan.rows_per_block;
+        },
+        [&](const auto& meta, const auto& args, int nblocks, cudaStream_t stream) {
+          row_group_kernel<typename V::scalar_t, typename V::opmath_t, V::kind, V::momentum>
+              <<<nblocks, kRowBlock, 0, stream>>>(meta, args);
+        });
+  });
 }
 
 }  // namespace bregman_cuda

@@ -24,8 +24,8 @@ REG_GROUP = tl.constexpr(int(RegCode.GROUP))
 REG_SPARSE_GROUP = tl.constexpr(int(RegCode.SPARSE_GROUP))
 
 # [note: hyper table] One float64 row per tensor, cast to the compute type in the kernel. Each
-# column is the ``contract.Hyper`` constant of that name (bregman::StepParams: ``prox_delta`` is its
-# ``delta``; ``thr_row`` is λ₂·√n, its ``thr_group`` times √n, formed on the host in double).
+# column is the ``contract.Hyper`` constant of that name, and the field of bregman::StepParams of
+# that name (tests/test_contract.py); ``thr_row`` is λ₂·√n, formed on the host in double.
 HYPER_COLUMNS = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "mom_scale", "step_size",
                  "bc2_sqrt", "prox_delta", "thr_l1", "thr_row")
 HP_LR = tl.constexpr(HYPER_COLUMNS.index("lr"))
