@@ -147,7 +147,7 @@ def _plan_group(model: nn.Module, g: graph.Group, inputs: dict[str, torch.Tensor
         if not live_reads:
             kind = "dead: no outgoing weights"
         elif all(not bool(d.any()) for _, d in deltas):
-            kind = "dead: output zero after BatchNorm/activation"
+            kind = "dead: constant 0 after BatchNorm/activation"
         else:
             kind = f"constant, folded into the bias of {', '.join(sorted({r.module for r in live_reads}))}"
         notes.removed[p][kind] += 1
