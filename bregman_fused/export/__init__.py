@@ -27,9 +27,12 @@ whether a zero-padded conv keeps it constant — a value analysis torch-pruning 
 the exactness logic had to be written here anyway, and a ~350-line tracer (slots merged by a
 union-find, anything unknown pinned) replaces a 5.6k-line dependency for the part that was left.
 
-torch.jit / torch.compile (torch 2.14.1, CPU): ``torch.jit.script`` and ``torch.jit.trace`` of a
-``to_sparse`` model run and save/load; ``torch.compile`` runs it (dynamo falls back to eager for the
-sparse ops, same outputs). A shrunk model is a plain dense model: everything applies.
+torch.jit / torch.compile of a ``to_sparse`` model (torch 2.14.1, CPU, tested): ``torch.jit.script``
+works and keeps both paths (``torch.mv`` at batch 1, ``torch.sparse.mm`` above) and saves/loads;
+``torch.jit.trace`` works but freezes the path of the traced batch size; ``torch.compile`` (also
+``fullgraph=True``) returns the same outputs but compiles nothing: dynamo refuses sparse tensors
+("torch.compile does not support sparse Tensors") and the model runs eagerly. A shrunk model is a
+plain dense model: all of them apply.
 
 Export works on eval mode: BatchNorm statistics are frozen at their running values, dropout is
 off; a model in train mode gets a warning and the result is in eval mode.
