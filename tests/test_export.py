@@ -4,6 +4,7 @@ outputs, save_sparse/load_sparse round-trips bit-exact and small, and bad input 
 Dead units are made by hand: zero incoming weights (a constant unit: its bias through BatchNorm and
 ReLU), zero outgoing weights, or both; "exact" is the issue's bar, outputs within 1e-5 in fp32.
 """
+import copy
 import io
 import os
 
@@ -243,6 +244,11 @@ def test_to_sparse_same_outputs_state_dict_and_jit():
     again.load_state_dict(m.state_dict())  # a dense state dict loads too
     _same_outputs(m, again, torch.randn(4, 256))
     assert isinstance(fast.layers[0].to_linear(), nn.Linear)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(fast)(x), fast(x))  # CSR tensors have no storage to deep-copy
+    notes = export.shrink(fast, x).export_notes
+    assert any("layers.0 (SparseLinear)" in n and "then to_sparse" in n for n in notes)
 
 
 def test_to_sparse_rule_and_measurement():

@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import ExportError
 from .graph_shapes import Chan as _Chan, ShapeRules, op_name as _name
+from .sparse_linear import SparseLinear
 
 __all__ = ["LINEAR", "CONV", "NORM", "Read", "Group", "Trace", "trace"]
 
@@ -81,6 +82,7 @@ class Trace:
     groups: list[Group]
     inputs: dict[str, torch.Tensor]  # what each Linear/Conv read on the example inputs
     output: Any                      # the model's output on them
+    unsupported: list[str]           # layers with weights that shrink leaves as they are, and why
 
 
 class _UnionFind:
@@ -104,6 +106,13 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
+class _LeafTracer(fx.Tracer):
+    """fx's tracer, with SparseLinear kept whole (its forward branches on the batch size)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SparseLinear) or super().is_leaf_module(m, qualname)
+
+
 class _Tracer(ShapeRules, fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, calls: dict[str, int]):
         super().__init__(gm)
@@ -116,6 +125,7 @@ class _Tracer(ShapeRules, fx.Interpreter):
         self.norms: list[tuple[int, str, int]] = []
         self.pins: list[tuple[int, str]] = []
         self.inputs: dict[str, torch.Tensor] = {}
+        self.unsupported: list[str] = []
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def pin(self, chan: _Chan | None, reason: str) -> None:
@@ -239,7 +249,11 @@ class _Tracer(ShapeRules, fx.Interpreter):
             return self.pool(n, c, x)
         if isinstance(m, nn.Flatten):
             return self.flatten(n, c, x, m.start_dim, m.end_dim)
-        self.pin_all(n, f"{name} ({type(m).__name__}) is not supported by shrink")
+        hint = " (shrink the dense model, then to_sparse)" if isinstance(m, SparseLinear) else ""
+        reason = f"{name} ({type(m).__name__}) is not supported by shrink{hint}"
+        self.pin_all(n, reason)
+        if isinstance(m, SparseLinear) or any(True for _ in m.parameters()):  # a layer left as it is
+            self.unsupported.append(reason)
         return None
 
     # -- functions ----------------------------------------------------------------------------------
@@ -314,7 +328,7 @@ def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
 def trace(model: nn.Module, example_inputs: tuple) -> Trace:
     """Trace ``model`` (in eval mode) and run it on ``example_inputs``; return its unit groups."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _LeafTracer().trace(model))
     except Exception as e:  # data-dependent control flow, unsupported Python in forward, ...
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ExportError(
@@ -339,4 +353,4 @@ def trace(model: nn.Module, example_inputs: tuple) -> Trace:
         g = group(s)
         if reason not in g.pins:
             g.pins.append(reason)
-    return Trace([g for g in groups.values() if g.producers], tracer.inputs, output)
+    return Trace([g for g in groups.values() if g.producers], tracer.inputs, output, tracer.unsupported)

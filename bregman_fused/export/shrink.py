@@ -65,6 +65,7 @@ class _Notes:
     """Per layer: units removed (by why) and dead units kept (by why)."""
 
     def __init__(self) -> None:
+        self.unsupported: list[str] = []
         self.removed: dict[str, Counter] = defaultdict(Counter)
         self.kept: dict[str, Counter] = defaultdict(Counter)
         self.before: dict[str, int] = {}
@@ -78,6 +79,7 @@ class _Notes:
         for name, reasons in self.kept.items():
             for reason, n in reasons.items():
                 out.append(f"{name}: kept {n} dead unit{'s' if n > 1 else ''}: {reason}")
+        out += [f"left as it is: {u}" for u in self.unsupported]
         return out or ["nothing to remove: no unit is dead (every unit has incoming and outgoing weights)"]
 
 
@@ -270,7 +272,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, atol: float = 1e-5) -> nn.M
     with torch.no_grad():
         for _ in range(_MAX_ROUNDS):
             round_notes = _Notes()
-            plan = _plan(small, graph.trace(small, inputs), round_notes)
+            t = graph.trace(small, inputs)
+            notes.unsupported = list(dict.fromkeys(t.unsupported))
+            plan = _plan(small, t, round_notes)
             for name, c in round_notes.removed.items():
                 notes.removed[name].update(c)
             notes.kept = round_notes.kept  # the last round's view of what stays

@@ -62,6 +62,13 @@ class SparseLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def __deepcopy__(self, memo: dict) -> "SparseLinear":
+        # the default deepcopy reads tensor storages, which CSR tensors do not have
+        new = SparseLinear(self.weight.clone(), None if self.bias is None else self.bias.clone())
+        new.train(self.training)
+        memo[id(self)] = new
+        return new
+
     @property
     def density(self) -> float:
         n = self.out_features * self.in_features
