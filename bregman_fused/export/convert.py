@@ -1,15 +1,14 @@
 """``to_sparse``: Linear layers with CSR weights where that is faster, the same outputs.
 
 Which layers: by default a calibrated rule, ``density <= DENSITY_THRESHOLD`` and at least
-``MIN_NUMEL`` weights. Measured on the 2-core CPU (torch 2.14.1, one thread, CSR via
-``SparseLinear``'s calls against dense ``F.linear``; ``benchmarks/bench_inference.py --calibrate``
-repeats it):
-
-* break-even density of a 4096×4096 weight against oneDNN dense (issue 16): ~10–17 % at batch 1,
-  ~21–25 % at batch 32, ~10–13 % at batch 256, so 10 % is never slower at any batch size;
-* small layers pay the sparse call's fixed cost (~5 µs against 2–3 µs for a dense 200×64
-  ``F.linear`` at batch 1): below ~64 Ki weights CSR loses at batch 1 even at 3 % density (it still
-  wins at batch 256), hence ``MIN_NUMEL``.
+``MIN_NUMEL`` weights. Calibrated on the 2-core CPU (torch 2.14.1, one thread, a 4096×4096 layer,
+``benchmarks/bench_inference.py --calibrate``, 2026-11-30): CSR (``SparseLinear``) against the
+fastest dense path, oneDNN, breaks even at ~20–25 % density at batch 1, ~20 % at batch 32 and
+~9.5 % at batch 256 (at 10 % it took 80 ms against oneDNN's 74 ms and dense ``F.linear``'s 185 ms);
+so 8 % keeps CSR faster than both dense paths at every batch size measured. Small layers pay the
+sparse call's fixed cost (~5 µs against 2–3 µs for a dense 200×64 ``F.linear`` at batch 1): below
+~64 Ki weights CSR loses at batch 1 even at 3 % density (it still wins at batch 256), hence
+``MIN_NUMEL``.
 
 ``measure_batch=B`` instead times both forms of each layer at batch size B on random inputs and
 keeps the faster one (medians of interleaved runs): for a machine or batch size the rule was not
@@ -33,7 +32,7 @@ from .sparse_linear import SparseLinear
 
 __all__ = ["to_sparse", "DENSITY_THRESHOLD", "MIN_NUMEL", "decide"]
 
-DENSITY_THRESHOLD = 0.10
+DENSITY_THRESHOLD = 0.08
 MIN_NUMEL = 65536
 
 
