@@ -10,9 +10,10 @@
     python -m bregman_fused.export CHECKPOINT --out DIR      # a training checkpoint -> DIR
     python -m bregman_fused.train ... --out-dir RUN --export # the same at the end of a run
 
-Files, one job each: ``graph`` (torch.fx channel-dependency tracer), ``shrink`` (removal and exact
-bias folding), ``sparse_linear`` (the CSR layer), ``convert`` (``to_sparse``: which layers),
-``serialize`` (compact checkpoints), ``report``, ``cli`` (the command line).
+Files, one job each: ``graph`` (torch.fx channel-dependency tracer; ``graph_shapes``: its rules for
+ops that move dimensions), ``shrink`` (removal and exact bias folding), ``sparse_linear`` (the CSR
+layer), ``convert`` (``to_sparse``: which layers), ``serialize`` (compact checkpoints), ``report``,
+``cli`` (the command line).
 
 Dependency tracing: written here on torch.fx, not taken from torch-pruning. torch-pruning 1.6.1
 was evaluated (installed aside, run on this package's models and torchvision's): it handled
@@ -24,8 +25,9 @@ pruned the ``skips`` vector along the wrong dimension and the forward failed. It
 units without looking at their values, so a dead MLP neuron (output act(b)) changed the output by
 2e-2 unless its contribution were folded first, and folding needs the value each reader sees and
 whether a zero-padded conv keeps it constant — a value analysis torch-pruning does not have. So
-the exactness logic had to be written here anyway, and a ~350-line tracer (slots merged by a
-union-find, anything unknown pinned) replaces a 5.6k-line dependency for the part that was left.
+the exactness logic had to be written here anyway, and a tracer of its own (slots merged by a
+union-find, anything unknown pinned; ``graph`` + ``graph_shapes``, ~500 lines) replaces a
+5.6k-line dependency for the part that was left. requirements.txt is unchanged.
 
 torch.jit / torch.compile of a ``to_sparse`` model (torch 2.14.1, CPU, tested): ``torch.jit.script``
 works and keeps both paths (``torch.mv`` at batch 1, ``torch.sparse.mm`` above) and saves/loads;
