@@ -11,7 +11,8 @@ preset, ``digits`` (scikit-learn's bundled 8×8 digits, MLP 64-200-80-10), runs 
     torchrun --nproc_per_node 2 -m bregman_fused.train --fsdp --out-dir runs/fsdp
 
 With ``--out-dir`` every epoch writes history.json/.csv, history.png and a checkpoint; ``--resume``
-continues bit for bit (and on another number of ranks). ``train(args)`` returns the history (a list
+continues bit for bit (and on another number of ranks). ``--export`` ends the run with
+``python -m bregman_fused.export`` on the final checkpoint (into OUT_DIR/export). ``train(args)`` returns the history (a list
 of dicts, keys in ``bregman_fused.experiments.loop``) and is what the tests call.
 """
 from __future__ import annotations
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard with FSDP2 (fully_shard per Linear/Conv + root); default DDP")
+    run.add_argument("--export", action="store_true",
+                     help="at the end, export the final checkpoint into OUT_DIR/export (shrunk model, sparse "
+                          "checkpoint, report; see python -m bregman_fused.export); needs --out-dir")
     run.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plots")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     run.add_argument("--quiet", action="store_true", help="no output")
@@ -120,13 +124,34 @@ def train(args: argparse.Namespace, datasets: Any = None, ctx: Any = None) -> li
     from .experiments.parallel import setup
 
     cfg = resolve_args(args)
+    _check_export(args, cfg)
     ctx = ctx or setup(cfg["device"])
     splits = datasets
     if datasets is not None and not isinstance(datasets, data.Splits):
         parts = tuple(datasets)
         train_ds, val_ds, test_ds = parts if len(parts) == 3 else (parts[0], parts[1], parts[1])
         splits = data.Splits(train_ds, val_ds, test_ds, data.DATASETS[cfg["dataset"]])
-    return _with_threads(lambda: run(cfg, ctx, splits), cfg.get("threads"))
+    history = _with_threads(lambda: run(cfg, ctx, splits), cfg.get("threads"))
+    _export(args, cfg, ctx)
+    return history
+
+
+def _check_export(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    if getattr(args, "export", False) and not cfg.get("out_dir"):
+        raise ValueError("--export needs --out-dir: it exports the run's final checkpoint")
+
+
+def _export(args: argparse.Namespace, cfg: dict[str, Any], ctx: Any) -> None:
+    """``--export``: the final checkpoint into OUT_DIR/export (rank 0 only; it reads the checkpoint alone)."""
+    if not getattr(args, "export", False) or not ctx.main:
+        return
+    from .experiments.checkpoint import checkpoint_dir
+    from .export.cli import export_checkpoint
+
+    out = os.path.join(cfg["out_dir"], "export")
+    text = _with_threads(lambda: export_checkpoint(checkpoint_dir(cfg["out_dir"]), out), cfg.get("threads"))
+    if not cfg.get("quiet"):
+        print(f"\nexported to {out}:\n{text}", flush=True)
 
 
 def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) -> dict[str, list[dict[str, Any]]]:
@@ -137,6 +162,7 @@ def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) ->
     from .experiments.parallel import setup
 
     base = resolve_args(args)
+    _check_export(args, base)
     ctx = ctx or setup(base["device"])
     out_dir = base["out_dir"]
     results: dict[str, list[dict[str, Any]]] = {}
@@ -149,6 +175,7 @@ def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) ->
         elif cfg.get("resume"):
             raise ckpt.CheckpointError("--compare --resume needs --out-dir")
         results[optim] = _with_threads(lambda: run(cfg, ctx), cfg.get("threads"))
+        _export(args, cfg, ctx)
     if out_dir and ctx.main:
         finals = [{"optim": o, **h[-1]} for o, h in results.items() if h]
         hist.save_history(finals, out_dir, {"preset": base["preset"], "optims": list(optims)}, stem="compare")
