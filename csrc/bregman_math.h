@@ -1,7 +1,7 @@
 // Per-element math of every bregman_fused kernel: the dual updates and the proximal maps.
 //
 // Written once, used by the CPU kernels (scalar tail and at::vec::Vectorized<float> body) and the
-// CUDA kernels. The spec is bregman_fused/reference.py; the formulas below follow its op order so
+// CUDA kernels. The spec is bregman_fused/backends/reference.py; the formulas below follow its op order so
 // that fused and reference results differ only by rounding.
 //
 // Every function is a template on the compute type T (float, double, or a SIMD vector type that
@@ -22,8 +22,8 @@
 namespace bregman {
 
 // Optimizer and regularizer codes: the ONE C++ definition (the op checks and their messages are
-// written from these). The Python side passes them as ints: bregman_fused/_ext.py KIND_CODES and
-// REG_CODES, the Triton launcher; the values must not change.
+// written from these). The Python side passes them as ints: the enums Kind and RegCode of
+// bregman_fused/backends/contract.py, which tests/test_contract.py checks against these.
 enum class Kind : int64_t { LinBreg = 0, AdaBreg = 1, ProxSGD = 2 };
 enum class Reg : int64_t { None = 0, L1 = 1, L1Pos = 2, Group = 3, SparseGroup = 4 };
 constexpr Kind kLastKind = Kind::ProxSGD;    // codes run from 0 to these, without gaps
@@ -131,8 +131,9 @@ BF_HD T make_thr_row(const StepHyper& h, int64_t n) {
 
 // ---- per-tensor constants of a step, in the compute type -------------------------------------
 // Host code fills this once per tensor (bias corrections depend on that tensor's step count, the
-// row threshold on its row length). The field names are those of the Triton backend's hyper table
-// (bregman_fused/triton/launcher.py, _hyper_rows), which holds the same values.
+// row threshold on its row length). The field names are those of contract.Hyper's derived constants
+// and of the Triton backend's hyper table columns (bregman_fused/backends/triton/bregman_math.py
+// HYPER_COLUMNS), which hold the same values (tests/test_contract.py).
 template <typename T>
 struct StepParams {
   T lr;           // τ

@@ -4,7 +4,7 @@
 // element order of a contiguous tensor; for a param stored densely in another dim order (channels_last
 // conv weights, a transposed weight) it is another order, but the same one for the param and each
 // partner (grad, dual, moments) that has the param's strides: element k of each is the same
-// coordinate, which is all the element-wise maps need (bregman_fused/_layout.py [note: dense views]).
+// coordinate, which is all the element-wise maps need (bregman_fused/backends/layout.py [note: dense views]).
 // The row maps also need each group of n logical elements to be n consecutive elements in memory.
 #pragma once
 

@@ -26,7 +26,7 @@ from ..regularizers import Regularizer, runs_builtin_map
 from . import loader, native, reference
 from .contract import StepFn, check_tensors, fused_code
 
-__all__ = ["NAMES", "CAPTURABLE", "Backend", "select", "check_name", "unavailable_reason"]
+__all__ = ["NAMES", "CAPTURABLE", "Backend", "select", "prepare", "check_name", "unavailable_reason"]
 
 NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -70,6 +70,16 @@ _FUSED = {
 }
 
 CAPTURABLE = tuple(name for name, b in _FUSED.items() if b.capturable)
+
+
+def prepare(backend: str, devices) -> None:
+    """Load (or JIT-build) the compiled extensions ``select`` may pick for tensors on ``devices``,
+    without raising: the optimizers call it when they are made, so that a step (eager or under
+    torch.compile) finds them loaded; what failed is reported by ``select`` at the step."""
+    if backend in ("auto", "cpu") and any(d.type == "cpu" for d in devices):
+        loader.cpu_available()
+    if backend in ("auto", "cuda") and any(d.type == "cuda" for d in devices):
+        loader.cuda_available()
 
 
 def check_name(backend: str) -> str:

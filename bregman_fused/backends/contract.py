@@ -63,12 +63,16 @@ class RegCode(enum.IntEnum):
     @classmethod
     def of(cls, reg_kind: str) -> "RegCode | None":
         """The code of a regularizer kind, None for kinds no fused kernel implements (nuclear)."""
-        return cls.__members__.get(reg_kind.upper())
+        return _REG_CODE_OF_KIND.get(reg_kind)
 
     @property
     def is_row_map(self) -> bool:
         """Couples whole rows (group norms): the row kernels, and shards must keep rows whole."""
         return self in (RegCode.GROUP, RegCode.SPARSE_GROUP)
+
+
+# Regularizer.kind -> code, a plain dict (torch.compile traces dict lookups, not enum internals)
+_REG_CODE_OF_KIND = {code.name.lower(): code for code in RegCode}
 
 
 def fused_code(reg: Regularizer) -> RegCode | None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import _build
+from . import fake_kernels
 
 __all__ = ["cpu_available", "cpu_error", "cuda_available", "cuda_error", "require_cpu", "require_cuda"]
 
@@ -118,6 +119,8 @@ def _load_cpu() -> _LoadState:
         if state is not None and not hasattr(torch.ops.bregman_fused, "fused_step"):
             errors.append("the extension loaded but did not register torch.ops.bregman_fused.fused_step")
             state = None
+        if state is not None:
+            fake_kernels.register("fused_step")
         _cpu = state if state is not None else _LoadState(error="; ".join(errors))
         return _cpu
 
@@ -140,6 +143,8 @@ def _load_cuda() -> _LoadState:
         _cuda = state
     if _cuda.ok and not _load_cpu().ok:  # the op schema lives in the CPU module
         _cuda = _LoadState(error=f"the CUDA kernels need the op schemas of {_build.CPU_MODULE}: {_load_cpu().error}")
+    if _cuda.ok:
+        fake_kernels.register("fused_step_capturable")
     return _cuda
 
 

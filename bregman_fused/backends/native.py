@@ -44,6 +44,9 @@ def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=
             torch.ops.bregman_fused.fused_step_capturable(
                 int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, _device_lr(hyper.lr, device),
                 *scalars, counts)
+        elif isinstance(hyper.lr, torch.Tensor):  # read by the op, not here: no recompile per value
+            counts = torch.ops.bregman_fused.fused_step.tensor_lr(
+                int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, hyper.lr, *scalars)
         else:
             counts = torch.ops.bregman_fused.fused_step(
                 int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, float(hyper.lr), *scalars)

@@ -63,6 +63,7 @@ class BregmanOptimizer(Optimizer):
         self._counts = CountsBuffers()
         self._plans = Plans()
         self._seen_state_version = -1  # the opt.state version the cached state lists were built from
+        backends.prepare(self.backend, {p.device for g in self.param_groups for p in g["params"]})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state":
@@ -215,13 +216,12 @@ class BregmanOptimizer(Optimizer):
                            lists.get("duals", []), lists.get("exp_avgs", []), lists.get("exp_avg_sqs", []),
                            lists["steps"])
 
-    def _step_lr(self, group: dict[str, Any]) -> float | torch.Tensor:
-        """The lr handed to the backend: a tensor lr stays a tensor in a capturable group (reading it
-        would sync, and a captured graph must read its current value at every replay)."""
-        lr = group["lr"]
-        if group["capturable"] and isinstance(lr, torch.Tensor):
-            return lr
-        return float(lr)
+    @staticmethod
+    def _step_lr(group: dict[str, Any]) -> float | torch.Tensor:
+        """The lr handed to the backend, as the group holds it: a tensor lr stays a tensor (it is read
+        where it is used, by the kernels or the op, so a step needs no host read of it in capturable
+        groups and a compiled step does not recompile when a scheduler changes its value)."""
+        return group["lr"]
 
     # -- metrics --------------------------------------------------------------------------------
     def _nonzeros(self) -> dict[torch.Tensor, torch.Tensor]:

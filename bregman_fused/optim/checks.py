@@ -83,7 +83,9 @@ def check_new_group(owner: str, group: dict[str, Any]) -> None:
 
 
 def check_group(group: dict[str, Any], has_dual: bool) -> None:
-    """The keys every optimizer's groups share, checked at every step."""
+    """The keys every optimizer's groups share, checked at every step. A tensor lr's value is
+    checked when it is set (``check_new_group``, ``load_state_dict``), not here: reading it would be a
+    host read per step (a sync on a GPU, a graph break under torch.compile)."""
     if not isinstance(group["capturable"], bool):
         raise TypeError(f"Invalid capturable: {group['capturable']!r} (must be True or False)")
     lr = group["lr"]
@@ -91,8 +93,6 @@ def check_group(group: dict[str, Any], has_dual: bool) -> None:
         if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid lr: a tensor lr must hold one float32/float64 value, got {lr.dtype} "
                              f"with {lr.numel()} elements")
-        if lr.device.type == "cpu":
-            check_lr_value(lr)
     else:
         check_lr_value(lr)
     reg = group["reg"]

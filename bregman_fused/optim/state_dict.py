@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..regularizers import Regularizer, regularizer_from_dict
+from .checks import check_lr_value
 
 FORMAT_KEY = "bregman_fused"  # {"optimizer": class name, "format": 1}
 
@@ -68,6 +69,10 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
                 _refuse(opt, f"param group {i}: the checkpoint's {g['reg']!r} cannot act on a param of shape "
                              f"{list(p.shape)}: {e}")
         g.setdefault("capturable", current["capturable"])
+        try:
+            check_lr_value(g["lr"])  # set here, so checked here (steps do not read a tensor lr)
+        except ValueError as e:
+            _refuse(opt, f"param group {i}: {e}")
         groups.append(g)
     saved_state = sd["state"]
     saved_ids = [i for g in groups for i in g["params"]]

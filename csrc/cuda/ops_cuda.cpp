@@ -114,6 +114,20 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
   return in.counts;
 }
 
+// fused_step.tensor_lr on CUDA: the lr is read on the host (a sync when it lives on the GPU; for a
+// step without any host read use the capturable op, bregman_fused/backends/native.py)
+at::Tensor fused_step_tensor_lr_cuda(int64_t kind, at::TensorList params, at::TensorList grads,
+                                     at::TensorList duals, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                     at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& lr,
+                                     double beta1, double beta2, double eps, double delta, int64_t reg,
+                                     double lamda_l1, double lamda_group, const std::optional<at::Tensor>& grad_scale,
+                                     const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(lr.defined() && lr.numel() == 1 && lr.is_floating_point(), kStepOp.op,
+              ": lr must be a one-element floating-point tensor");
+  return fused_step_cuda(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, lr.item<double>(),
+                         beta1, beta2, eps, delta, reg, lamda_l1, lamda_group, grad_scale, found_inf);
+}
+
 void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
                                 at::IntArrayRef group_sizes, const at::Tensor& lr, double beta1, double beta2,
@@ -152,13 +166,14 @@ void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorL
 TORCH_LIBRARY_FRAGMENT(bregman_fused, m) {
   m.def(
       "fused_step_capturable(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, "
-      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, Tensor lr, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] group_sizes, Tensor lr, "
       "float beta1, float beta2, float eps, float delta, int reg, float lamda_l1, float lamda_group, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor(f!) counts) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(e!) counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bregman_fused, CUDA, m) {
   m.impl("fused_step", &bregman_cuda::fused_step_cuda);
+  m.impl("fused_step.tensor_lr", &bregman_cuda::fused_step_tensor_lr_cuda);
   m.impl("fused_step_capturable", &bregman_cuda::fused_step_capturable_cuda);
 }
 
