@@ -40,7 +40,8 @@ try:
     import bregman_fused  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_step import _loadavg, _percentile, machine_info  # noqa: E402  (one copy of the machine info)
+from report import loadavg, machine_info, write_csv  # noqa: E402  (one copy of the machine info and CSV writer)
+from timing import percentile  # noqa: E402
 
 from bregman_fused import export  # noqa: E402
 from bregman_fused.experiments.models import MLP, ConvNet, ResNet18  # noqa: E402
@@ -221,7 +222,7 @@ def run_workload(workload, density, batches, args, device, info, log) -> list[di
         samples = time_case(runnable, x, reps, device)
         med = {k: statistics.median(v) for k, v in samples.items()}
         base = dict(info, date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    loadavg_1m=_loadavg(), device=device.type, workload=workload,
+                    loadavg_1m=loadavg(), device=device.type, workload=workload,
                     density=f"{dlabel if dlabel is not None else _density(model):.4f}", batch=batch)
         for name, (m, note) in provs.items():
             row = dict(base, provider=name, note=note)
@@ -230,8 +231,8 @@ def run_workload(workload, density, batches, args, device, info, log) -> list[di
                 continue
             s = sorted(samples[name])
             row.update(params=sum(t.numel() for t in m.state_dict().values() if t.layout == torch.strided)
-                       if name != "onednn" else "", median_ms=f"{med[name]:.4f}", p20_ms=f"{_percentile(s, 0.2):.4f}",
-                       p80_ms=f"{_percentile(s, 0.8):.4f}", reps=len(s),
+                       if name != "onednn" else "", median_ms=f"{med[name]:.4f}", p20_ms=f"{percentile(s, 0.2):.4f}",
+                       p80_ms=f"{percentile(s, 0.8):.4f}", reps=len(s),
                        speedup_vs_dense=f"{med['dense'] / med[name]:.2f}",
                        speedup_vs_onednn=f"{med['onednn'] / med[name]:.2f}" if "onednn" in med else "",
                        max_abs_diff=f"{diffs[name]:.2e}", status="ok")
@@ -259,26 +260,13 @@ def calibrate(args, info, log) -> list[dict]:
                                                                  torch.device("cpu")).items()}
             for k in models:
                 rows.append(dict(info, date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                 loadavg_1m=_loadavg(), device="cpu", workload=f"calibrate-linear{n}",
+                                 loadavg_1m=loadavg(), device="cpu", workload=f"calibrate-linear{n}",
                                  density=f"{d:.4f}", batch=batch, provider=k, median_ms=f"{med[k]:.4f}",
                                  speedup_vs_dense=f"{med['dense'] / med[k]:.2f}",
                                  speedup_vs_onednn=f"{med['onednn'] / med[k]:.2f}", status="ok"))
             log(f"  linear {n}x{n} d={d:<5} b={batch:<4d} dense {med['dense']:8.3f} ms  onednn {med['onednn']:8.3f} ms"
                 f"  csr {med['sparse']:8.3f} ms  csr/onednn {med['sparse'] / med['onednn']:.2f}")
     return rows
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    import csv
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -316,7 +304,7 @@ def main(argv=None) -> list[dict]:
     info.pop("triton_version", None)
     log = print
     log(f"{info['cpu_model']} ({info['cpu_cores']} cores), torch {info['torch_version']}, "
-        f"{torch.get_num_threads()} thread(s), load {_loadavg()}")
+        f"{torch.get_num_threads()} thread(s), load {loadavg()}")
     rows = calibrate(args, info, log) if args.calibrate else []
     if not args.calibrate:
         for w in args.workloads:
@@ -325,7 +313,7 @@ def main(argv=None) -> list[dict]:
     date = _dt.date.today().isoformat()
     path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"{info['machine']}-inference-{date}.csv")
-    write_csv(path, rows)
+    write_csv(path, rows, CSV_COLUMNS)
     log(f"wrote {len(rows)} rows to {path}")
     return rows
 

@@ -52,20 +52,21 @@ def table_header() -> str:
                      for n, w in TABLE)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def write_csv(path: str, rows: list[dict], columns: list[str] = CSV_COLUMNS) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written once; a file with other columns is refused)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     if not new:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        if header != CSV_COLUMNS:
+        if header != columns:
             raise SystemExit(f"{path} has other columns than this version writes; pass another --csv path")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+            w.writerow({k: r.get(k, "") for k in columns})
 
 
 def loadavg() -> str:

@@ -81,22 +81,11 @@ def step_count(p: torch.Tensor, capturable: bool) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
 
 
-def linbreg(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    duals: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    momentum: float = 0.0,
-    delta: float = 1.0,
-    reg: Regularizer | None = None,
-    backend: str = "auto",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    capturable: bool = False,
-) -> torch.Tensor | None:
+def linbreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[torch.Tensor],
+            momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float | torch.Tensor,
+            momentum: float = 0.0, delta: float = 1.0, reg: Regularizer | None = None, backend: str = "auto",
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+            capturable: bool = False) -> torch.Tensor | None:
     """LinBreg: m ← β·m + (1−β)·τ·g; v ← v − m (v ← v − τ·g for β = 0); θ ← prox_{δJ}(δ·v).
 
     Every function here returns the non-zeros of each new θ (None when ``found_inf`` skipped the
@@ -112,43 +101,22 @@ def linbreg(
                       found_inf=found_inf, capturable=capturable)
 
 
-def adabreg(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    duals: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    delta: float = 1.0,
-    reg: Regularizer | None = None,
-    backend: str = "auto",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    capturable: bool = False,
-) -> torch.Tensor | None:
+def adabreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[torch.Tensor],
+            exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *,
+            lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+            delta: float = 1.0, reg: Regularizer | None = None, backend: str = "auto",
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+            capturable: bool = False) -> torch.Tensor | None:
     """AdaBreg: Adam moments drive the dual variable; θ ← prox_{δJ}(δ·v)."""
     tensors = StepTensors(params, grads, duals, exp_avgs, exp_avg_sqs, steps)
     return fused_step(backend, tensors, Hyper.adabreg(lr, beta1, beta2, eps, delta), reg or NoReg(),
                       grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
 
 
-def proxsgd(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    reg: Regularizer | None = None,
-    backend: str = "auto",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    capturable: bool = False,
-) -> torch.Tensor | None:
+def proxsgd(params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], *,
+            lr: float | torch.Tensor, reg: Regularizer | None = None, backend: str = "auto",
+            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+            capturable: bool = False) -> torch.Tensor | None:
     """ProxSGD: θ ← prox_{τJ}(θ − τ·g)."""
     tensors = StepTensors(params, grads, [], [], [], steps)
     return fused_step(backend, tensors, Hyper.proxsgd(lr), reg or NoReg(), grad_scale=grad_scale, found_inf=found_inf,

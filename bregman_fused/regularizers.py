@@ -288,13 +288,8 @@ class SparseGroupL1L2(GroupL1L2):
         return (rows * _row_scale(rows, t * thr)).reshape(x.shape)
 
     def subgradient(self, theta):
-        if theta.numel() == 0:
-            return torch.zeros_like(theta)
-        _, thr = self.thresholds(theta.shape)
-        rows = self._rows(theta)
-        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        p = torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
-        return self.lamda_l1 * torch.sign(theta) + (thr * p).reshape(theta.shape)
+        # the L1 part plus GroupL1L2's row part (its threshold is λ₂·√n here too)
+        return self.lamda_l1 * torch.sign(theta) + super().subgradient(theta)
 
 
 class Nuclear(_LamdaReg):

@@ -14,32 +14,21 @@ import triton.language as tl
 
 from ..contract import Kind, RegCode
 
-KIND_LINBREG = tl.constexpr(int(Kind.LINBREG))
-KIND_ADABREG = tl.constexpr(int(Kind.ADABREG))
-KIND_PROXSGD = tl.constexpr(int(Kind.PROXSGD))
-REG_NONE = tl.constexpr(int(RegCode.NONE))
-REG_L1 = tl.constexpr(int(RegCode.L1))
-REG_L1POS = tl.constexpr(int(RegCode.L1POS))
-REG_GROUP = tl.constexpr(int(RegCode.GROUP))
-REG_SPARSE_GROUP = tl.constexpr(int(RegCode.SPARSE_GROUP))
+# KIND_<NAME> and REG_<NAME>: the contract's codes as compile-time constants of the kernels
+for _code in Kind:
+    globals()[f"KIND_{_code.name}"] = tl.constexpr(int(_code))
+for _code in RegCode:
+    globals()[f"REG_{_code.name}"] = tl.constexpr(int(_code))
 
 # [note: hyper table] One float64 row per tensor, cast to the compute type in the kernel. Each
 # column is the ``contract.Hyper`` constant of that name, and the field of bregman::StepParams of
 # that name (tests/test_contract.py); ``thr_row`` is λ₂·√n, formed on the host in double.
 HYPER_COLUMNS = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "mom_scale", "step_size",
                  "bc2_sqrt", "prox_delta", "thr_l1", "thr_row")
-HP_LR = tl.constexpr(HYPER_COLUMNS.index("lr"))
-HP_BETA1 = tl.constexpr(HYPER_COLUMNS.index("beta1"))
-HP_ONE_MINUS_BETA1 = tl.constexpr(HYPER_COLUMNS.index("one_minus_beta1"))
-HP_BETA2 = tl.constexpr(HYPER_COLUMNS.index("beta2"))
-HP_ONE_MINUS_BETA2 = tl.constexpr(HYPER_COLUMNS.index("one_minus_beta2"))
-HP_EPS = tl.constexpr(HYPER_COLUMNS.index("eps"))
-HP_MOM_SCALE = tl.constexpr(HYPER_COLUMNS.index("mom_scale"))
-HP_STEP_SIZE = tl.constexpr(HYPER_COLUMNS.index("step_size"))
-HP_BC2_SQRT = tl.constexpr(HYPER_COLUMNS.index("bc2_sqrt"))
-HP_PROX_DELTA = tl.constexpr(HYPER_COLUMNS.index("prox_delta"))
-HP_THR_L1 = tl.constexpr(HYPER_COLUMNS.index("thr_l1"))
-HP_THR_ROW = tl.constexpr(HYPER_COLUMNS.index("thr_row"))
+# HP_<NAME> = its column, for every name (HP_LR, HP_BETA1, ..., HP_THR_ROW): written from the one
+# list, so a column can be neither misnumbered nor missing
+for _col, _name in enumerate(HYPER_COLUMNS):
+    globals()[f"HP_{_name.upper()}"] = tl.constexpr(_col)
 HP_COLS = tl.constexpr(len(HYPER_COLUMNS))
 
 
