@@ -151,3 +151,22 @@ def test_backends_of_a_named_backend():
     opt = bf.AdaBreg([w], lr=1e-3, reg=bf.L1(lamda=0.1), backend="reference")
     _stepped(opt, [w])
     assert opt.backends() == [{(torch.device("cpu"), torch.float32): "reference"}]
+
+
+def test_the_readme_example_runs(capsys):
+    """The README's param-groups / sparse-init / λ-scheduler script, as written there."""
+    pytest.importorskip("torchvision")
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "bf.param_groups(" in b]
+    assert len(blocks) == 1
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    opt, masks = scope["opt"], scope["masks"]
+    assert [g["name"] for g in opt.param_groups] == ["conv", "linear", "other"]
+    assert masks["fc"].float().mean() < 0.05 and masks["conv1"].float().mean() < 0.05  # started sparse
+    assert opt.density() < 0.05
+    assert len(opt.backends()) == 3 and all(opt.backends())
+    assert capsys.readouterr().out.count("epoch") == 2
