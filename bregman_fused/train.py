@@ -22,6 +22,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .experiments.init_plan import describe as describe_init
+from .experiments.init_plan import has_convs
 from .experiments.presets import DEFAULT_PRESET, FIELDS, OPTIMIZERS, PRESETS, resolve
 
 __all__ = ["build_parser", "parse_args", "resolve_args", "train", "compare", "main"]
@@ -31,12 +33,14 @@ _RUN_KEYS = ("seed", "backend", "device", "threads", "out_dir", "resume", "max_b
 
 
 def _presets_epilog() -> str:
-    lines = ["presets (defaults per optimizer: lr / lamda / lamda_conv / init density):"]
+    lines = ["presets (per optimizer: lr, λ of the Linear / Conv weights, and the init per layer type:",
+             "how weights are sparsified, their density and the factor on the Kaiming std):"]
     for p in PRESETS.values():
         lines.append(f"  {p.name}  [{p.optim}] {p.description}")
         for o in OPTIMIZERS:
             v = p.resolved(o)
-            lines.append(f"      {o:8s} {v['lr']:g} / {v['lamda']:g} / {v['lamda_conv']:g} / {v['density']:g}")
+            lamdas = f"lamda {v['lamda']:g}" + (f" / {v['lamda_conv']:g}" if has_convs(v) else "")
+            lines.append(f"      {o:8s} lr {v['lr']:g}, {lamdas}; init: {describe_init(v)}")
         if p.paper:
             lines.append(f"      paper: {p.paper}")
     lines += ["", "AdaBreg is Adam-type: use lr ~1e-3. At lr = 0.1 every coordinate crosses the threshold,",

@@ -44,6 +44,7 @@ def test_presets_carry_the_papers_hyper_parameters():
     assert (conv["linear_reg"], conv["conv_reg"], conv["dataset"]) == ("l1", "kernel", "fashionmnist")
     res = resolve("resnet18-cifar10", None, {})
     assert (res["optim"], res["lr"], res["lamda_conv"], res["density"], res["augment"]) == ("adabreg", 1e-3, 0.1, 0.01, True)
+    assert (res["sparse_linear"], res["sparse_conv"]) == ("elementwise", "kernel")  # every layer starts at 1 %
     mlp = resolve("mlp-mnist", None, {})
     assert (mlp["batch_size"], mlp["epochs"], mlp["init_scale"], mlp["lr_schedule"], mlp["plateau_factor"],
             mlp["plateau_patience"]) == (128, 30, 7.0, "plateau", 0.5, 5)
@@ -86,6 +87,29 @@ def test_every_preset_builds_and_runs_an_epoch_on_fakedata(preset):
         assert row["density"] < 0.5, preset  # started sparse
     assert row["reg"] > 0.0
     assert row["lr"] == cfg["lr"]
+
+
+@pytest.mark.parametrize("optim", [None, "sgd"], ids=["preset-optim", "sgd"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_init_per_layer_type_is_the_one_help_prints(preset, optim):
+    from bregman_fused.experiments.init_plan import has_convs, layer_inits
+    from bregman_fused.experiments.loop import init_weights
+    from bregman_fused.experiments.models import build_model
+    from bregman_fused.experiments.sparsity import sparsity_stats
+
+    cfg = resolve(preset, optim, {})
+    info = data.DATASETS[cfg["dataset"]]
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], info.shape, info.num_classes or 0)
+    init_weights(model, cfg, torch.Generator().manual_seed(0))
+    stats = sparsity_stats(model)
+    plan = layer_inits(cfg)
+    kinds = [("linear", "linear_density")] + ([("conv", "conv_kernel_density")] if has_convs(cfg) else [])
+    for kind, key in kinds:
+        # a layer type left alone keeps PyTorch's dense init; a sparsified one its density (a
+        # Bernoulli draw, or ceil(density·groups) per layer)
+        expected = 1.0 if plan[kind].mode is None else plan[kind].density
+        assert stats[key] == pytest.approx(expected, rel=0.35), (kind, plan[kind])
 
 
 # -- data -----------------------------------------------------------------------------------------

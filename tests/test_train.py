@@ -102,6 +102,11 @@ def test_cli_help_warns_about_adabreg_lr(capsys):
     for preset in ("digits", "mlp-mnist", "convnet-fashionmnist", "resnet18-cifar10", "skip-ae-mnist",
                    "densenet-fashionmnist"):
         assert preset in out, preset
+    # the init each layer type really gets: the ResNet's Linear head starts 1 % dense like its convs
+    resnet = out[out.index("  resnet18-cifar10 "):]
+    adabreg = next(line for line in resnet.splitlines() if line.strip().startswith("adabreg"))
+    assert "linear elementwise 1 %, Kaiming std ×5; conv kernel 1 %, Kaiming std ×5" in adabreg
+    assert "init: linear PyTorch's default init (dense); conv kernel 3 %" in out  # densenet's head
 
 
 def _fake_mnist(root, train, download, transform):

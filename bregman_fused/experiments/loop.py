@@ -33,6 +33,7 @@ from ..schedulers import LamdaScheduler
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import history as hist_mod
+from .init_plan import layer_inits
 from .models import build_model
 from .parallel import Context, all_reduce_sum, unwrap, wrap
 from .sparsity import sparsity_stats
@@ -88,16 +89,14 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
 
 
 def init_weights(model: nn.Module, cfg: dict[str, Any], generator: torch.Generator) -> None:
-    """The paper's init: sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
-    density = cfg["density"]
-    lin = None if cfg["sparse_linear"] == "none" else cfg["sparse_linear"]
-    conv = None if cfg["sparse_conv"] == "none" else cfg["sparse_conv"]
-    if density >= 1.0:
-        lin, conv = lin or "elementwise", conv or "kernel"  # dense: every layer gets the same init
-    if lin is not None:
-        sparsify_(model, density, linear=lin, conv=None, scale=cfg["init_scale"], generator=generator)
-    if conv is not None:
-        sparsify_(model, density, linear=None, conv=conv, scale=cfg["init_scale_conv"], generator=generator)
+    """The paper's init, per layer type as ``init_plan.layer_inits`` decides (and ``--help`` prints):
+    sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
+    plan = layer_inits(cfg)
+    linear, conv = plan["linear"], plan["conv"]
+    if linear.mode is not None:
+        sparsify_(model, linear.density, linear=linear.mode, conv=None, scale=linear.scale, generator=generator)
+    if conv.mode is not None:
+        sparsify_(model, conv.density, linear=None, conv=conv.mode, scale=conv.scale, generator=generator)
 
 
 # -- data -----------------------------------------------------------------------------------------
