@@ -4,8 +4,8 @@
 
     epoch, train_loss, train_acc (running over the epoch's batches), val_loss, val_acc, test_loss,
     test_acc (NaN for the autoencoder), density (all Linear+Conv weights), linear_density,
-    conv_kernel_density, node_density, reg (J(θ) summed over the groups), reg_<group> (J per
-    group: linear, conv, skips), lamda (of the first regularized group), lr, seconds
+    conv_kernel_density (NaN without convs), node_density, reg (J(θ) summed over the groups),
+    reg_<group> (J per group: linear, conv, skips), lamda (of the first regularized group), lr, seconds
 
 Reproducibility: the seed fixes the init, the data order (DistributedSampler's permutation of
 (seed, epoch) [note: data order]) and every other random draw; a checkpoint stores all RNG states,
