@@ -163,6 +163,8 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
     ctx = ctx or Context()
     device = ctx.device
     seed = int(cfg["seed"])
+    if cfg.get("out_dir") and not cfg.get("resume"):  # before anything is loaded or trained
+        ckpt.claim_out_dir(cfg["out_dir"], bool(cfg.get("overwrite")), ctx)
     if splits is None:
         splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
                                augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"))
@@ -199,7 +201,11 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
             lr_sched.load_state_dict(state["lr_sched"])
         if lamda_sched is not None and state.get("lamda_sched"):
             lamda_sched.load_state_dict(state["lamda_sched"])
-        _say(ctx, cfg, f"resumed from {path} after epoch {len(history)}")
+        if len(history) >= cfg["epochs"]:
+            _say(ctx, cfg, f"nothing to train: the run in {path} is finished ({len(history)} epochs trained, "
+                           f"--epochs {cfg['epochs']}); pass a larger --epochs to continue it")
+        else:
+            _say(ctx, cfg, f"resumed from {path} after epoch {len(history)}")
 
     per_rank = max(1, cfg["batch_size"] // ctx.world)
     # [note: data order] the order is DistributedSampler's permutation of (seed, epoch) on every world
