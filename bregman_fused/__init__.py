@@ -2,6 +2,7 @@
 from .optim import AdaBreg, LinBreg, ProxSGD
 from .regularizers import GroupL1L2, KernelL1L2, L1, L1Pos, NoReg, Nuclear, Regularizer, SparseGroupL1L2
 from . import functional, init, metrics, schedulers
+from .groups import param_groups
 from .init import sparsify_
 from .schedulers import LamdaScheduler
 
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "LinBreg", "AdaBreg", "ProxSGD",
     "Regularizer", "NoReg", "L1", "L1Pos", "GroupL1L2", "KernelL1L2", "SparseGroupL1L2", "Nuclear",
-    "functional", "init", "metrics", "schedulers", "sparsify_", "LamdaScheduler",
+    "functional", "init", "metrics", "schedulers", "param_groups", "sparsify_", "LamdaScheduler",
 ]

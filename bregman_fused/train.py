@@ -11,7 +11,8 @@ preset, ``digits`` (scikit-learn's bundled 8×8 digits, MLP 64-200-80-10), runs 
     torchrun --nproc_per_node 2 -m bregman_fused.train --fsdp --out-dir runs/fsdp
 
 With ``--out-dir`` every epoch writes history.json/.csv, history.png and a checkpoint; ``--resume``
-continues bit for bit (and on another number of ranks). ``--export`` ends the run with
+continues bit for bit (and on another number of ranks). A new run into an ``--out-dir`` that holds
+another run is refused unless ``--overwrite`` (which removes the old run's outputs first). ``--export`` ends the run with
 ``python -m bregman_fused.export`` on the final checkpoint (into OUT_DIR/export). ``train(args)`` returns the history (a list
 of dicts, keys in ``bregman_fused.experiments.loop``) and is what the tests call.
 """
@@ -22,21 +23,26 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .experiments.init_plan import describe as describe_init
+from .experiments.init_plan import has_convs
 from .experiments.presets import DEFAULT_PRESET, FIELDS, OPTIMIZERS, PRESETS, resolve
 
 __all__ = ["build_parser", "parse_args", "resolve_args", "train", "compare", "main"]
 
-_RUN_KEYS = ("seed", "backend", "device", "threads", "out_dir", "resume", "max_batches", "fake_data", "data_dir",
+COMPARE_FILES = ("compare.json", "compare.csv", "compare.png")  # what compare() writes into --out-dir
+_RUN_KEYS = ("seed", "backend", "device", "threads", "out_dir", "resume", "overwrite", "max_batches", "fake_data", "data_dir",
              "download", "num_workers", "quiet", "fsdp", "plot", "progress", "keep_checkpoints")
 
 
 def _presets_epilog() -> str:
-    lines = ["presets (defaults per optimizer: lr / lamda / lamda_conv / init density):"]
+    lines = ["presets (per optimizer: lr, λ of the Linear / Conv weights, and the init per layer type:",
+             "how weights are sparsified, their density and the factor on the Kaiming std):"]
     for p in PRESETS.values():
         lines.append(f"  {p.name}  [{p.optim}] {p.description}")
         for o in OPTIMIZERS:
             v = p.resolved(o)
-            lines.append(f"      {o:8s} {v['lr']:g} / {v['lamda']:g} / {v['lamda_conv']:g} / {v['density']:g}")
+            lamdas = f"lamda {v['lamda']:g}" + (f" / {v['lamda_conv']:g}" if has_convs(v) else "")
+            lines.append(f"      {o:8s} lr {v['lr']:g}, {lamdas}; init: {describe_init(v)}")
         if p.paper:
             lines.append(f"      paper: {p.paper}")
     lines += ["", "AdaBreg is Adam-type: use lr ~1e-3. At lr = 0.1 every coordinate crosses the threshold,",
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where history.json/.csv, history.png and the checkpoint go (nothing is saved without it)")
     run.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                      help="continue from --out-dir's checkpoint (or the given checkpoint folder); exact")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out-dir (its history, checkpoints, export); without it "
+                          "a new run into a used --out-dir is refused")
     run.add_argument("--keep-checkpoints", action="store_true",
                      help="also keep each epoch's checkpoint as checkpoint-epochNNNN (resume from any: --resume PATH)")
     run.add_argument("--data-dir", default="./data", help="root of the torchvision data sets")
@@ -89,7 +98,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """The parsed command line; flags that contradict each other or this machine end the process as
+    argparse does (one ``error:`` line, exit status 2) before anything runs."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _conflicting_flags(args) or _device_problem(args)
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
+    return args
+
+
+def _conflicting_flags(args: argparse.Namespace) -> str | None:
+    if args.compare and args.optim:
+        return (f"--optim {args.optim} and --compare exclude each other: --compare names the optimizers to run "
+                f"(e.g. --compare {' '.join(dict.fromkeys([*args.compare, args.optim]))})")
+    if args.compare:
+        twice = sorted({o for o in args.compare if args.compare.count(o) > 1})
+        if twice:
+            return f"--compare lists {', '.join(twice)} more than once: each optimizer runs once, into OUT_DIR/OPTIM"
+    if args.overwrite and args.resume:
+        return "--overwrite and --resume exclude each other: --resume continues the run in --out-dir, --overwrite " \
+               "replaces it"
+    return None
+
+
+def _device_problem(args: argparse.Namespace) -> str | None:
+    """A --device / --backend this machine cannot run, said before the run starts (instead of a
+    traceback from deep inside the first step)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = None
+    if args.device not in ("auto", ""):
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            return f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N"
+        if device.type == "cuda" and gpus == 0:
+            return (f"--device {args.device}: no CUDA GPU is visible to torch here (torch.cuda.is_available() is "
+                    "False); use --device cpu or --device auto")
+        if device.type == "cuda" and device.index is not None and device.index >= gpus:
+            return f"--device {args.device}: torch sees {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}; change --device"
+    on_gpu = device.type == "cuda" if device is not None else gpus > 0
+    if args.backend in ("cuda", "triton") and not on_gpu:
+        if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None  # Triton's interpreter on the CPU (the tests)
+        where = "no CUDA GPU is visible to torch here" if gpus == 0 else "--device is cpu"
+        return f"--backend {args.backend} updates CUDA tensors, but {where}; use --backend auto (or cpu)" + \
+            ("" if gpus == 0 else " or --device cuda")
+    if args.backend == "cpu" and on_gpu:
+        return "--backend cpu updates CPU tensors, but the run is on the GPU; use --device cpu or --backend auto"
+    return None
 
 
 def resolve_args(args: argparse.Namespace, optim: str | None = None) -> dict[str, Any]:
@@ -165,6 +224,10 @@ def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) ->
     _check_export(args, base)
     ctx = ctx or setup(base["device"])
     out_dir = base["out_dir"]
+    if out_dir and not base.get("resume"):  # every run's folder checked before the first one trains
+        for path, files, prefixes in [(out_dir, COMPARE_FILES, ()),
+                                      *[(os.path.join(out_dir, o), ckpt.RUN_FILES, ckpt.RUN_PREFIXES) for o in optims]]:
+            ckpt.claim_out_dir(path, bool(base.get("overwrite")), ctx, files, prefixes)
     results: dict[str, list[dict[str, Any]]] = {}
     for optim in optims:
         cfg = resolve_args(args, optim)

@@ -44,6 +44,7 @@ def test_presets_carry_the_papers_hyper_parameters():
     assert (conv["linear_reg"], conv["conv_reg"], conv["dataset"]) == ("l1", "kernel", "fashionmnist")
     res = resolve("resnet18-cifar10", None, {})
     assert (res["optim"], res["lr"], res["lamda_conv"], res["density"], res["augment"]) == ("adabreg", 1e-3, 0.1, 0.01, True)
+    assert (res["sparse_linear"], res["sparse_conv"]) == ("elementwise", "kernel")  # every layer starts at 1 %
     mlp = resolve("mlp-mnist", None, {})
     assert (mlp["batch_size"], mlp["epochs"], mlp["init_scale"], mlp["lr_schedule"], mlp["plateau_factor"],
             mlp["plateau_patience"]) == (128, 30, 7.0, "plateau", 0.5, 5)
@@ -76,9 +77,11 @@ def test_every_preset_builds_and_runs_an_epoch_on_fakedata(preset):
     hist = train(parse_args(["--preset", preset, "--fake-data", "24", "--batch-size", "8", "--max-batches", "2",
                              "--epochs", "1", *FAST]))
     row = hist[-1]
-    for key in ("train_loss", "val_loss", "test_loss", "density", "linear_density", "conv_kernel_density",
-                "node_density", "reg", "lr"):
+    for key in ("train_loss", "val_loss", "test_loss", "density", "linear_density", "node_density", "reg", "lr"):
         assert math.isfinite(row[key]), (preset, key)
+    # a model without convs has no conv-kernel density (NaN), not 0.0 ("every kernel pruned")
+    has_convs = PRESETS[preset].values["model"] not in ("mlp", "skip-ae")
+    assert math.isfinite(row["conv_kernel_density"]) if has_convs else math.isnan(row["conv_kernel_density"])
     regression = PRESETS[preset].values["dataset"] == "encoder-mnist"
     assert math.isnan(row["test_acc"]) if regression else 0.0 <= row["test_acc"] <= 1.0
     cfg = resolve(preset, None, {})
@@ -86,6 +89,29 @@ def test_every_preset_builds_and_runs_an_epoch_on_fakedata(preset):
         assert row["density"] < 0.5, preset  # started sparse
     assert row["reg"] > 0.0
     assert row["lr"] == cfg["lr"]
+
+
+@pytest.mark.parametrize("optim", [None, "sgd"], ids=["preset-optim", "sgd"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_init_per_layer_type_is_the_one_help_prints(preset, optim):
+    from bregman_fused.experiments.init_plan import has_convs, layer_inits
+    from bregman_fused.experiments.loop import init_weights
+    from bregman_fused.experiments.models import build_model
+    from bregman_fused.experiments.sparsity import sparsity_stats
+
+    cfg = resolve(preset, optim, {})
+    info = data.DATASETS[cfg["dataset"]]
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], info.shape, info.num_classes or 0)
+    init_weights(model, cfg, torch.Generator().manual_seed(0))
+    stats = sparsity_stats(model)
+    plan = layer_inits(cfg)
+    kinds = [("linear", "linear_density")] + ([("conv", "conv_kernel_density")] if has_convs(cfg) else [])
+    for kind, key in kinds:
+        # a layer type left alone keeps PyTorch's dense init; a sparsified one its density (a
+        # Bernoulli draw, or ceil(density·groups) per layer)
+        expected = 1.0 if plan[kind].mode is None else plan[kind].density
+        assert stats[key] == pytest.approx(expected, rel=0.35), (kind, plan[kind])
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -130,14 +156,55 @@ def test_history_json_csv_and_plot_are_written(tmp_path):
     hist = train(parse_args(["--epochs", "2", "--out-dir", str(out), *FAST]))
     saved = json.loads((out / "history.json").read_text())
     assert saved["config"]["preset"] == "digits" and saved["config"]["optim"] == "linbreg"
-    assert _strip(saved["history"]) == _strip(hist)
+    nan_as_null = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in hist]
+    assert _strip(saved["history"]) == _strip(nan_as_null)
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in ("train_acc", "val_acc", "test_acc", "density", "linear_density", "conv_kernel_density",
                 "node_density", "reg", "reg_linear", "lr"):
         assert key in rows[0], key
+    # the digits MLP has no convs: its conv-kernel density is NaN ("nan" / null), not 0.0
+    assert [r["conv_kernel_density"] for r in rows] == ["nan", "nan"]
+    assert [r["conv_kernel_density"] for r in saved["history"]] == [None, None]
+    assert float(rows[0]["linear_density"]) == hist[0]["linear_density"] < 0.1
     png = (out / "history.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def _rows(epochs, convs=True, classification=True):
+    return [dict(epoch=e, train_loss=1.0 / e, val_loss=1.1 / e, test_loss=1.2 / e,
+                 train_acc=0.5 if classification else math.nan, val_acc=0.6 if classification else math.nan,
+                 test_acc=0.7 if classification else math.nan, density=0.01 * e, linear_density=0.02 * e,
+                 conv_kernel_density=0.005 * e if convs else math.nan, node_density=0.5) for e in range(1, epochs + 1)]
+
+
+def _lines(ax):
+    return [line.get_label() for line in ax.get_lines()]
+
+
+def test_plot_has_loss_curves_the_density_split_and_integer_epochs(tmp_path):
+    from bregman_fused.experiments import history as hist
+
+    fig = hist.figure({"": _rows(3)}, "convnet / linbreg")
+    acc, loss, dens = fig.axes
+    assert [a.get_title() for a in fig.axes] == ["accuracy", "loss", "density"]
+    assert fig._suptitle.get_text() == "convnet / linbreg"
+    assert _lines(acc) == ["test", "val"]
+    assert _lines(loss) == ["train", "val", "test"] and loss.get_yscale() == "log"
+    assert _lines(dens) == ["all weights", "linear", "conv kernels", "nodes"]
+    fig.canvas.draw()
+    for a in fig.axes:
+        assert a.get_xlabel() == "epoch"
+        ticks = [t for t in a.get_xticks() if 1 <= t <= 3]
+        assert ticks == [1, 2, 3], ticks  # whole epochs only, no 1.5
+    # an MLP (no conv kernels): no conv curve and no linear curve equal to "all weights"
+    fig = hist.figure({"sgd": _rows(2, convs=False), "linbreg": _rows(2, convs=False)})
+    assert _lines(fig.axes[2]) == ["sgd all weights", "sgd nodes", "linbreg all weights", "linbreg nodes"]
+    # the autoencoder: no accuracy panel
+    fig = hist.figure({"": _rows(2, classification=False)})
+    assert [a.get_title() for a in fig.axes] == ["loss", "density"] and fig.axes[0].get_ylabel() == "loss (MSE)"
+    path = hist.plot_history(_rows(4), str(tmp_path / "h.png"), "t")
+    assert open(path, "rb").read()[:4] == b"\x89PNG"
 
 
 def test_compare_writes_each_run_and_the_combined_plot(tmp_path):

@@ -15,6 +15,7 @@ So the thresholds below (LinBreg density < 0.15 and within 5 points of SGD; AdaB
 least 2.5x denser and 20 points worse) hold on every seed tried; the tightest is seed 0's accuracy
 gap of AdaBreg lr 0.1 vs 1e-3 (21.6 points).
 """
+import json
 import math
 import os
 import subprocess
@@ -102,6 +103,11 @@ def test_cli_help_warns_about_adabreg_lr(capsys):
     for preset in ("digits", "mlp-mnist", "convnet-fashionmnist", "resnet18-cifar10", "skip-ae-mnist",
                    "densenet-fashionmnist"):
         assert preset in out, preset
+    # the init each layer type really gets: the ResNet's Linear head starts 1 % dense like its convs
+    resnet = out[out.index("  resnet18-cifar10 "):]
+    adabreg = next(line for line in resnet.splitlines() if line.strip().startswith("adabreg"))
+    assert "linear elementwise 1 %, Kaiming std ×5; conv kernel 1 %, Kaiming std ×5" in adabreg
+    assert "init: linear PyTorch's default init (dense); conv kernel 3 %" in out  # densenet's head
 
 
 def _fake_mnist(root, train, download, transform):
@@ -127,3 +133,86 @@ def test_missing_mnist_says_pass_download(tmp_path, capsys):
         data.mnist(str(tmp_path), download=False)
     assert main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--epochs", "1"]) == 2
     assert "--download" in capsys.readouterr().err
+
+
+# -- the command line refuses what it would otherwise do silently (or with a traceback) ----------------
+QUICK = ["--epochs", "1", "--max-batches", "2", "--no-plot", "--no-progress", "--device", "cpu"]
+
+
+def test_a_new_run_into_an_out_dir_with_another_run_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*QUICK, "--quiet", "--out-dir", str(out), "--keep-checkpoints", "--export"]) == 0
+    before = {name: (out / name).stat().st_mtime_ns for name in ("history.json", "history.csv")}
+    assert main([*QUICK, "--quiet", "--out-dir", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --out-dir") and "holds another run" in err
+    assert "--resume" in err and "--overwrite" in err and "checkpoint-epoch0001" in err
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before  # nothing touched
+    # --overwrite replaces it: the old run's kept checkpoints and export go too
+    assert main([*QUICK, "--quiet", "--out-dir", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["checkpoint", "history.csv", "history.json"]
+    with open(out / "history.json") as f:
+        assert json.load(f)["config"]["seed"] == 1
+    # and the replaced run resumes (--overwrite is not part of the run's identity)
+    assert main([*QUICK, "--quiet", "--out-dir", str(out), "--seed", "1", "--epochs", "2", "--resume"]) == 0
+    # --compare checks every optimizer's folder before the first one trains
+    cmp = tmp_path / "cmp"
+    assert main([*QUICK, "--quiet", "--out-dir", str(cmp / "linbreg")]) == 0
+    assert main([*QUICK, "--quiet", "--out-dir", str(cmp), "--compare", "sgd", "linbreg"]) == 2
+    assert "linbreg" in capsys.readouterr().err and not (cmp / "sgd").exists()
+    assert main([*QUICK, "--quiet", "--out-dir", str(cmp), "--compare", "sgd", "linbreg", "--overwrite"]) == 0
+    assert (cmp / "compare.csv").exists()
+    assert main([*QUICK, "--quiet", "--out-dir", str(cmp), "--compare", "sgd", "adabreg"]) == 2
+    assert "compare.csv" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*QUICK, "--quiet", "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*QUICK, "--out-dir", str(out), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and captured.err == ""
+    assert "nothing to train" in captured.out and "finished (1 epochs trained, --epochs 1)" in captured.out
+    assert "--epochs" in captured.out
+
+
+def _cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, no traceback and no usage dump
+    assert err.startswith("python -m bregman_fused.train: error: ")
+    return err
+
+
+def test_cuda_flags_without_a_gpu_end_in_one_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = _cli_error(capsys, ["--device", "cuda"])
+    assert "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
+    err = _cli_error(capsys, ["--device", "cuda:1", "--epochs", "1"])
+    assert "--device cuda:1" in err and "no CUDA GPU" in err
+    for backend in ("cuda", "triton"):
+        err = _cli_error(capsys, ["--backend", backend])
+        assert f"--backend {backend}" in err and "no CUDA GPU" in err and "--backend auto" in err
+    err = _cli_error(capsys, ["--device", "gpu"])
+    assert "'gpu' is not a torch device" in err
+    # on a machine with a GPU, --device cpu with --backend cuda names --device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _cli_error(capsys, ["--backend", "cuda", "--device", "cpu"])
+    assert "--device is cpu" in err and "--device cuda" in err
+    assert "cuda:0 to cuda:0" in _cli_error(capsys, ["--device", "cuda:1"])
+    assert "--backend cpu updates CPU tensors" in _cli_error(capsys, ["--backend", "cpu"])
+
+
+def test_optim_with_compare_and_repeated_compare_are_refused(capsys):
+    err = _cli_error(capsys, ["--optim", "adabreg", "--compare", "sgd", "linbreg"])
+    assert "--optim adabreg and --compare exclude each other" in err and "--compare sgd linbreg adabreg" in err
+    err = _cli_error(capsys, ["--compare", "sgd", "linbreg", "sgd", "linbreg", "adam"])
+    assert "--compare lists linbreg, sgd more than once" in err
+    err = _cli_error(capsys, ["--resume", "--overwrite"])
+    assert "--overwrite and --resume exclude each other" in err

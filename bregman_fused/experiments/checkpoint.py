@@ -27,21 +27,22 @@ import torch.distributed as dist
 from .parallel import Context, barrier
 
 __all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists",
-           "save", "load", "rng_state", "set_rng_state"]
+           "RUN_FILES", "run_outputs", "claim_out_dir", "save", "load", "rng_state", "set_rng_state"]
 
 FORMAT = "bregman_fused.train/1"
 # What may differ between a run and its resumption: how long it runs, where and on what it runs,
 # what it prints. Every other setting (lr, λ, batch size, init, schedules, ...) shapes the run and
 # must match: a resumed run with another --lr would otherwise continue with the checkpoint's lr
 # without a word (the optimizer state carries it) while a new --batch-size silently took effect.
-RUN_ONLY_KEYS = ("epochs", "out_dir", "resume", "quiet", "plot", "progress", "threads", "num_workers",
+RUN_ONLY_KEYS = ("epochs", "out_dir", "resume", "overwrite", "quiet", "plot", "progress", "threads", "num_workers",
                  "keep_checkpoints", "device", "backend", "data_dir", "download", "fsdp")
 IDENTITY_KEYS = ("preset", "dataset", "model", "optim", "linear_reg", "conv_reg", "seed")  # named first in errors
 STATE_FILE = "train_state.pt"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or belongs to another run."""
+    """A checkpoint is missing, incomplete, corrupt or belongs to another run, or a new run would
+    overwrite another run's outputs."""
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -50,6 +51,37 @@ def checkpoint_dir(out_dir: str) -> str:
 
 def exists(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+# -- the out dir of a new run --------------------------------------------------------------------
+# what a run writes into its --out-dir: history.*, the checkpoint and its save/keep copies, --export
+RUN_FILES = ("history.json", "history.csv", "history.png", "checkpoint", "checkpoint.tmp", "checkpoint.old", "export")
+RUN_PREFIXES = ("checkpoint-epoch",)  # --keep-checkpoints copies
+
+
+def run_outputs(out_dir: str, files: tuple[str, ...] = RUN_FILES, prefixes: tuple[str, ...] = RUN_PREFIXES) -> list[str]:
+    """The names in ``out_dir`` that a run writes (another run's outputs, if any), sorted."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir) if n in files or n.startswith(prefixes))
+
+
+def claim_out_dir(out_dir: str, overwrite: bool, ctx: Context, files: tuple[str, ...] = RUN_FILES,
+                  prefixes: tuple[str, ...] = RUN_PREFIXES) -> None:
+    """A new run into ``out_dir``: refuse when another run's outputs are there, unless ``overwrite``;
+    then remove them first, so that no old checkpoint, kept copy or export outlives the new run."""
+    found = run_outputs(out_dir, files, prefixes)
+    if found and not overwrite:
+        raise CheckpointError(f"--out-dir {out_dir!r} holds another run ({', '.join(found)}); pass --resume to "
+                              "continue it, --overwrite to replace it, or choose another --out-dir")
+    if found and ctx.main:
+        for name in found:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    barrier(ctx)
 
 
 # -- RNG ------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Per-epoch history: JSON + CSV files and matplotlib plots (Agg backend, no display needed).
 
-A history is a list of flat dicts, one per epoch (keys: see ``loop.Trainer.epoch_row``). Files are
+A history is a list of flat dicts, one per epoch (keys: see the ``loop`` module doc; NaN where a
+value does not exist, e.g. conv-kernel density without convs: written as ``nan`` in the CSV, ``null``
+in the JSON, and not plotted). Files are
 written atomically (temp file + rename) so a crash never leaves half a file behind.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 from typing import Any, Iterable, Sequence
 
-__all__ = ["atomic_write", "save_history", "load_history", "plot_history", "plot_compare"]
+__all__ = ["atomic_write", "save_history", "load_history", "figure", "plot_history", "plot_compare"]
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -63,38 +65,62 @@ def _finite(rows: Iterable[dict[str, Any]], key: str) -> list[tuple[int, float]]
     return out
 
 
-def _plot(runs: dict[str, Sequence[dict[str, Any]]], path: str, title: str) -> str:
+# (history key, label, line style) of each panel's curves; one colour per run
+_ACCURACY = (("test_acc", "test", "-"), ("val_acc", "val", ":"))
+_LOSS = (("train_loss", "train", "--"), ("val_loss", "val", ":"), ("test_loss", "test", "-"))
+_DENSITY = (("density", "all weights", "-"), ("linear_density", "linear", "-."),
+            ("conv_kernel_density", "conv kernels", ":"), ("node_density", "nodes", "--"))
+
+
+def _curves(ax, rows, label: str, color: str, curves) -> None:
+    for key, name, style in curves:
+        pts = _finite(rows, key)
+        if pts:  # NaN everywhere (no accuracy for the autoencoder, no conv kernels in an MLP): no curve
+            ax.plot(*zip(*pts), style, color=color, label=f"{label} {name}".strip())
+
+
+def figure(runs: dict[str, Sequence[dict[str, Any]]], title: str = ""):
+    """The matplotlib Figure of one or several runs: accuracy (classification only), loss and density
+    vs epoch, one colour per run and one line style per metric."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     first = next(iter(runs.values()), [])
     classification = any(_finite(first, "test_acc"))
-    fig, (ax_a, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (["accuracy"] if classification else []) + ["loss", "density"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
     for i, (label, rows) in enumerate(runs.items()):
-        color = f"C{i % 10}"  # one colour per run; line style = which metric
+        color = f"C{i % 10}"
         if classification:
-            for key, style in (("test_acc", "-"), ("val_acc", ":")):
-                pts = _finite(rows, key)
-                if pts:
-                    ax_a.plot(*zip(*pts), style, color=color, label=f"{label} {key.split('_')[0]}")
-        else:
-            pts = _finite(rows, "test_loss")
-            if pts:
-                ax_a.plot(*zip(*pts), color=color, label=f"{label} test")
-        for key, style in (("density", "-"), ("node_density", "--")):
-            pts = _finite(rows, key)
-            if pts:
-                ax_d.plot(*zip(*pts), style, color=color, label=f"{label} {key.replace('_', ' ')}")
-    ax_a.set(xlabel="epoch", ylabel="accuracy" if classification else "loss (MSE)", title=title)
-    if not classification:
-        ax_a.set_yscale("log")
-    ax_d.set(xlabel="epoch", ylabel="density (fraction of non-zeros)", yscale="log", title="density")
-    for ax in (ax_a, ax_d):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            _curves(ax["accuracy"], rows, label, color, _ACCURACY)
+        _curves(ax["loss"], rows, label, color, _LOSS)
+        # the linear/conv split only where there are conv kernels: without, "linear" is "all weights"
+        split = any(_finite(rows, "conv_kernel_density"))
+        _curves(ax["density"], rows, label, color, _DENSITY if split else _DENSITY[:1] + _DENSITY[3:])
+    if classification:
+        ax["accuracy"].set(ylabel="accuracy", title="accuracy")
+    ax["loss"].set(ylabel="loss" if classification else "loss (MSE)", yscale="log", title="loss")
+    ax["density"].set(ylabel="density (fraction of non-zeros)", yscale="log", title="density")
+    for a in axes[0]:
+        a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _plot(runs: dict[str, Sequence[dict[str, Any]]], path: str, title: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
     tmp = f"{path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -103,7 +129,8 @@ def _plot(runs: dict[str, Sequence[dict[str, Any]]], path: str, title: str) -> s
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str, title: str = "") -> str:
-    """PNG of accuracy (or loss, for the autoencoder) and density vs epoch."""
+    """PNG of accuracy (not for the autoencoder), loss (train/val/test) and density (all weights,
+    linear, conv kernels, nodes) vs epoch."""
     return _plot({"": history}, path, title)
 
 

@@ -4,8 +4,8 @@
 
     epoch, train_loss, train_acc (running over the epoch's batches), val_loss, val_acc, test_loss,
     test_acc (NaN for the autoencoder), density (all Linear+Conv weights), linear_density,
-    conv_kernel_density, node_density, reg (J(θ) summed over the groups), reg_<group> (J per
-    group: linear, conv, skips), lamda (of the first regularized group), lr, seconds
+    conv_kernel_density (NaN without convs), node_density, reg (J(θ) summed over the groups),
+    reg_<group> (J per group: linear, conv, skips), lamda (of the first regularized group), lr, seconds
 
 Reproducibility: the seed fixes the init, the data order (DistributedSampler's permutation of
 (seed, epoch) [note: data order]) and every other random draw; a checkpoint stores all RNG states,
@@ -33,6 +33,7 @@ from ..schedulers import LamdaScheduler
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import history as hist_mod
+from .init_plan import layer_inits
 from .models import build_model
 from .parallel import Context, all_reduce_sum, unwrap, wrap
 from .sparsity import sparsity_stats
@@ -88,16 +89,14 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
 
 
 def init_weights(model: nn.Module, cfg: dict[str, Any], generator: torch.Generator) -> None:
-    """The paper's init: sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
-    density = cfg["density"]
-    lin = None if cfg["sparse_linear"] == "none" else cfg["sparse_linear"]
-    conv = None if cfg["sparse_conv"] == "none" else cfg["sparse_conv"]
-    if density >= 1.0:
-        lin, conv = lin or "elementwise", conv or "kernel"  # dense: every layer gets the same init
-    if lin is not None:
-        sparsify_(model, density, linear=lin, conv=None, scale=cfg["init_scale"], generator=generator)
-    if conv is not None:
-        sparsify_(model, density, linear=None, conv=conv, scale=cfg["init_scale_conv"], generator=generator)
+    """The paper's init, per layer type as ``init_plan.layer_inits`` decides (and ``--help`` prints):
+    sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
+    plan = layer_inits(cfg)
+    linear, conv = plan["linear"], plan["conv"]
+    if linear.mode is not None:
+        sparsify_(model, linear.density, linear=linear.mode, conv=None, scale=linear.scale, generator=generator)
+    if conv.mode is not None:
+        sparsify_(model, conv.density, linear=None, conv=conv.mode, scale=conv.scale, generator=generator)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -164,6 +163,8 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
     ctx = ctx or Context()
     device = ctx.device
     seed = int(cfg["seed"])
+    if cfg.get("out_dir") and not cfg.get("resume"):  # before anything is loaded or trained
+        ckpt.claim_out_dir(cfg["out_dir"], bool(cfg.get("overwrite")), ctx)
     if splits is None:
         splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
                                augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"))
@@ -200,7 +201,11 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
             lr_sched.load_state_dict(state["lr_sched"])
         if lamda_sched is not None and state.get("lamda_sched"):
             lamda_sched.load_state_dict(state["lamda_sched"])
-        _say(ctx, cfg, f"resumed from {path} after epoch {len(history)}")
+        if len(history) >= cfg["epochs"]:
+            _say(ctx, cfg, f"nothing to train: the run in {path} is finished ({len(history)} epochs trained, "
+                           f"--epochs {cfg['epochs']}); pass a larger --epochs to continue it")
+        else:
+            _say(ctx, cfg, f"resumed from {path} after epoch {len(history)}")
 
     per_rank = max(1, cfg["batch_size"] // ctx.world)
     # [note: data order] the order is DistributedSampler's permutation of (seed, epoch) on every world

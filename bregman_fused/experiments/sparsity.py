@@ -7,6 +7,8 @@ weights are DTensors: FSDP2 shards dim 0, so every row and every kernel lies who
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,7 +21,10 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @torch.no_grad()
 def sparsity_stats(model: nn.Module) -> dict[str, float]:
-    """{"density", "linear_density", "conv_kernel_density", "node_density"}; a collective under FSDP2."""
+    """{"density", "linear_density", "conv_kernel_density", "node_density"}; a collective under FSDP2.
+
+    A ratio over no elements is NaN: a model without convs has no conv-kernel density (0.0 would
+    read as "every kernel pruned")."""
     # [nnz, total] for: all weights, linear weights, conv kernels, nodes
     counts = [0.0] * 8
     sharded = False
@@ -47,7 +52,7 @@ def sparsity_stats(model: nn.Module) -> dict[str, float]:
         counts = dist_utils.all_reduce_sum(counts)
 
     def ratio(a: float, b: float) -> float:
-        return a / b if b else 0.0
+        return a / b if b else math.nan  # nothing to count (no convs in an MLP): no value, not 0
 
     return dict(density=ratio(counts[0], counts[1]), linear_density=ratio(counts[2], counts[3]),
                 conv_kernel_density=ratio(counts[4], counts[5]), node_density=ratio(counts[6], counts[7]))

@@ -224,6 +224,14 @@ class BregmanOptimizer(Optimizer):
         return group["lr"]
 
     # -- metrics --------------------------------------------------------------------------------
+    def backends(self) -> list[dict[tuple[torch.device, torch.dtype], str]]:
+        """Which backend updates each bucket: per param group, {(device, dtype): backend name}.
+
+        ``self.backend`` is what was asked for (e.g. ``"auto"``); this is what runs, as chosen at the
+        group's latest step (``{}`` for a group not stepped yet, and after ``load_state_dict`` until
+        the next step)."""
+        return [self._plans.backend_names(i) for i in range(len(self.param_groups))]
+
     def _nonzeros(self) -> dict[torch.Tensor, torch.Tensor]:
         return self._counts.nonzeros()
 

@@ -49,6 +49,12 @@ class Plans:
             for bucket in buckets:
                 bucket.lists = None
 
+    def backend_names(self, group_index: int) -> dict[tuple[torch.device, torch.dtype], str]:
+        """{(device, dtype): name of the backend} of the group's latest buckets ({} before its first
+        step). The names come from the ``Backend`` records that ``select`` returned."""
+        cached = self._plans.get(group_index)
+        return {} if cached is None else {bucket.key: bucket.backend.name for bucket in cached[2]}
+
     def buckets(self, group_index: int, group: dict[str, Any], params: list[torch.Tensor], backend: str,
                 state_signature: tuple) -> list[Bucket]:
         signature = (backend, type(group["reg"]), group["capturable"], state_signature)
