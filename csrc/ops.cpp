@@ -9,21 +9,22 @@
 
 // One call updates every tensor of a (param group, device, dtype) bucket; see docs/design.md §2, §5
 // and bregman_fused/backends/reference.py (the spec). kind and reg: the codes of bregman::Kind and
-// bregman::Reg (csrc/bregman_math.h). The step counts are read, not changed (the caller counts the
-// step). Returns the non-zeros of each new θ (int64). The Python side (bregman_fused/backends/
+// bregman::Reg (csrc/bregman_math.h). Step counters on the CPU are incremented by the op (not when
+// found_inf is set); counters on a device were advanced by the caller (ops_cuda.cpp [note: step
+// counts]). Returns the non-zeros of each new θ (int64). The Python side (bregman_fused/backends/
 // native.py) calls it positionally: the schema is its interface; its fake kernel, for
 // torch.compile, is in bregman_fused/backends/fake_kernels.py.
 TORCH_LIBRARY(bregman_fused, m) {
   m.def(
       "fused_step(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] group_sizes, float lr, float beta1, float beta2, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float lr, float beta1, float beta2, "
       "float eps, float delta, int reg, float lamda_l1, float lamda_group, Tensor? grad_scale, "
       "Tensor? found_inf) -> Tensor");
   // the same step with lr as a one-element tensor (an lr scheduler's tensor lr): under torch.compile
   // its value is data, not a constant of the graph, so a new lr does not recompile
   m.def(
       "fused_step.tensor_lr(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, "
-      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] group_sizes, Tensor lr, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, Tensor lr, "
       "float beta1, float beta2, float eps, float delta, int reg, float lamda_l1, float lamda_group, "
       "Tensor? grad_scale, Tensor? found_inf) -> Tensor");
 }

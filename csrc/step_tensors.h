@@ -17,7 +17,7 @@ struct StepTensors {
   at::TensorList duals;        // v (none for ProxSGD)
   at::TensorList exp_avgs;     // momentum buffers (LinBreg, may be empty) or exp_avg (AdaBreg)
   at::TensorList exp_avg_sqs;  // AdaBreg only
-  at::TensorList steps;        // 0-dim float32 step counts, incremented by the op
+  at::TensorList steps;        // 0-dim float32 step counts (CPU ones incremented by the op)
   at::IntArrayRef group_sizes; // row length n per param (1 for the element-wise maps)
 
   size_t size() const { return params.size(); }

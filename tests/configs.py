@@ -44,7 +44,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Memory layouts besides contiguous, and the shapes each is tried on. A dense layout (transposed,
 # channels_last, outer_transposed) is walked by the kernels as it is stored when the row maps allow
 # it (a row-map's groups must stay blocks of consecutive memory), else it is copied; "strided" is
-# never dense (every other element of a wider buffer) and is always copied (_layout [note: dense views]).
+# never dense (every other element of a wider buffer) and is always copied (backends/layout.py [note: dense views]).
 LAYOUT_SHAPES = {
     "transposed": [(9, 6), (3, 2, 3, 5)],
     "channels_last": [(3, 2, 3, 5), (2, 3, 1, 4)],  # the second: a size-1 dim whose stride ties another

@@ -105,15 +105,17 @@ def test_state_dtype_rule():
 
 def test_step_policy_counts_and_skips():
     steps = [torch.zeros(()), torch.full((), 4.0)]
-    assert begin_step(steps, None, capturable=False) and [float(s) for s in steps] == [1.0, 5.0]
-    assert not begin_step(steps, torch.ones(()), capturable=False)  # skipped: nothing counted
+    assert begin_step(steps, None, False, False) == steps and [float(s) for s in steps] == [1.0, 5.0]
+    assert begin_step(steps, torch.ones(()), False, False) is None  # skipped: nothing counted
     assert [float(s) for s in steps] == [1.0, 5.0]
-    assert begin_step(steps, torch.zeros(()), capturable=False) and [float(s) for s in steps] == [2.0, 6.0]
+    assert begin_step(steps, torch.zeros(()), False, False) and [float(s) for s in steps] == [2.0, 6.0]
     # capturable: no host decision, the counts move by found_inf == 0
-    assert begin_step(steps, torch.ones(()), capturable=True) and [float(s) for s in steps] == [2.0, 6.0]
-    assert begin_step(steps, torch.zeros(()), capturable=True) and [float(s) for s in steps] == [3.0, 7.0]
+    assert begin_step(steps, torch.ones(()), True, False) and [float(s) for s in steps] == [2.0, 6.0]
+    assert begin_step(steps, torch.zeros(()), True, False) and [float(s) for s in steps] == [3.0, 7.0]
+    # a compiled op adds the CPU counters itself ([note: who adds]): nothing moves here
+    assert begin_step(steps, None, False, True) == [] and [float(s) for s in steps] == [3.0, 7.0]
     big = [torch.tensor(16777216.0)]
-    begin_step(big, None, capturable=False)
+    begin_step(big, None, False, False)
     assert float(big[0]) == 16777216.0  # a float32 += 1, as the counters always counted: 2^24 + 1 rounds to 2^24
     undo_step(steps, torch.zeros(()), capturable=True)
     undo_step(steps, None, capturable=False)

@@ -329,7 +329,7 @@ def test_op_valid_args_run():
     args = _op_args()
     counts = _call(args)
     assert counts.dtype == torch.int64 and counts.shape == (2,)
-    assert all(float(s) == 0 for s in args["steps"])  # the op reads the counts; the caller counts (begin_step)
+    assert all(float(s) == 1 for s in args["steps"])  # the op counts CPU step counters itself
 
 
 # ---- loader: unavailable extension --------------------------------------------------------------

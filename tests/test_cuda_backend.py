@@ -112,12 +112,12 @@ class Case:
         return out
 
     def op_call(self, ops, grad_scale=None, found_inf=None):
-        """The op as the package calls it: the caller counts the step first (contract.begin_step:
-        steps += found_inf == 0; the op only reads the counts), then the op skips in-kernel when
-        found_inf is set and reports the unchanged θ's non-zeros."""
-        ran = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float()
-        for s in self.steps:
-            s.add_(ran.to(s.device) if isinstance(ran, torch.Tensor) else ran)
+        """The op as the package calls it: counters on the device are advanced by the caller first
+        (contract.begin_step: steps += found_inf == 0), counters on the CPU by the op; the op skips
+        in-kernel when found_inf is set and reports the unchanged θ's non-zeros."""
+        if self.steps and self.steps[0].is_cuda:
+            ran = 1.0 if found_inf is None else (found_inf.reshape(()) == 0).float()
+            torch._foreach_add_(self.steps, ran)
         l1, group = self.reg.lamdas()
         sizes = [self.reg.group_size(p.shape) if p.dim() > 0 else 1 for p in self.params]
         h = self.hyper
@@ -389,7 +389,7 @@ def test_capturable_step_in_cuda_graph(ops):
         with torch.no_grad():
             for st in graph_state.values():
                 l1, group = st["reg"].lamdas()
-                torch._foreach_add_(st["steps"], 1.0)  # the caller counts the step; the op reads the counts
+                torch._foreach_add_(st["steps"], 1.0)  # device counters: the caller advances them
                 ops.fused_step_capturable(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
                                           st["s"], st["steps"], st["sizes"], lr_t, hyper["beta1"], hyper["beta2"],
                                           hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group, None,
@@ -400,7 +400,6 @@ def test_capturable_step_in_cuda_graph(ops):
         with torch.no_grad():
             for st in eager_state.values():
                 l1, group = st["reg"].lamdas()
-                torch._foreach_add_(st["steps"], 1.0)
                 st["counts"] = ops.fused_step(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
                                               st["s"], st["steps"], st["sizes"], lr, hyper["beta1"], hyper["beta2"],
                                               hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group,

@@ -4,16 +4,18 @@ Every backend keeps the contract of contract.py (``reference.step`` is the spec)
 returns a ``Backend`` record that states what the backend can do, so that the optimizers ask
 capabilities and never name a backend.
 
-=============  ==========================================  ===========  ==========  ====================
-name           what runs                                   capturable   host reads  regularizers
-=============  ==========================================  ===========  ==========  ====================
-``reference``  per-tensor PyTorch (reference.py)           no           yes         all (incl. Nuclear)
-``cpu``        fused C++ op on CPU tensors (native.py)     no           yes         the fused ones
-``cuda``       fused CUDA op on CUDA tensors (native.py)   yes          no          the fused ones
-``triton``     fused Triton kernels (triton/)              yes          no          the fused ones
-=============  ==========================================  ===========  ==========  ====================
+=============  ==========================================  ===========  ============  ====================
+name           what runs                                   capturable   compiled op   regularizers
+=============  ==========================================  ===========  ============  ====================
+``reference``  per-tensor PyTorch (reference.py)           no           no            all (incl. Nuclear)
+``cpu``        fused C++ op on CPU tensors (native.py)     no           yes           the built-in ones
+``cuda``       fused CUDA op on CUDA tensors (native.py)   yes          yes           the built-in ones
+``triton``     fused Triton kernels (triton/)              yes          no            the built-in ones
+=============  ==========================================  ===========  ============  ====================
 
 "capturable": a capturable step reads nothing on the host, so it can be recorded in a CUDA graph.
+"compiled op": checks every argument in C++ before it writes, and adds its CPU step counters itself
+(contract.begin_step [note: who adds]). "built-in": regularizers.runs_builtin_map.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 
 from ..regularizers import Regularizer, runs_builtin_map
 from . import loader, native, reference
-from .contract import StepFn, check_tensors, fused_code
+from .contract import StepFn, check_amp, check_tensors, fused_code
 
 __all__ = ["NAMES", "CAPTURABLE", "Backend", "select", "prepare", "check_name", "unavailable_reason"]
 
@@ -39,18 +41,17 @@ class Backend:
     step: StepFn
     capturable: bool  # can be recorded in a CUDA graph: reads nothing on the host
     fused_regs_only: bool  # implements only the built-in regularizers with a kernel (contract.fused_code)
+    # a compiled op: it checks every argument before it writes anything, and adds the step counters
+    # that live on the CPU itself (contract.begin_step [note: who adds])
+    compiled_op: bool = False
     # the dtypes of params and grads it takes; None: any floating dtype
     dtypes: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-    def check(self, tensors, hyper) -> None:
+    def check(self, tensors, hyper, grad_scale=None, found_inf=None) -> None:
         """Every check of a step on ``tensors`` without running it (raises; writes nothing): how a
-        step with several buckets refuses before its first bucket is written."""
+        step refuses before anything (a count, an earlier bucket) is written."""
         check_tensors(tensors, hyper, self.dtypes)
-
-    @property
-    def reads_host(self) -> bool:
-        """Reads lr, step counts or found_inf on the host (a device sync on GPUs)."""
-        return not self.capturable
+        check_amp(grad_scale, found_inf)
 
     def implements(self, reg: Regularizer) -> bool:
         return not self.fused_regs_only or fused_code(reg) is not None
@@ -64,8 +65,8 @@ def _triton_step(tensors, hyper, reg, **amp):
 
 _REFERENCE = Backend("reference", reference.step, capturable=False, fused_regs_only=False, dtypes=None)
 _FUSED = {
-    "cpu": Backend("cpu", native.cpu_step, capturable=False, fused_regs_only=True),
-    "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True),
+    "cpu": Backend("cpu", native.cpu_step, capturable=False, fused_regs_only=True, compiled_op=True),
+    "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True, compiled_op=True),
     "triton": Backend("triton", _triton_step, capturable=True, fused_regs_only=True),
 }
 

@@ -25,8 +25,8 @@ import torch
 
 from ..regularizers import Regularizer, runs_builtin_map
 
-__all__ = ["Kind", "RegCode", "fused_code", "state_dtype", "Hyper", "StepTensors", "check_tensors", "begin_step",
-           "undo_step", "StepFn"]
+__all__ = ["Kind", "RegCode", "fused_code", "state_dtype", "Hyper", "StepTensors", "check_amp", "check_tensors",
+           "begin_step", "undo_step", "StepFn"]
 
 
 class Kind(enum.IntEnum):
@@ -188,6 +188,14 @@ class StepTensors(NamedTuple):
     steps: list[torch.Tensor]
 
 
+def check_amp(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+    """AMP scalars: one-element floating-point tensors (GradScaler's float32 ones)."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point()):
+            got = f"{t.dtype} with {t.numel()} elements" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a one-element floating-point tensor, got {got}")
+
+
 def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     """The checks every backend's step needs before it writes anything: one tensor per param in
     every list the kind reads; grads of their param's shape; states in the state dtype and the
@@ -222,32 +230,41 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
             if st.shape != shape or st.dtype != s_dtype or st.device != device:
                 raise ValueError(f"{name}[{i}]: expected {s_dtype} of shape {list(shape)} on {device} (the state "
                                  f"dtype of a {dtype} param), got {st.dtype} {list(st.shape)} on {st.device}")
-        if steps[i].numel() != 1:
-            raise ValueError(f"steps[{i}]: expected a one-element step count, got {steps[i].numel()} elements")
+        if steps[i].numel() != 1 or steps[i].dtype != torch.float32:
+            raise ValueError(f"steps[{i}]: expected a one-element float32 step count, got {steps[i].dtype} with "
+                             f"{steps[i].numel()} elements")
 
 
-def begin_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool) -> bool:
+def begin_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool,
+               op_counts_cpu_steps: bool) -> list[torch.Tensor] | None:
     """The step-count and skipped-step (AMP ``found_inf``) policy, applied once before a backend runs.
+    Returns the counters it advanced (for ``undo_step``), or None when the step is skipped.
 
     Not capturable: ``found_inf`` (an inf/NaN in the grads) is read on the host ONCE; a skipped
-    step changes nothing at all (no param, state or count): this returns False, the backend is not
-    called and the step returns None. Otherwise every count is incremented here (a float32
-    ``+= 1``) and the backend reads the new counts (AdaBreg's bias corrections).
+    step changes nothing at all (no param, state or count): None is returned, the backend is not
+    called and the step returns None. Otherwise every count is advanced by one (a float32 add) and
+    the backend reads the new counts (AdaBreg's bias corrections).
 
     Capturable [note: capturable]: nothing is read on the host. The counts (on the params' device)
-    are incremented by ``found_inf == 0`` with device ops; the backend receives ``found_inf``,
-    leaves params and states unchanged itself when it is set, and returns the non-zero counts
-    either way, since knowing whether the step ran would need a host read."""
+    advance by ``found_inf == 0``; the backend receives ``found_inf``, leaves params and states
+    unchanged itself when it is set, and returns the non-zero counts either way, since knowing
+    whether the step ran would need a host read.
+
+    [note: who adds] Counters on a device are advanced here, with one foreach launch per device.
+    Counters on the CPU are 0-dim tensors, one per param, and an add from Python costs µs each
+    (6-8 ms for the 2000-tensor workload): a compiled op (``op_counts_cpu_steps``) adds them itself
+    in C++ after its checks, by the same rule (not when found_inf is set); the Python backends'
+    are advanced here."""
     if not capturable and found_inf is not None and bool(found_inf.item()):
-        return False
-    _add_to_counts(steps, found_inf if capturable else None, 1.0)
-    return True
+        return None
+    advanced = [s for s in steps if s.device.type != "cpu"] if op_counts_cpu_steps else list(steps)
+    _add_to_counts(advanced, found_inf if capturable else None, 1.0)
+    return advanced
 
 
-def undo_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool) -> None:
-    """Take back ``begin_step``'s increment when the backend refused the call before writing (its
-    checks run before any write): a refused call leaves the counts as they were too."""
-    _add_to_counts(steps, found_inf if capturable else None, -1.0)
+def undo_step(advanced: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool) -> None:
+    """Take back ``begin_step``'s advance when the backend refused the call before writing."""
+    _add_to_counts(advanced, found_inf if capturable else None, -1.0)
 
 
 def _add_to_counts(steps: list[torch.Tensor], found_inf: torch.Tensor | None, sign: float) -> None:

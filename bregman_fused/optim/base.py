@@ -77,6 +77,12 @@ class BregmanOptimizer(Optimizer):
         self.state = self.__dict__["state"]
         if "_plans" in self.__dict__:
             self._plans.drop_lists()
+        else:  # unpickled or deep-copied: torch's __getstate__ keeps only defaults, state and groups
+            self.backend = backends.check_name(self.__dict__.get("backend", "auto"))
+            self._counts, self._plans = CountsBuffers(), Plans()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "backend": self.backend}
 
     # -- argument checks (checks.py) -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -204,8 +210,9 @@ class BregmanOptimizer(Optimizer):
         self._seen_state_version = self.state.version
         calls = [(group_index, group, bucket, self._hyper(group), self._step_tensors(bucket))
                  for group_index, group, buckets in plan for bucket in buckets]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for _, _, bucket, hyper, tensors in calls[1:]:
-            bucket.backend.check(tensors, hyper)
+            bucket.backend.check(tensors, hyper, grad_scale, found_inf)
         return calls
 
     @staticmethod

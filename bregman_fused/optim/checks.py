@@ -84,8 +84,9 @@ def check_new_group(owner: str, group: dict[str, Any]) -> None:
 
 def check_group(group: dict[str, Any], has_dual: bool) -> None:
     """The keys every optimizer's groups share, checked at every step. A tensor lr's value is
-    checked when it is set (``check_new_group``, ``load_state_dict``), not here: reading it would be a
-    host read per step (a sync on a GPU, a graph break under torch.compile)."""
+    checked when it is set (``check_new_group``, ``load_state_dict``) and, in eager steps, when it
+    lives on the CPU (a cheap read); never on a GPU (a sync) or under torch.compile (a graph break,
+    and a recompile per value)."""
     if not isinstance(group["capturable"], bool):
         raise TypeError(f"Invalid capturable: {group['capturable']!r} (must be True or False)")
     lr = group["lr"]
@@ -93,6 +94,8 @@ def check_group(group: dict[str, Any], has_dual: bool) -> None:
         if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid lr: a tensor lr must hold one float32/float64 value, got {lr.dtype} "
                              f"with {lr.numel()} elements")
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_lr_value(lr)
     else:
         check_lr_value(lr)
     reg = group["reg"]
@@ -135,8 +138,8 @@ def check_states(owner: str, group_index: int, params: list[torch.Tensor], state
         for key in sorted(allowed & set(s)):
             value = s[key]
             if key == "step":
-                ok = isinstance(value, torch.Tensor) and value.numel() == 1
-                want = "a one-element tensor"
+                ok = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.float32
+                want = "a one-element float32 tensor"
             else:
                 local = dist_utils.local(p)
                 ok = (isinstance(value, torch.Tensor) and value.shape == p.shape and value.dtype == state_dtype(p)

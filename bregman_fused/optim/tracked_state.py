@@ -69,6 +69,9 @@ class ParamState(dict):
         self.update(other)
         return self
 
+    def __reduce__(self):  # pickles as a plain dict; the owning TrackedState wraps it again
+        return (dict, (dict(self),))
+
 
 class TrackedState(defaultdict):
     """``opt.state``: a defaultdict of ``ParamState`` with a version that every edit bumps."""

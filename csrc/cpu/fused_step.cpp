@@ -1,5 +1,5 @@
 // bregman_fused::fused_step on CPU tensors: argument checks at the boundary (csrc/op_checks.h),
-// the per-tensor step counts read, then one call of the multi-tensor kernel (kernel.h) for the whole bucket.
+// the per-tensor step counts added, then one call of the multi-tensor kernel (kernel.h) for the whole bucket.
 #include "fused_step.h"
 
 #include <ATen/core/Tensor.h>
@@ -85,7 +85,7 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
   at::Tensor counts = at::zeros({static_cast<int64_t>(n)}, at::kLong);
   int64_t* counts_ptr = counts.data_ptr<int64_t>();
 
-  // ---- AMP: an inf/NaN in the grads skips the update (no param or state changes) -------------
+  // ---- AMP: an inf/NaN in the grads skips the step (no param, state or step count changes) -----
   // found_inf only reaches the op in capturable steps (the caller reads it once otherwise,
   // bregman_fused/backends/contract.py begin_step): report the unchanged θ's non-zeros
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
@@ -93,9 +93,14 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
     return counts;
   }
 
-  // the counts of this step, already incremented by the caller (contract.begin_step): read only
+  // the step counters live on the CPU: the op adds one to each, after every check passed (from
+  // Python this add costs µs per 0-dim tensor; bregman_fused/backends/contract.py [note: who adds])
   std::vector<double> step_values(n);
-  for (size_t i = 0; i < n; ++i) step_values[i] = static_cast<double>(*steps[i].data_ptr<float>());
+  for (size_t i = 0; i < n; ++i) {
+    float* st = steps[i].data_ptr<float>();
+    *st += 1.0f;  // as the reference's float32 count
+    step_values[i] = static_cast<double>(*st);
+  }
 
   switch (params[0].scalar_type()) {
     case at::kFloat:

@@ -19,9 +19,9 @@ struct StepInputs {
   bregman::StepTensors tensors;  // the op's lists
 
   // Step counts. Exactly one of the two modes is used:
-  // Both hold the count of this step, incremented by the caller (ops_cuda.cpp [note: step counts]).
-  //  - host mode:   host_steps[i] = t of tensor i (read from CPU steps); the bias corrections are
-  //                 computed on the host in double (make_step_params).
+  // Both hold the count of this step (ops_cuda.cpp [note: step counts]).
+  //  - host mode:   host_steps[i] = t of tensor i after the op's increment of the CPU counters; the
+  //                 bias corrections are computed on the host in double (make_step_params).
   //  - device mode: tensors.steps[i] = 0-dim float32 on the params' device; the kernels read t and
   //                 compute the corrections in-kernel.
   bool device_steps = false;

@@ -6,16 +6,16 @@
 //  - the CUDA kernel of `fused_step` (schema defined with TORCH_LIBRARY in csrc/ops.cpp), and
 //  - the op `fused_step_capturable` (schema in the TORCH_LIBRARY_FRAGMENT below, CUDA only).
 //
-// [note: step counts] The ops read the step counts, they never change them: the caller has
-// incremented them for this step (bregman_fused/backends/contract.py begin_step; with capturable
-// steps by found_inf == 0, on the device). `fused_step` accepts its 0-dim float32 counts in either
-// place:
-//  - on the CPU (the optimizer's default): read here and the bias corrections computed on the host
-//    in double with bregman::make_step_params. found_inf reaches the op only in capturable steps
-//    (the caller reads it once otherwise, and does not call the op for a skipped step); the update
-//    kernels read it on the device, so the op itself never reads it on the host.
-//  - on the params' device (what torch's _fused_adam does): the update kernels read the count and
-//    compute the bias corrections in-kernel (in double). No host read; use this with AMP.
+// [note: step counts] `fused_step` accepts its 0-dim float32 step counters in either place:
+//  - on the CPU (the optimizer's default): the op adds one to each here, after its checks (a
+//    Python add costs µs per 0-dim tensor, bregman_fused/backends/contract.py [note: who adds]),
+//    and the bias corrections are computed on the host in double with bregman::make_step_params.
+//    found_inf reaches the op only in capturable steps (the caller reads it once otherwise and does
+//    not call the op for a skipped step); a direct call with found_inf and CPU counters makes ONE
+//    device→host read of it to know whether to count.
+//  - on the params' device (what torch's _fused_adam does): the caller has advanced them by
+//    found_inf == 0 with device ops (contract.begin_step), and the update kernels read the count
+//    and compute the bias corrections in-kernel (in double). No host read; use this with AMP.
 // `fused_step_capturable` only takes device steps and a device lr, and writes into a preallocated
 // `counts`, so a whole training step can be captured in a CUDA graph.
 #include <Python.h>
@@ -107,8 +107,13 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
   if (device_steps) {  // [note: step counts]
     in.device_steps = true;
   } else {
+    const bool skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
     in.host_steps.resize(params.size());
-    for (size_t i = 0; i < params.size(); ++i) in.host_steps[i] = static_cast<double>(*steps[i].data_ptr<float>());
+    for (size_t i = 0; i < params.size(); ++i) {
+      float* st = steps[i].data_ptr<float>();
+      if (!skip) *st += 1.0f;
+      in.host_steps[i] = static_cast<double>(*st);
+    }
   }
   run_kernels(in);
   return in.counts;
