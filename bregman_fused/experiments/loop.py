@@ -33,7 +33,7 @@ from ..schedulers import LamdaScheduler
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import history as hist_mod
-from .models import build_model
+from .models import build_model, input_size
 from .parallel import Context, all_reduce_sum, unwrap, wrap
 from .sparsity import sparsity_stats
 
@@ -166,7 +166,8 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
     seed = int(cfg["seed"])
     if splits is None:
         splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
-                               augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"))
+                               augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"),
+                               image_size=input_size(cfg["model"]))
     info, regression = splits.info, splits.info.task == "regression"
 
     torch.manual_seed(seed)
@@ -256,8 +257,12 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
             bar.close()
         loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], ctx)
         train_loss = loss_sum / max(n, 1)
-        val_loss, val_acc = evaluate(model, splits.val, device, regression=regression, max_batches=max_batches)
-        test_loss, test_acc = evaluate(model, splits.test, device, regression=regression, max_batches=max_batches)
+        # evaluated in batches of the training size: --max-batches then bounds the evaluation as it
+        # bounds the epoch (a 1000-image batch through VGG takes seconds on a CPU)
+        val_loss, val_acc = evaluate(model, splits.val, device, regression=regression, batch_size=per_rank,
+                                     max_batches=max_batches)
+        test_loss, test_acc = evaluate(model, splits.test, device, regression=regression, batch_size=per_rank,
+                                       max_batches=max_batches)
         stats = sparsity_stats(model)  # collectives under FSDP: every rank
         regs = opt.evaluate_reg()
         lr_now = float(opt.param_groups[0]["lr"])
