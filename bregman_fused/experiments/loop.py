@@ -40,6 +40,7 @@ from .sparsity import sparsity_stats
 __all__ = ["build_optimizer", "init_weights", "run", "evaluate"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # -- model and optimizer --------------------------------------------------------------------------
@@ -88,7 +89,15 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
 
 
 def init_weights(model: nn.Module, cfg: dict[str, Any], generator: torch.Generator) -> None:
-    """The paper's init: sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
+    """The paper's init: sparse Kaiming-normal weights (scale r), non-negative uniform biases; the
+    BatchNorm shifts set to ``bn_shift``.
+
+    [note: BN shift] A BatchNorm after a conv removes the conv's bias, so the paper's positive biases
+    no longer keep ReLUs open: a channel whose incoming kernels are all zero outputs exactly its
+    shift, 0 by default, where ReLU's gradient is 0, and its kernels never get a gradient, under any
+    optimizer. A positive shift reopens it (and BN's 1/√eps on a constant channel gives its kernels a
+    large gradient, so the Bregman iteration switches them on within a few steps).
+    """
     density = cfg["density"]
     lin = None if cfg["sparse_linear"] == "none" else cfg["sparse_linear"]
     conv = None if cfg["sparse_conv"] == "none" else cfg["sparse_conv"]
@@ -98,6 +107,9 @@ def init_weights(model: nn.Module, cfg: dict[str, Any], generator: torch.Generat
         sparsify_(model, density, linear=lin, conv=None, scale=cfg["init_scale"], generator=generator)
     if conv is not None:
         sparsify_(model, density, linear=None, conv=conv, scale=cfg["init_scale_conv"], generator=generator)
+    for m in model.modules():
+        if isinstance(m, _BATCHNORM) and m.bias is not None:
+            nn.init.constant_(m.bias, cfg["bn_shift"])
 
 
 # -- data -----------------------------------------------------------------------------------------

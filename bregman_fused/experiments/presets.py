@@ -65,6 +65,8 @@ FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "sparse_conv": (_choice("kernel", "elementwise", "none"), "how Conv weights are sparsified at init"),
     "init_scale": (_opt_float, "factor on the Kaiming std of surviving Linear weights (none: 1/sqrt(density))"),
     "init_scale_conv": (_opt_float, "same for Conv weights (none: 1/sqrt(density))"),
+    "bn_shift": (float, "initial shift (bias) of the BatchNorm layers; > 0 keeps a channel with no non-zero incoming "
+                        "kernel trainable (at 0 its ReLU is shut and its kernels never get a gradient)"),
     "epochs": (int, "number of epochs"),
     "batch_size": (int, "global batch size (split over the ranks under torchrun)"),
     "lr_schedule": (_choice("plateau", "none"), "plateau: ReduceLROnPlateau on the training loss (the paper's)"),
@@ -79,7 +81,8 @@ FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
 
 _COMMON = dict(
     lamda_conv=0.0, lamda_skip=0.0, delta=1.0, momentum=0.0, linear_reg="l1", conv_reg="kernel",
-    sparse_linear="elementwise", sparse_conv="kernel", init_scale=None, init_scale_conv=None, batch_size=128,
+    sparse_linear="elementwise", sparse_conv="kernel", init_scale=None, init_scale_conv=None, bn_shift=0.0,
+    batch_size=128,
     lr_schedule="plateau", plateau_factor=0.5, plateau_patience=5, plateau_threshold=0.01, augment=False,
     noise_std=0.05, target_density=None, lamda_step=0.05,
 )
@@ -139,6 +142,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
          "linbreg": dict(lr=0.07, lamda=0.5, lamda_conv=0.5, density=0.01, init_scale=10.0, init_scale_conv=10.0),
          "adabreg": dict(lr=1e-3, lamda=0.5, lamda_conv=0.5, density=0.01, init_scale=10.0, init_scale_conv=10.0),
          "proxsgd": dict(lr=0.07, lamda=1e-4, lamda_conv=1e-4, density=1.0)},
+    ),
+    Preset(
+        "vgg13-mnist5k", "VGG-13 with BatchNorm on mnist5k padded to 32x32 (--dataset cifar10 --download: CIFAR-10)",
+        "linbreg",
+        dict(dataset="mnist5k", model="vgg13", epochs=5, batch_size=64, lr_schedule="none"),
+        {"sgd": dict(_DENSE, lr=0.1),
+         "adam": dict(_DENSE, lr=1e-3),
+         "linbreg": dict(lr=0.1, lamda=0.1, lamda_conv=0.1, density=0.01, init_scale=5.0, init_scale_conv=5.0),
+         "adabreg": dict(lr=1e-3, lamda=0.1, lamda_conv=0.1, density=0.01, init_scale=5.0, init_scale_conv=5.0),
+         "proxsgd": dict(lr=0.1, lamda=1e-4, lamda_conv=1e-4, density=1.0)},
     ),
     Preset(
         "convnet-fashionmnist", "ConvNet (conv 64-64 5x5, FC 1024-128-10) on Fashion-MNIST", "linbreg",
