@@ -53,6 +53,9 @@ def test_presets_carry_the_papers_hyper_parameters():
         ("skip-ae", "group", "row", 0.07, pytest.approx(28 * 0.07))
     dn = resolve("densenet-fashionmnist", None, {})
     assert (dn["model"], dn["lamda_conv"], dn["density"], dn["linear_reg"]) == ("densenet", 0.05, 0.03, "none")
+    vgg = resolve("vgg13-mnist5k", None, {})
+    assert (vgg["model"], vgg["dataset"], vgg["density"], vgg["bn_shift"], resolve("vgg13-mnist5k", "sgd", {})[
+        "bn_shift"]) == ("vgg13", "mnist5k", 0.01, 0.1, 0.0)
     # AdaBreg is Adam-type: no preset gives it an SGD-sized lr (the known reproduction failure)
     for p in PRESETS:
         assert resolve(p, "adabreg", {})["lr"] <= 1e-3

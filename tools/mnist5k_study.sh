@@ -23,6 +23,16 @@ for part in "${@:-vgg mlp convnet}"; do
         # a 10x denser init instead of the shift
         train --preset vgg13-mnist5k --optim linbreg --bn-shift 0 --density 0.1 --init-scale none \
           --init-scale-conv none --out-dir "$OUT/vgg13-shift0-linbreg-density0.1"
+        # seed 1: the 1 % kernel init leaves no channel of the second conv carrying signal (as for 6 of
+        # seeds 0-9; python -m bregman_fused.experiments.signal --preset vgg13-mnist5k --bn-shift 0 --seed 1)
+        train --preset vgg13-mnist5k --optim linbreg --seed 1 --epochs 3 --bn-shift 0 --out-dir "$OUT/vgg13-seed1-shift0"
+        train --preset vgg13-mnist5k --optim linbreg --seed 1 --epochs 3 --bn-shift 0.1 \
+          --out-dir "$OUT/vgg13-seed1-shift0.1"
+        # the sparse runs still rising after 5 epochs: 5 more (resumed exactly where they stopped)
+        train --preset vgg13-mnist5k --optim linbreg --bn-shift 0 --epochs 10 --resume --out-dir "$OUT/vgg13-shift0/linbreg"
+        train --preset vgg13-mnist5k --optim adabreg --bn-shift 0 --epochs 10 --resume --out-dir "$OUT/vgg13-shift0/adabreg"
+        train --preset vgg13-mnist5k --optim adabreg --bn-shift 0.1 --epochs 10 --resume \
+          --out-dir "$OUT/vgg13-shift0.1/adabreg"
         ;;
       *) echo "unknown part: $p (vgg, mlp, convnet)" >&2; exit 2 ;;
     esac
