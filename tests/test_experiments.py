@@ -224,6 +224,10 @@ def test_vgg_models_take_32x32_images():
         assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="32x32"):
         build_model("vgg13", (1, 28, 28), 10)
+    # the same preset on CIFAR-10 (3×32×32, no padding) for users who have the data
+    row = train(parse_args(["--preset", "vgg13-mnist5k", "--dataset", "cifar10", "--fake-data", "16",
+                            "--batch-size", "8", "--max-batches", "1", "--epochs", "1", *FAST]))[-1]
+    assert math.isfinite(row["train_loss"]) and row["conv_kernel_density"] < 0.1
 
 
 def test_bn_shift_keeps_channels_without_kernels_trainable(capsys):
