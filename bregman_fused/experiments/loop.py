@@ -34,13 +34,14 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import history as hist_mod
 from .init_plan import layer_inits
-from .models import build_model
+from .models import build_model, input_size
 from .parallel import Context, all_reduce_sum, unwrap, wrap
 from .sparsity import sparsity_stats
 
 __all__ = ["build_optimizer", "init_weights", "run", "evaluate"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # -- model and optimizer --------------------------------------------------------------------------
@@ -90,13 +91,24 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
 
 def init_weights(model: nn.Module, cfg: dict[str, Any], generator: torch.Generator) -> None:
     """The paper's init, per layer type as ``init_plan.layer_inits`` decides (and ``--help`` prints):
-    sparse Kaiming-normal weights (scale r), non-negative uniform biases."""
+    sparse Kaiming-normal weights (scale r), non-negative uniform biases; the BatchNorm shifts set
+    to ``bn_shift``.
+
+    [note: BN shift] A BatchNorm after a conv removes the conv's bias, so the paper's positive biases
+    no longer keep ReLUs open: a channel whose incoming kernels are all zero outputs exactly its
+    shift, 0 by default, where ReLU's gradient is 0, and its kernels never get a gradient, under any
+    optimizer. A positive shift reopens it (and BN's 1/√eps on a constant channel gives its kernels a
+    large gradient, so the Bregman iteration switches them on within a few steps).
+    """
     plan = layer_inits(cfg)
     linear, conv = plan["linear"], plan["conv"]
     if linear.mode is not None:
         sparsify_(model, linear.density, linear=linear.mode, conv=None, scale=linear.scale, generator=generator)
     if conv.mode is not None:
         sparsify_(model, conv.density, linear=None, conv=conv.mode, scale=conv.scale, generator=generator)
+    for m in model.modules():
+        if isinstance(m, _BATCHNORM) and m.bias is not None:
+            nn.init.constant_(m.bias, cfg["bn_shift"])
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -167,7 +179,8 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
         ckpt.claim_out_dir(cfg["out_dir"], bool(cfg.get("overwrite")), ctx)
     if splits is None:
         splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
-                               augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"))
+                               augment=cfg["augment"], noise_std=cfg["noise_std"], fake_size=cfg.get("fake_data"),
+                               image_size=input_size(cfg["model"]))
     info, regression = splits.info, splits.info.task == "regression"
 
     torch.manual_seed(seed)
@@ -261,8 +274,12 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
             bar.close()
         loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], ctx)
         train_loss = loss_sum / max(n, 1)
-        val_loss, val_acc = evaluate(model, splits.val, device, regression=regression, max_batches=max_batches)
-        test_loss, test_acc = evaluate(model, splits.test, device, regression=regression, max_batches=max_batches)
+        # evaluated in batches of the training size: --max-batches then bounds the evaluation as it
+        # bounds the epoch (a 1000-image batch through VGG takes seconds on a CPU)
+        val_loss, val_acc = evaluate(model, splits.val, device, regression=regression, batch_size=per_rank,
+                                     max_batches=max_batches)
+        test_loss, test_acc = evaluate(model, splits.test, device, regression=regression, batch_size=per_rank,
+                                       max_batches=max_batches)
         stats = sparsity_stats(model)  # collectives under FSDP: every rank
         regs = opt.evaluate_reg()
         lr_now = float(opt.param_groups[0]["lr"])

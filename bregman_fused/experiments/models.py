@@ -3,6 +3,10 @@
 ``MLP``          fully connected, ReLU; 784-200-80-10 on MNIST, 64-200-80-10 on scikit-learn's digits.
 ``ConvNet``      conv 64-64 5×5 + FC 1024-128-10 (the paper's Fashion-MNIST net).
 ``ResNet18``     the usual CIFAR-10 ResNet-18 (3×3 stem, no max-pool, 4 stages of 2 basic blocks).
+``VGG``          VGG-11/13/16 with BatchNorm after every conv, CIFAR-style: 32×32 inputs, five 2×2
+                 max-pools down to 1×1×512, one Linear(512, classes). Convs have no bias (the BN
+                 shift that follows takes its place). MNIST is padded to 32×32 by the data pipeline
+                 (``input_size``).
 ``SkipAutoencoder``  the architecture-search denoiser: ``depth`` Linear(n, n) layers where layer i
                  also adds a learnable weighted sum of *all* earlier outputs (its ``skips`` vector, one
                  scalar per earlier output, initialised to 0). An L1 penalty on the skips lets the
@@ -22,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "ConvNet", "ResNet18", "SkipAutoencoder", "DenseNet", "MODELS", "build_model"]
+__all__ = ["MLP", "ConvNet", "ResNet18", "VGG", "VGG_LAYERS", "SkipAutoencoder", "DenseNet", "MODELS", "build_model",
+           "input_size"]
 
 
 class MLP(nn.Module):
@@ -93,6 +98,36 @@ class ResNet18(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+# output channels of the 3×3 convs, "M" = 2×2 max-pool (Simonyan & Zisserman's configurations A, B, D)
+VGG_LAYERS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """conv3×3 → BatchNorm → ReLU blocks with max-pools (``VGG_LAYERS[name]``), then Linear(512, classes)."""
+
+    def __init__(self, name: str = "vgg13", in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        if name not in VGG_LAYERS:
+            raise ValueError(f"Invalid VGG: {name!r}; expected one of {tuple(VGG_LAYERS)}")
+        layers: list[nn.Module] = []
+        n_in = in_channels
+        for item in VGG_LAYERS[name]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(n_in, int(item), 3, padding=1, bias=False), nn.BatchNorm2d(int(item)), nn.ReLU()]
+                n_in = int(item)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(n_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 class _SkipLayer(nn.Module):
     """out = act(W·x_last + b) + Σ_j skips[j]·x_j over all earlier outputs x_0 … x_last."""
 
@@ -147,7 +182,12 @@ class DenseNet(nn.Module):
         return F.relu(self.fc(out[:, -1].flatten(1)))
 
 
-MODELS = ("mlp", "conv", "resnet18", "skip-ae", "densenet")
+MODELS = ("mlp", "conv", "resnet18", *VGG_LAYERS, "skip-ae", "densenet")
+
+
+def input_size(name: str) -> int | None:
+    """The image size model ``name`` needs, which the data pipeline pads to (None: the data set's own)."""
+    return 32 if name in VGG_LAYERS else None
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -170,4 +210,10 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.M
         return ResNet18(c, num_classes)
     if name == "densenet":
         return DenseNet(c, h, num_classes)
+    if name in VGG_LAYERS:
+        if (h, w) != (32, 32) or num_classes < 1:
+            raise ValueError(f"--model {name} classifies 32x32 images (five 2x2 pools down to 1x1), got {h}x{w} "
+                             f"and {num_classes} classes; MNIST-sized data sets are padded to 32x32 when loaded "
+                             "for it")
+        return VGG(name, c, num_classes)
     raise ValueError(f"Invalid model: {name!r}; expected one of {MODELS}")
