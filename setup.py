@@ -12,7 +12,7 @@ Install with ``pip install --no-build-isolation -e .`` so the build uses the tor
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -81,15 +81,6 @@ class BuildPyWithSources(build_py):
 ext_modules, cmdclass = extensions()
 cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
-setup(
-    name="bregman_fused",
-    version="0.1.0",
-    description="Sparse neural-network training with Bregman iterations (LinBreg, AdaBreg, ProxSGD), fused kernels",
-    packages=find_packages(include=["bregman_fused", "bregman_fused.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "vision": ["torchvision"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["bregman-train=bregman_fused.train:main"]},
-)
+# Name, version (bregman_fused.__version__), dependencies, license and the rest of the metadata are
+# in pyproject.toml; this file only adds what must run code: the compiled extensions.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
