@@ -1,6 +1,7 @@
-"""Packaging and loading of the compiled extension: the sources ship with the package, a binary
-built from other sources than the csrc/ beside it is noticed before import, and the JIT fallback
-builds from the packaged sources of a regular (non-editable) install."""
+"""Building and loading the compiled extension: the build tag (sources, torch, options) a binary
+carries, a binary built from other sources or for another torch noticed before import, the JIT
+fallback's announcement and error, setup.py skipping a build whose binary is current, and the CUDA
+build. The sdist/wheel/install path is in test_packaging.py."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import zipfile
 
 import pytest
 import torch
@@ -183,8 +183,10 @@ def test_a_compiler_error_leads_the_jit_error():
     output = (f"Error building extension 'x': [1/2] {_COMMAND}\nFAILED: ops.o\n{_COMMAND}\nIn file included from "
               "/src/csrc/ops.cpp:3:\n/src/csrc/op_checks.h:12:10: fatal error: missing.h: No such file or directory\n"
               "   12 | #include <missing.h>\ncompilation terminated.\nninja: build stopped: subcommand failed.\n")
-    assert loader._failure_cause(output) == "/src/csrc/op_checks.h:12:10: fatal error: missing.h: No such file or directory"
-    assert loader._failure_cause("Ninja is required to load C++ extensions") == "Ninja is required to load C++ extensions"
+    cause = "/src/csrc/op_checks.h:12:10: fatal error: missing.h: No such file or directory"
+    assert loader._failure_cause(output) == cause
+    no_ninja = "Ninja is required to load C++ extensions"
+    assert loader._failure_cause(no_ninja) == no_ninja
     assert loader._failure_cause("something odd\nlast words") == "last words"
 
 
@@ -231,58 +233,6 @@ def test_setup_py_does_not_rebuild_a_current_extension(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "not rebuilt" in out.stdout and "-DBREGMAN_FUSED_SOURCE_HASH" not in out.stdout + out.stderr
     assert binary.read_bytes() == before
-
-
-# One subprocess: build a wheel without the compiled module, install it into a folder, and use it
-# from there with the editable install's finder removed, so the package and its sources come from
-# the wheel only. First use JIT-builds the extension from bregman_fused/_src/csrc (~20 s on 2 cores).
-_JIT_SCRIPT = textwrap.dedent("""
-    import sys
-    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-    import torch
-    import bregman_fused as bf
-    from bregman_fused import _build
-    from bregman_fused.backends import loader
-    assert bf.__file__.startswith(sys.argv[1]), bf.__file__
-    assert _build.source_root().endswith("_src"), _build.source_root()
-    assert loader.cpu_available(), loader.cpu_error()
-    assert loader._load_cpu().module.__name__ == "bregman_fused_cpu"
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(37, 5)) for _ in range(2)]
-    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    fused = bf.AdaBreg(ps, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="cpu")
-    ref = bf.AdaBreg(qs, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="reference")
-    for _ in range(4):
-        for p, q in zip(ps, qs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fused.step()
-        ref.step()
-    for p, q in zip(ps, qs):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    print("JIT OK")
-""")
-
-
-@pytest.mark.skipif(shutil.which("ninja") is None and not glob.glob(os.path.join(sys.prefix, "bin", "ninja")),
-                    reason="the JIT build needs ninja")
-def test_wheel_ships_the_sources_and_jit_builds_from_them(tmp_path):
-    env = {**os.environ, "BREGMAN_FUSED_BUILD_CPU": "0", "BREGMAN_FUSED_BUILD_CUDA": "0"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
-                    str(tmp_path / "wheel"), ROOT], check=True, env=env, capture_output=True)
-    (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n.split("_src/", 1)[1] for n in names if n.startswith("bregman_fused/_src/"))
-    assert shipped == sorted(os.path.relpath(f, ROOT) for f in _build.source_files(ROOT))
-    assert not any(n.endswith(".so") for n in names)  # BREGMAN_FUSED_BUILD_CPU=0: nothing compiled
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-                    str(target), wheel], check=True, capture_output=True)
-    run_env = {**os.environ, "PYTHONPATH": str(target), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    run_env.pop("BREGMAN_FUSED_NO_JIT", None)
-    out = subprocess.run([sys.executable, "-c", _JIT_SCRIPT, str(target)], env=run_env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "JIT OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 # setup.py's build with the CUDA extension on a machine with nvcc (CI has one, and no GPU): the
