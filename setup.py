@@ -7,12 +7,14 @@ Switches (environment):
   TORCH_CUDA_ARCH_LIST           CUDA archs to build for (e.g. "9.0"), as for any torch extension
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed
-(otherwise pip first copies a multi-GB torch into a throw-away build environment).
+(otherwise pip first copies a multi-GB torch into a throw-away build environment). An extension
+whose binary in bregman_fused/ was built from the same sources, for the same torch, with the same
+options is not compiled again ([note: incremental build] below).
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +61,31 @@ def extensions():
         modules.append(cpu_extension(ROOT))
     if _want_cuda(CUDA_HOME) and glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         modules.append(cuda_extension(ROOT))
-    return modules, ({"build_ext": BuildExtension.with_options(use_ninja=True)} if modules else {})
+    return modules, ({"build_ext": _skipping_current(BuildExtension.with_options(use_ninja=True), build)}
+                     if modules else {})
+
+
+def _skipping_current(build_ext_class, build):
+    """build_ext that does not compile an extension whose binary in the package folder already is
+    what this build would produce: the same build tag (csrc/ digest, torch version, options;
+    _build.py [note: build tag]). [note: incremental build] pip's editable install builds in a new
+    temporary folder every time, so `pip install --no-build-isolation -e .` recompiled everything
+    (~80 s on 2 cores) even right after the same command had built it. Delete bregman_fused/_C*.so
+    to force a build."""
+
+    class BuildExtSkippingCurrent(build_ext_class):
+        def build_extension(self, ext):
+            in_package = os.path.join(ROOT, self.get_ext_filename(ext.name))
+            if not build.binary_is_current(in_package, getattr(ext, "build_tag", None)):
+                return super().build_extension(ext)
+            print(f"bregman_fused: {os.path.relpath(in_package, ROOT)} was built from these sources for this torch "
+                  "with these options: not rebuilt")
+            target = self.get_ext_fullpath(ext.name)  # build_lib: the wheel, or the copy back for an editable install
+            if os.path.abspath(target) != os.path.abspath(in_package):
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(in_package, target)
+
+    return BuildExtSkippingCurrent
 
 
 class BuildPyWithSources(build_py):
@@ -81,15 +107,6 @@ class BuildPyWithSources(build_py):
 ext_modules, cmdclass = extensions()
 cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
-setup(
-    name="bregman_fused",
-    version="0.1.0",
-    description="Sparse neural-network training with Bregman iterations (LinBreg, AdaBreg, ProxSGD), fused kernels",
-    packages=find_packages(include=["bregman_fused", "bregman_fused.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "vision": ["torchvision"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["bregman-train=bregman_fused.train:main"]},
-)
+# Name, version (bregman_fused.__version__), dependencies, license and the rest of the metadata are
+# in pyproject.toml; this file only adds what must run code: the compiled extensions.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

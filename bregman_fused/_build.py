@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+from typing import NamedTuple
 
 CPU_MODULE = "bregman_fused._C"
 CUDA_MODULE = "bregman_fused._C_cuda"
@@ -38,7 +40,7 @@ def source_files(root: str) -> list[str]:
 
 def source_hash(root: str) -> str | None:
     """A short digest of csrc/ (paths and contents); None when there are no sources.
-    [note: stale builds] Compiled into each extension (SOURCE_HASH_MARKER) so that a module built
+    [note: stale builds] Compiled into each extension ([note: build tag]) so that a module built
     from other sources than the ones next to it is noticed before it is imported."""
     import hashlib
 
@@ -50,35 +52,98 @@ def source_hash(root: str) -> str | None:
         digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
         with open(path, "rb") as f:
             digest.update(f.read() + b"\0")
-    return "h" + digest.hexdigest()[:16]  # an identifier: passed as a bare -D token, stringified in C
+    return "h" + digest.hexdigest()[:16]
 
 
-# ops.cpp / ops_cuda.cpp keep "<marker><hash>" as a string in the binary
+# [note: build tag] What a binary records about its build, so that a module that does not fit is
+# noticed before it is imported (importing registers the ops, which cannot be undone):
+#   h<digest of csrc/>t<torch.__version__ as hex>o<digest of the compile options>
+# one identifier, passed as a bare -D token (BREGMAN_FUSED_SOURCE_HASH) and kept in the binary
+# behind SOURCE_HASH_MARKER by csrc/module_init.h, which also exposes it as the module's
+# `source_hash`. Hex keeps the '.' and '+' of a version like 2.14.1+cu130 away from the
+# preprocessor and the shell; the separators h, t, o are not hex digits. The loader compares the
+# sources and the torch version (a module is tied to the torch it was built against); setup.py
+# also compares the options to skip a build whose result is already there.
 SOURCE_HASH_MARKER = b"bregman_fused_source_hash:"
 
 
-def source_hash_flags(root: str) -> list[str]:
+class BuildTag(NamedTuple):  # a NamedTuple: setup.py execs this file outside sys.modules, where dataclasses fail
+    source: str  # "h" + digest of csrc/, as source_hash() returns it
+    torch: str | None  # torch.__version__ at build time; None for a binary built before tags had it
+    options: str | None  # digest of the compile options
+
+
+_TAG = re.compile(r"(h[0-9a-f]+)(?:t([0-9a-f]+))?(?:o([0-9a-f]+))?")
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def options_digest(options: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(options).encode()).hexdigest()[:12]
+
+
+def build_tag(root: str, options: list[str]) -> str | None:
+    """The tag compiled into a binary built now from root/csrc with these options; None without sources."""
     digest = source_hash(root)
-    return [f"-DBREGMAN_FUSED_SOURCE_HASH={digest}"] if digest else []
+    if digest is None:
+        return None
+    return f"{digest}t{torch_version().encode().hex()}o{options_digest(options)}"
 
 
-def built_source_hash(module_file: str) -> str | None:
-    """The source digest compiled into an extension binary, read from the file without importing it
-    (importing registers the ops, which cannot be undone); None for a binary without one."""
+def parse_tag(text: str | None) -> BuildTag | None:
+    match = _TAG.fullmatch(text or "")
+    if match is None:
+        return None
+    torch_hex = match.group(2)
+    try:
+        version = bytes.fromhex(torch_hex).decode() if torch_hex else None
+    except ValueError:  # odd length or not UTF-8: not a version this file wrote
+        version = None
+    return BuildTag(match.group(1), version, match.group(3))
+
+
+def build_tag_flags(root: str, options: list[str]) -> list[str]:
+    tag = build_tag(root, options)
+    return [f"-DBREGMAN_FUSED_SOURCE_HASH={tag}"] if tag else []
+
+
+def built_tag(module_file: str) -> BuildTag | None:
+    """The tag compiled into an extension binary, read from the file without importing it; None
+    for a binary without one."""
     try:
         with open(module_file, "rb") as f:
             data = f.read()
     except OSError:
         return None
     at = data.find(SOURCE_HASH_MARKER)
-    while at >= 0:  # the first marker followed by a digest (the bare marker may be in the file too)
+    while at >= 0:  # the first marker followed by a tag (the bare marker may be in the file too)
         start = end = at + len(SOURCE_HASH_MARKER)
-        while end < len(data) and end - start < 64 and chr(data[end]).isalnum():
+        while end < len(data) and end - start < 256 and chr(data[end]).isalnum():
             end += 1
-        if end > start:
-            return data[start:end].decode()
+        tag = parse_tag(data[start:end].decode())
+        if tag is not None:
+            return tag
         at = data.find(SOURCE_HASH_MARKER, end)
     return None
+
+
+def binary_is_current(module_file: str, tag: str | None) -> bool:
+    """Whether the binary at module_file carries this tag: the same sources, torch and options, so a
+    build now would produce it again (setup.py [note: incremental build])."""
+    wanted = parse_tag(tag)
+    return wanted is not None and wanted.torch is not None and built_tag(module_file) == wanted
+
+
+def built_source_hash(module_file: str) -> str | None:
+    """The digest of the csrc/ an extension binary was built from (see built_tag)."""
+    tag = built_tag(module_file)
+    return tag.source if tag else None
 
 
 def cpu_sources(root: str) -> list[str]:
@@ -208,6 +273,15 @@ def cpu_link_flags() -> list[str]:
     return list(OPENMP_FLAGS)
 
 
+def _compiler_env(*names: str) -> list[str]:
+    return [f"{name}={os.environ.get(name, '')}" for name in ("CC", "CXX") + names]
+
+
+def cpu_build_options() -> list[str]:
+    """What decides the CPU binary besides the sources and torch (the o part of its build tag)."""
+    return cpu_cxx_flags() + cpu_link_flags() + _compiler_env()
+
+
 # No --use_fast_math: it would turn the shared header's divides and sqrt into approximations, flush
 # subnormals and contract into FMAs, so CUDA would round differently from the reference and the CPU
 # kernels (a one-ulp change flips θ between zero and non-zero at the threshold). The kernels are
@@ -216,22 +290,37 @@ def cpu_link_flags() -> list[str]:
 NVCC_FLAGS = ["-O3", cxx_std_flag(), "--fmad=false"]
 
 
+def cuda_build_options() -> list[str]:
+    """What decides the CUDA binary besides the sources and torch (the o part of its build tag)."""
+    return CXX_FLAGS + NVCC_FLAGS + pip_cuda_include_dirs() + _compiler_env("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")
+
+
 def _rel(root, paths):
     return [os.path.relpath(p, root) for p in paths]
+
+
+# Each Extension carries the tag it will compile in (build_tag), so that setup.py can see whether the
+# binary already in the package is exactly what the build would produce.
 
 
 def cpu_extension(root: str):
     from torch.utils.cpp_extension import CppExtension
 
-    return CppExtension(CPU_MODULE, _rel(root, cpu_sources(root)), include_dirs=include_dirs(root),
-                        extra_compile_args={"cxx": cpu_cxx_flags() + source_hash_flags(root)},
-                        extra_link_args=cpu_link_flags())
+    options = cpu_build_options()
+    ext = CppExtension(CPU_MODULE, _rel(root, cpu_sources(root)), include_dirs=include_dirs(root),
+                       extra_compile_args={"cxx": cpu_cxx_flags() + build_tag_flags(root, options)},
+                       extra_link_args=cpu_link_flags())
+    ext.build_tag = build_tag(root, options)
+    return ext
 
 
 def cuda_extension(root: str):
     from torch.utils.cpp_extension import CUDAExtension
 
-    return CUDAExtension(CUDA_MODULE, _rel(root, cuda_sources(root)),
-                         include_dirs=include_dirs(root) + pip_cuda_include_dirs(),
-                         extra_compile_args={"cxx": CXX_FLAGS + source_hash_flags(root),
-                                             "nvcc": NVCC_FLAGS + source_hash_flags(root)})
+    options = cuda_build_options()
+    tag_flags = build_tag_flags(root, options)
+    ext = CUDAExtension(CUDA_MODULE, _rel(root, cuda_sources(root)),
+                        include_dirs=include_dirs(root) + pip_cuda_include_dirs(),
+                        extra_compile_args={"cxx": CXX_FLAGS + tag_flags, "nvcc": NVCC_FLAGS + tag_flags})
+    ext.build_tag = build_tag(root, options)
+    return ext

@@ -1,6 +1,7 @@
-"""Packaging and loading of the compiled extension: the sources ship with the package, a binary
-built from other sources than the csrc/ beside it is noticed before import, and the JIT fallback
-builds from the packaged sources of a regular (non-editable) install."""
+"""Building and loading the compiled extension: the build tag (sources, torch, options) a binary
+carries, a binary built from other sources or for another torch noticed before import, the JIT
+fallback's announcement and error, setup.py skipping a build whose binary is current, and the CUDA
+build. The sdist/wheel/install path is in test_packaging.py."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import zipfile
 
 import pytest
 import torch
@@ -38,11 +38,43 @@ def test_binary_without_a_digest_reads_as_none(tmp_path):
     assert _build.built_source_hash(str(blob)) == "habc123"  # a bare marker before the marked digest
 
 
+def test_build_tag_names_the_sources_the_torch_and_the_options(monkeypatch):
+    tag = _build.build_tag(ROOT, ["-O3", "CXX=g++"])
+    parsed = _build.parse_tag(tag)
+    assert parsed == (_build.source_hash(ROOT), torch.__version__, _build.options_digest(["-O3", "CXX=g++"]))
+    assert tag.isalnum()  # one bare -D token, one identifier in C
+    assert _build.parse_tag(_build.build_tag(ROOT, ["-O2", "CXX=g++"])).options != parsed.options
+    monkeypatch.setattr(torch, "__version__", "2.4.0.dev20240101+cpu")
+    assert _build.parse_tag(_build.build_tag(ROOT, [])).torch == "2.4.0.dev20240101+cpu"
+    assert _build.parse_tag("habc123") == ("habc123", None, None)  # a binary from before the torch check
+    for junk in ("", "nonsense", "habc123t4", "abc"):  # odd hex: no version; no leading h: no tag
+        assert _build.parse_tag(junk) in (None, ("habc123", None, None))
+
+
+def _fake_binary(path, tag):
+    path.write_bytes(b"\0ELF" + _build.SOURCE_HASH_MARKER + b"\0" + _build.SOURCE_HASH_MARKER + tag.encode() + b"\0")
+
+
+def test_a_binary_is_current_only_for_the_same_sources_torch_and_options(tmp_path, monkeypatch):
+    binary = tmp_path / "x.so"
+    tag = _build.build_tag(ROOT, ["-O3"])
+    assert not _build.binary_is_current(str(binary), tag)  # no file
+    _fake_binary(binary, tag)
+    assert _build.binary_is_current(str(binary), tag)
+    assert not _build.binary_is_current(str(binary), _build.build_tag(ROOT, ["-O2"]))
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert not _build.binary_is_current(str(binary), _build.build_tag(ROOT, ["-O3"]))
+    _fake_binary(binary, _build.source_hash(ROOT))  # no torch recorded: never taken as current
+    assert not _build.binary_is_current(str(binary), _build.source_hash(ROOT))
+
+
 @pytest.mark.skipif(not loader.cpu_available(), reason="the C++ extension is not built here")
-def test_loaded_extension_was_built_from_these_sources():
+def test_loaded_extension_was_built_from_these_sources_for_this_torch():
     module = loader._load_cpu().module
-    assert module.source_hash == _build.source_hash(_build.source_root())
-    assert _build.built_source_hash(module.__file__) == module.source_hash
+    tag = _build.parse_tag(module.source_hash)
+    assert tag.source == _build.source_hash(_build.source_root())
+    assert tag.torch == torch.__version__
+    assert _build.built_tag(module.__file__) == tag
 
 
 def test_a_stale_extension_is_not_imported(monkeypatch):
@@ -63,56 +95,144 @@ def test_a_stale_extension_is_not_imported(monkeypatch):
     assert _build.CPU_MODULE not in imported
 
 
-# One subprocess: build a wheel without the compiled module, install it into a folder, and use it
-# from there with the editable install's finder removed, so the package and its sources come from
-# the wheel only. First use JIT-builds the extension from bregman_fused/_src/csrc (~20 s on 2 cores).
-_JIT_SCRIPT = textwrap.dedent("""
-    import sys
-    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-    import torch
-    import bregman_fused as bf
-    from bregman_fused import _build
-    from bregman_fused.backends import loader
-    assert bf.__file__.startswith(sys.argv[1]), bf.__file__
-    assert _build.source_root().endswith("_src"), _build.source_root()
-    assert loader.cpu_available(), loader.cpu_error()
-    assert loader._load_cpu().module.__name__ == "bregman_fused_cpu"
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(37, 5)) for _ in range(2)]
-    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    fused = bf.AdaBreg(ps, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="cpu")
-    ref = bf.AdaBreg(qs, lr=1e-2, reg=bf.GroupL1L2(lamda=0.05), backend="reference")
-    for _ in range(4):
-        for p, q in zip(ps, qs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        fused.step()
-        ref.step()
-    for p, q in zip(ps, qs):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    print("JIT OK")
-""")
+def _installed_cpu_module():
+    import importlib.util
+
+    spec = importlib.util.find_spec(_build.CPU_MODULE)
+    if spec is None or not spec.origin or _build.built_tag(spec.origin) is None:
+        pytest.skip("no installed C++ extension with a build tag")
+    return spec.origin
 
 
-@pytest.mark.skipif(shutil.which("ninja") is None and not glob.glob(os.path.join(sys.prefix, "bin", "ninja")),
-                    reason="the JIT build needs ninja")
-def test_wheel_ships_the_sources_and_jit_builds_from_them(tmp_path):
-    env = {**os.environ, "BREGMAN_FUSED_BUILD_CPU": "0", "BREGMAN_FUSED_BUILD_CUDA": "0"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
-                    str(tmp_path / "wheel"), ROOT], check=True, env=env, capture_output=True)
-    (wheel,) = glob.glob(str(tmp_path / "wheel" / "*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n.split("_src/", 1)[1] for n in names if n.startswith("bregman_fused/_src/"))
-    assert shipped == sorted(os.path.relpath(f, ROOT) for f in _build.source_files(ROOT))
-    assert not any(n.endswith(".so") for n in names)  # BREGMAN_FUSED_BUILD_CPU=0: nothing compiled
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-                    str(target), wheel], check=True, capture_output=True)
-    run_env = {**os.environ, "PYTHONPATH": str(target), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    run_env.pop("BREGMAN_FUSED_NO_JIT", None)
-    out = subprocess.run([sys.executable, "-c", _JIT_SCRIPT, str(target)], env=run_env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "JIT OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+def test_an_extension_built_for_another_torch_is_not_imported(monkeypatch):
+    origin = _installed_cpu_module()
+    built_for = _build.built_tag(origin).torch
+    imported = []
+    real_import = loader.importlib.import_module
+    monkeypatch.setattr(loader.importlib, "import_module",
+                        lambda name, *a, **k: imported.append(name) or real_import(name, *a, **k))
+    monkeypatch.setattr(_build, "torch_version", lambda: "2.99.0+cpu")  # the torch "running" now
+    monkeypatch.setattr(loader, "_cpu", None)
+    monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
+    assert not loader.cpu_available()
+    err = loader.cpu_error()
+    assert f"built for torch {built_for}, but torch 2.99.0+cpu is running" in err, err
+    assert "pip install --no-build-isolation -e ." in err
+    assert _build.CPU_MODULE not in imported
+
+
+def test_an_extension_that_records_no_torch_is_not_imported(monkeypatch):
+    origin = _installed_cpu_module()
+    monkeypatch.setattr(_build, "built_tag", lambda path: _build.BuildTag(_build.source_hash(_build.source_root()),
+                                                                          None, None))
+    monkeypatch.setattr(loader, "_cpu", None)
+    monkeypatch.setenv("BREGMAN_FUSED_NO_JIT", "1")
+    assert not loader.cpu_available()
+    assert f"{origin} was built for a torch it does not record" in loader.cpu_error()
+
+
+def test_a_torch_mismatch_falls_back_to_the_jit_build_with_a_warning(monkeypatch):
+    _installed_cpu_module()
+    if not loader.cpu_available():  # the ops must be registered for the stand-in JIT module below
+        pytest.skip(f"the C++ extension does not load here: {loader.cpu_error()}")
+    jit_module = object()
+    monkeypatch.setattr(loader, "_jit_build", lambda: jit_module)
+    monkeypatch.setattr(_build, "torch_version", lambda: "2.99.0+cpu")
+    monkeypatch.setattr(loader, "_cpu", None)
+    monkeypatch.delenv("BREGMAN_FUSED_NO_JIT", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"using a JIT build .*built for torch .*2\.99\.0\+cpu is running"):
+        assert loader.cpu_available()
+    assert loader._load_cpu().module is jit_module
+
+
+# torch's message when ninja fails: every command echoed in full (~1,000 characters each) before the
+# compiler's or the shell's own words
+_COMMAND = ("c++ -MMD -MF ops.o.d -DTORCH_EXTENSION_NAME=bregman_fused_cpu -DTORCH_API_INCLUDE_EXTENSION_H "
+            + " ".join(f"-isystem /site-packages/torch/include/part{i}" for i in range(20))
+            + " -fPIC -std=c++20 -O3 -ffp-contract=off -fopenmp -mavx2 -mfma -mf16c -c /src/csrc/ops.cpp -o ops.o")
+_NINJA_FAILURE = (f"Error building extension 'bregman_fused_cpu': [1/7] {_COMMAND}\nFAILED: [code=127] ops.o \n"
+                  f"{_COMMAND}\n/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n")
+
+
+def _jit_path_only(monkeypatch, tmp_path, load):
+    """Loader state as on a machine without the compiled module; torch's load replaced by `load`."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(_build, "CPU_MODULE", "bregman_fused._not_built_here")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    monkeypatch.setattr(loader, "_cpu", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("BREGMAN_FUSED_NO_JIT", raising=False)
+
+
+def test_a_failed_jit_build_says_so_beforehand_and_names_the_cause_first(monkeypatch, tmp_path, capsys):
+    def failing_load(**kwargs):
+        raise RuntimeError(_NINJA_FAILURE)
+
+    _jit_path_only(monkeypatch, tmp_path, failing_load)
+    assert len(_COMMAND) > 1000
+    assert not loader.cpu_available()
+    announced = capsys.readouterr().err
+    assert "bregman_fused: building the C++ extension, about a minute, once" in announced
+    err = loader.cpu_error()
+    assert err.startswith("JIT build failed: /bin/sh: 1: c++: not found;"), err[:300]
+    assert "import bregman_fused._not_built_here failed" in err and _COMMAND in err  # the rest follows
+
+
+def test_a_compiler_error_leads_the_jit_error():
+    output = (f"Error building extension 'x': [1/2] {_COMMAND}\nFAILED: ops.o\n{_COMMAND}\nIn file included from "
+              "/src/csrc/ops.cpp:3:\n/src/csrc/op_checks.h:12:10: fatal error: missing.h: No such file or directory\n"
+              "   12 | #include <missing.h>\ncompilation terminated.\nninja: build stopped: subcommand failed.\n")
+    cause = "/src/csrc/op_checks.h:12:10: fatal error: missing.h: No such file or directory"
+    assert loader._failure_cause(output) == cause
+    no_ninja = "Ninja is required to load C++ extensions"
+    assert loader._failure_cause(no_ninja) == no_ninja
+    assert loader._failure_cause("something odd\nlast words") == "last words"
+
+
+def test_a_cached_jit_build_is_not_announced(monkeypatch, tmp_path, capsys):
+    calls = []
+    _jit_path_only(monkeypatch, tmp_path, lambda **kwargs: calls.append(kwargs) or object())
+    loader.cpu_available()  # the first time: announced
+    assert "building the C++ extension" in capsys.readouterr().err
+    build_dir = loader._jit_build_dir()
+    assert build_dir == str(tmp_path / "ext" / loader.JIT_NAME)
+    (tmp_path / "ext" / loader.JIT_NAME / f"{loader.JIT_NAME}.so").write_bytes(b"")  # what a finished build leaves
+    (tmp_path / "ext" / loader.JIT_NAME / "build.ninja").write_text(
+        " ".join(calls[0]["sources"] + calls[0]["extra_cflags"]))
+    monkeypatch.setattr(loader, "_cpu", None)
+    loader.cpu_available()
+    assert "building the C++ extension" not in capsys.readouterr().err
+    assert len(calls) == 2  # load() still runs: it imports the cached build
+
+
+def _copy_tree(tree):
+    """setup.py's view of this checkout, without built binaries."""
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
+    shutil.copytree(os.path.join(ROOT, "bregman_fused"), tree / "bregman_fused",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_src"))
+
+
+def test_setup_py_does_not_rebuild_a_current_extension(tmp_path):
+    """[note: incremental build]: a binary in the package folder that carries the tag this build would
+    compile in is reused (here a stand-in file: were it compiled, the test would take a minute and
+    the file would change)."""
+    import sysconfig
+
+    tree = tmp_path / "tree"
+    _copy_tree(tree)
+    binary = tree / "bregman_fused" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    _fake_binary(binary, _build.build_tag(str(tree), _build.cpu_build_options()))
+    before = binary.read_bytes()
+    env = {**os.environ, "BREGMAN_FUSED_BUILD_CUDA": "0"}
+    out = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "not rebuilt" in out.stdout and "-DBREGMAN_FUSED_SOURCE_HASH" not in out.stdout + out.stderr
+    assert binary.read_bytes() == before
 
 
 # setup.py's build with the CUDA extension on a machine with nvcc (CI has one, and no GPU): the
@@ -137,12 +257,7 @@ _CUDA_LOAD_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc on PATH (a CUDA toolkit)")
 def test_setup_py_builds_the_cuda_extension(tmp_path):
     tree = tmp_path / "tree"
-    tree.mkdir()
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy(os.path.join(ROOT, name), tree / name)
-    shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
-    shutil.copytree(os.path.join(ROOT, "bregman_fused"), tree / "bregman_fused",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_src"))
+    _copy_tree(tree)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
     env.update(BREGMAN_FUSED_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="9.0",
                MAX_JOBS=str(os.cpu_count() or 2))
