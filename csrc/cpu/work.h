@@ -18,13 +18,14 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 template <typename T>
 struct TensorWork {
   void* theta = nullptr;        // param data, in the param dtype
-  const void* grad = nullptr;   // grad data, in the param dtype
+  const void* grad = nullptr;   // grad data, in the grad dtype of the kernel variant (run_fused_step)
   T* v = nullptr;               // dual
   T* m = nullptr;               // momentum buffer / exp_avg
   T* s = nullptr;               // exp_avg_sq
   int64_t numel = 0;
   int64_t n = 1;                // row length (row regularizers), 1 otherwise
   StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)
+  int64_t index = 0;            // its position in the op's lists: where its non-zeros are counted
 };
 
 template <typename T>
@@ -36,8 +37,10 @@ struct Work {
   std::vector<TensorWork<T>> tensors;
 };
 
-// Runs the step on every tensor of `w`; counts[i] = non-zeros of the new θ of tensor i.
-template <typename scalar_t>
+// Runs the step on every tensor of `w`, whose grads are all of grad_t: the param dtype, or the
+// compute type (float grads of bf16/fp16 params, csrc/grad_dtypes.h [note: grad dtypes]).
+// counts[w.tensors[k].index] = non-zeros of the new θ of tensor k.
+template <typename scalar_t, typename grad_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts);
 
 }  // namespace bregman::cpu
