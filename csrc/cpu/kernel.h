@@ -140,7 +140,7 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     if (w.stream) _mm_sfence();  // order the non-temporal stores before the join
 #endif
   });
-  for (size_t c = 0; c < chunks.size(); ++c) counts[w.tensors[chunks[c].tensor].index] += chunk_nnz[c];
+  for (size_t c = 0; c < chunks.size(); ++c) counts[w.op_index[chunks[c].tensor]] += chunk_nnz[c];
 }
 
 template <typename scalar_t, typename grad_t, Kind K, bool MOM>

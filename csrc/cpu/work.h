@@ -25,7 +25,6 @@ struct TensorWork {
   int64_t numel = 0;
   int64_t n = 1;                // row length (row regularizers), 1 otherwise
   StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)
-  int64_t index = 0;            // its position in the op's lists: where its non-zeros are counted
 };
 
 template <typename T>
@@ -35,11 +34,12 @@ struct Work {
   bool has_scale = false;       // divide grads by `scale` (AMP)
   T scale = T(1);
   std::vector<TensorWork<T>> tensors;
+  std::vector<int64_t> op_index;  // op_index[k]: tensor k's position in the op's lists (its count)
 };
 
 // Runs the step on every tensor of `w`, whose grads are all of grad_t: the param dtype, or the
 // compute type (float grads of bf16/fp16 params, csrc/grad_dtypes.h [note: grad dtypes]).
-// counts[w.tensors[k].index] = non-zeros of the new θ of tensor k.
+// counts[w.op_index[k]] += non-zeros of the new θ of tensor k.
 template <typename scalar_t, typename grad_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts);
 
