@@ -20,6 +20,7 @@
 
 #include "bregman_math.h"
 #include "flat_layout.h"
+#include "grad_dtypes.h"
 #include "step_tensors.h"
 
 namespace bregman {
@@ -43,10 +44,6 @@ std::string code_list(Code last, NameOf name_of) {
     out += std::to_string(c) + " (" + name_of(static_cast<Code>(c)) + ")";
   }
   return out;
-}
-
-inline at::ScalarType state_dtype(at::ScalarType param_dtype) {
-  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace op_checks_detail
@@ -123,6 +120,16 @@ inline void check_tensor(const OpBoundary& b, const char* name, size_t i, const 
               t.strides());
 }
 
+// grads[i]: like its param but in any of the param dtypes, whatever its param's (read as the
+// reference's grads[i].to(state dtype), csrc/grad_dtypes.h [note: grad dtypes]).
+inline void check_grad(const OpBoundary& b, size_t i, const at::Tensor& g, const at::Device& device,
+                       const at::Tensor& param) {
+  TORCH_CHECK(g.defined(), b.op, ": grads[", i, "] is undefined");
+  TORCH_CHECK(is_param_dtype(g.scalar_type()), b.op, ": grads[", i, "] must have dtype float32, float64, bfloat16 "
+              "or float16 (any of them, whatever params[", i, "]'s), got ", g.scalar_type());
+  check_tensor(b, "grads", i, g, g.scalar_type(), device, &param, "");
+}
+
 // params[0] decides the device and dtype of the call; every param must share them.
 inline void check_params(const OpBoundary& b, const StepTensors& t) {
   const at::Tensor& first = t.params[0];
@@ -130,8 +137,8 @@ inline void check_params(const OpBoundary& b, const StepTensors& t) {
   TORCH_CHECK(first.device().type() == b.device_type, b.op, ": params[0] must be a ",
               c10::DeviceTypeName(b.device_type), " tensor, got one on ", first.device());
   const at::ScalarType dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, b.op,
-              ": params[0] has dtype ", dtype, "; supported: float32, float64, bfloat16, float16");
+  TORCH_CHECK(is_param_dtype(dtype), b.op, ": params[0] has dtype ", dtype,
+              "; supported: float32, float64, bfloat16, float16");
   for (size_t i = 0; i < t.size(); ++i) {
     check_tensor(b, "params", i, t.params[i], dtype, first.device(), nullptr,
                  "all params of one call share params[0]'s dtype");
@@ -163,14 +170,12 @@ inline void check_step_tensors(const OpBoundary& b, const StepHyper& h, const St
   check_params(b, t);
   const at::Device device = t.params[0].device();
   const at::ScalarType dtype = t.params[0].scalar_type();
-  for (size_t i = 0; i < t.size(); ++i) {
-    check_tensor(b, "grads", i, t.grads[i], dtype, device, &t.params[i], "grads have their param's dtype");
-  }
+  for (size_t i = 0; i < t.size(); ++i) check_grad(b, i, t.grads[i], device, t.params[i]);
   check_group_sizes(b, h.reg, t);
-  const at::ScalarType state_dtype = op_checks_detail::state_dtype(dtype);
+  const at::ScalarType states_dtype = state_dtype(dtype);
   auto check_states = [&](const char* name, at::TensorList list) {
     for (size_t i = 0; i < list.size(); ++i) {
-      check_tensor(b, name, i, list[i], state_dtype, device, &t.params[i],
+      check_tensor(b, name, i, list[i], states_dtype, device, &t.params[i],
                    "optimizer states are float32, float64 for float64 params");
     }
   };

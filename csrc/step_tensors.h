@@ -13,7 +13,7 @@ namespace bregman {
 
 struct StepTensors {
   at::TensorList params;       // θ, updated in place
-  at::TensorList grads;        // in the params' dtype
+  at::TensorList grads;        // in any of the param dtypes (csrc/grad_dtypes.h)
   at::TensorList duals;        // v (none for ProxSGD)
   at::TensorList exp_avgs;     // momentum buffers (LinBreg, may be empty) or exp_avg (AdaBreg)
   at::TensorList exp_avg_sqs;  // AdaBreg only

@@ -279,7 +279,10 @@ def _call(args):
                         exp_avg_sqs=[a["exp_avg_sqs"][0], torch.zeros(3, 2).t()]),
      "params[1] with strides [1, 2] does not hold its groups of 3 elements as consecutive memory"),
     (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(5, dtype=torch.float64)), "exp_avgs[0] must have dtype Float"),
-    (lambda a: a["grads"].__setitem__(1, torch.zeros(2, 3, dtype=torch.float64)), "grads[1] must have dtype Float"),
+    # grads of any param dtype are read (test_shared_behaviour.py), other dtypes are refused
+    (lambda a: a["grads"].__setitem__(1, torch.zeros(2, 3, dtype=torch.int32)),
+     "grads[1] must have dtype float32, float64, bfloat16 or float16 (any of them, whatever params[1]'s), got Int"),
+    (lambda a: a["grads"].__setitem__(0, torch.zeros(5, dtype=torch.float8_e4m3fn)), "grads[0] must have dtype float32"),
     (lambda a: a["params"].__setitem__(1, torch.zeros(2, 3, dtype=torch.float64)), "params[1] must have dtype Float"),
     (lambda a: a["params"].__setitem__(0, torch.zeros(5, dtype=torch.int32)), "params[0] has dtype Int"),
     (lambda a: a["duals"].__setitem__(1, torch.zeros(3, 2)), "duals[1] has shape [3, 2] but params[1] has shape [2, 3]"),

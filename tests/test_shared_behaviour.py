@@ -1,7 +1,7 @@
 """Behaviour every backend shares, run over every backend that can run here: the reference, the
 C++ cpu backend, Triton (interpreter on the CPU; compiled on a GPU) and the CUDA backend on a GPU.
-AMP (found_inf, grad_scale, a GradScaler loop), mixed dtypes in one group, non-zero counts of the
-stored θ, and checkpoints that move between backends."""
+AMP (found_inf, grad_scale, a GradScaler loop), mixed dtypes in one group, grads in another dtype
+than their param, non-zero counts of the stored θ, and checkpoints that move between backends."""
 from __future__ import annotations
 
 import io
@@ -195,6 +195,102 @@ def test_counts_see_the_stored_dtype(backend, device, n):
     counts = backend_step(backend, "linbreg", [p], [g], [v], [], [], [torch.zeros(())], lr=0.0, reg=bf.NoReg())
     assert p.tolist() == ([0.0, 1.0, 0.0, 0.0] * 10)[:n]
     assert counts.tolist() == [int(torch.count_nonzero(p))]
+
+
+# ---- grads in another dtype than their param (mixed-precision training) ---------------------------
+def _run_grad_dtypes(opt_name, reg_name, thetas, grads, backend, param_dtypes, grad_dtypes, num_steps=3):
+    """The optimizer on params of ``param_dtypes`` whose grads have ``grad_dtypes``: torch's .grad
+    setter refuses a grad of another dtype unless ``param.grad_dtype`` names it (torch >= 2.9)."""
+    cls, hyper = OPTIMIZERS[opt_name]
+    params = [torch.nn.Parameter(t.to(d).clone()) for t, d in zip(thetas, param_dtypes)]
+    for p, gd in zip(params, grad_dtypes):
+        p.grad_dtype = gd
+    opt = cls([{"params": params, "reg": REGULARIZERS[reg_name][0]()}], backend=backend, **hyper)
+    for k in range(num_steps):
+        for p, g, gd in zip(params, grads, grad_dtypes):
+            p.grad = g[k].to(gd)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("reg_name", ["l1", "sparse_group"])
+def test_float32_grads_of_bf16_and_fp16_params(backend, device, opt_name, reg_name):
+    """Mixed-precision training keeps float32 grads of bf16/fp16 params (Tensor.grad_dtype). Every
+    backend reads a grad as the reference does, grads[i].to(state dtype): params and every state
+    within the reference's own error of a float64 run fed the same grad values, in one group (one
+    bucket per param dtype) that also holds grads of their param's dtype."""
+    shapes = [(37, 5), (1023,), (3, 4, 3, 3), (4, 9), (2, 3, 5)]
+    param_dtypes = [torch.bfloat16, torch.float16, torch.bfloat16, torch.float16, torch.bfloat16]
+    grad_dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    thetas, grads = _inputs(shapes, 3, device=device)
+    got, got_opt = _run_grad_dtypes(opt_name, reg_name, thetas, grads, backend, param_dtypes, grad_dtypes)
+    ref, ref_opt = _run_grad_dtypes(opt_name, reg_name, thetas, grads, "reference", param_dtypes, grad_dtypes)
+    r64, r64_opt = _run_grad_dtypes(opt_name, reg_name, thetas, [[g.to(gd) for g in gs] for gs, gd in
+                                                                  zip(grads, grad_dtypes)],
+                                    "reference", [torch.float64] * len(shapes), [torch.float64] * len(shapes))
+    for i, (p, rp, q) in enumerate(zip(got, ref, r64)):
+        assert p.dtype == param_dtypes[i] and p.grad.dtype == grad_dtypes[i]
+        tol = tolerance(rp.detach(), q.detach(), p.dtype)
+        err = (p.detach().double() - q.detach()).abs().max().item()
+        assert err <= tol, f"params[{i}] {p.dtype} with {grad_dtypes[i]} grads: θ off by {err:.3g} > {tol:.3g}"
+        state, ref_state, r64_state = got_opt.state[p], ref_opt.state[rp], r64_opt.state[q]
+        assert set(state) == set(ref_state)
+        for key, value in state.items():
+            if key == "step":
+                assert float(value) == float(ref_state[key]) == 3
+                continue
+            assert value.dtype == state_dtype(p) == ref_state[key].dtype, key
+            tol = tolerance(ref_state[key], r64_state[key], value.dtype)
+            err = (value.double() - r64_state[key]).abs().max().item()
+            assert err <= tol, f"params[{i}] {p.dtype} with {grad_dtypes[i]} grads: {key} off by {err:.3g} > {tol:.3g}"
+    assert got_opt.density() == pytest.approx(sum(int(torch.count_nonzero(p)) for p in got)
+                                              / sum(p.numel() for p in got))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["linbreg", "adabreg", "proxsgd"])
+@pytest.mark.parametrize("reg", [bf.L1(0.25), bf.SparseGroupL1L2(0.1, 0.05)], ids=["l1", "sparse_group"])
+def test_grad_dtypes_read_exactly(backend, device, kind, reg):
+    """A grad is read as grads[i].to(state dtype), whichever dtype it comes in, so one call whose
+    bf16 params have grads in float32, bfloat16, float16 and float64 steps exactly like the same
+    params with all grads given as float32, and updates the states exactly like float32 copies of
+    the params (θ one bf16 rounding apart). Rows of 9000 pass the CPU kernel's row scratch buffer
+    (its two-sweep path re-reads the grads)."""
+    shapes = [(37,), (13, 7), (2, 9000), (4, 2, 3, 3), (1023,), (5, 5)]
+    grad_dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    gen = torch.Generator().manual_seed(5)
+    thetas = [(torch.randn(s, generator=gen) * 0.5).to(device, torch.bfloat16) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(device, gd) for s, gd in zip(shapes, grad_dtypes)]
+             for _ in range(3)]
+    hyper = dict(lr=0.1, beta1=0.8, beta2=0.95, eps=1e-6, delta=1.1) if kind != "proxsgd" else dict(lr=0.1)
+    if kind == "adabreg":
+        hyper["lr"] = 0.05
+
+    def make(dtype):
+        params = [t.to(dtype).clone() for t in thetas]
+        duals = [t.float() / 1.1 + reg.subgradient(t.float()) for t in thetas] if kind != "proxsgd" else []
+        moments = [torch.zeros_like(t, dtype=torch.float32) for t in thetas]
+        ms = moments if kind != "proxsgd" else []
+        ss = [m.clone() for m in moments] if kind == "adabreg" else []
+        return params, duals, ms, ss, [torch.zeros(()) for _ in thetas]
+
+    mixed, as_float, twin = make(torch.bfloat16), make(torch.bfloat16), make(torch.float32)
+    for k in range(3):
+        counts = backend_step(backend, kind, mixed[0], grads[k], *mixed[1:], reg=reg, **hyper)
+        float_grads = [g.float() for g in grads[k]]
+        float_counts = backend_step(backend, kind, as_float[0], float_grads, *as_float[1:], reg=reg, **hyper)
+        backend_step(backend, kind, twin[0], float_grads, *twin[1:], reg=reg, **hyper)
+        assert torch.equal(counts, float_counts)
+        assert counts.tolist() == [int(torch.count_nonzero(p)) for p in mixed[0]]
+        for got, want in zip(mixed, as_float):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for got, want in zip(mixed[1:], twin[1:]):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for p, t in zip(mixed[0], twin[0]):  # one rounding apart (not necessarily torch's: the Triton interpreter's)
+            torch.testing.assert_close(p.float(), t, rtol=torch.finfo(p.dtype).eps, atol=0)
+            t.copy_(p)  # the twin goes on from the rounded θ (ProxSGD reads θ)
 
 
 # ---- checkpoints move between backends ----------------------------------------------------------

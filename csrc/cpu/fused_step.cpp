@@ -1,5 +1,6 @@
 // bregman_fused::fused_step on CPU tensors: argument checks at the boundary (csrc/op_checks.h),
-// the per-tensor step counts added, then one call of the multi-tensor kernel (kernel.h) for the whole bucket.
+// the per-tensor step counts added, then one call of the multi-tensor kernel (kernel.h) for the whole
+// bucket (two when it mixes grads in the param dtype with float grads, csrc/grad_dtypes.h).
 #include "fused_step.h"
 
 #include <ATen/core/Tensor.h>
@@ -9,8 +10,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "grad_dtypes.h"
 #include "op_checks.h"
 #include "work.h"
 
@@ -39,15 +42,22 @@ template <typename scalar_t>
 void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<double>& step_values,
             const std::optional<at::Tensor>& grad_scale, int64_t* counts) {
   using T = opmath_t<scalar_t>;
-  Work<T> w;
-  w.hyper = hyper;
-  w.has_scale = grad_scale.has_value();
-  // the reference divides by grad_scale.to(state dtype): one rounding of the scale to T
-  w.scale = w.has_scale ? static_cast<T>(grad_scale->item<double>()) : T(1);
+  // one kernel variant per grad dtype: grads in the param dtype (the usual case, one pass over the
+  // whole bucket), and float grads of bf16/fp16 params (csrc/grad_dtypes.h [note: grad dtypes])
+  Work<T> same;
+  Work<T> wide;
+  for (Work<T>* w : {&same, &wide}) {
+    w->hyper = hyper;
+    w->has_scale = grad_scale.has_value();
+    // the reference divides by grad_scale.to(state dtype): one rounding of the scale to T
+    w->scale = w->has_scale ? static_cast<T>(grad_scale->item<double>()) : T(1);
+  }
+  same.tensors.reserve(t.size());
+  same.op_index.reserve(t.size());
+  const at::ScalarType param_dtype = t.params[0].scalar_type();
   int64_t theta_bytes = 0;
-  w.tensors.resize(t.size());
   for (size_t i = 0; i < t.size(); ++i) {
-    auto& tw = w.tensors[i];
+    TensorWork<T> tw;
     tw.theta = t.params[i].data_ptr();
     tw.grad = t.grads[i].data_ptr();
     if (!t.duals.empty()) tw.v = t.duals[i].data_ptr<T>();
@@ -57,11 +67,19 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
     tw.n = is_row_reg(hyper.reg) ? t.group_sizes[i] : 1;
     tw.hp = make_step_params<T>(hyper, step_values[i], tw.n);
     theta_bytes += tw.numel * static_cast<int64_t>(sizeof(scalar_t));
+    Work<T>& w = t.grads[i].scalar_type() == param_dtype ? same : wide;
+    w.tensors.push_back(tw);
+    w.op_index.push_back(static_cast<int64_t>(i));
   }
   // ProxSGD reads θ before writing it: its lines are in cache already, and a non-temporal store
   // would only evict them (measured: ~25 % slower on a 64 M-element fp32 list)
-  w.stream = hyper.kind != Kind::ProxSGD && use_streaming_stores(theta_bytes);
-  run_fused_step<scalar_t>(w, counts);
+  same.stream = wide.stream = hyper.kind != Kind::ProxSGD && use_streaming_stores(theta_bytes);
+  if (!same.tensors.empty()) run_fused_step<scalar_t, scalar_t>(same, counts);
+  if constexpr (!std::is_same_v<scalar_t, T>) {
+    if (!wide.tensors.empty()) run_fused_step<scalar_t, T>(wide, counts);
+  } else {
+    TORCH_INTERNAL_ASSERT(wide.tensors.empty(), "grads in the state dtype of a float32/float64 param are its dtype");
+  }
 }
 
 }  // namespace
@@ -72,14 +90,17 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
                       double delta, int64_t reg, double lamda_l1, double lamda_group,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   // ---- checks: nothing is touched before all of them pass -------------------------------------
-  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
-  const StepHyper hyper = make_step_hyper(kOp, kind, reg, t, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
-  check_step_tensors(kOp, hyper, t);
+  const StepTensors checked{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  const StepHyper hyper =
+      make_step_hyper(kOp, kind, reg, checked, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
+  check_step_tensors(kOp, hyper, checked);
   const at::Device cpu(at::kCPU);
-  for (size_t i = 0; i < t.size(); ++i) check_step_count(kOp, i, steps[i], cpu, "the CPU op counts steps on the host");
+  for (size_t i = 0; i < checked.size(); ++i) {
+    check_step_count(kOp, i, steps[i], cpu, "the CPU op counts steps on the host");
+  }
   check_scalar_tensor(kOp, "grad_scale", grad_scale, cpu, is_floating, "floating-point");
   check_scalar_tensor(kOp, "found_inf", found_inf, cpu, is_floating, "floating-point");
-  const size_t n = t.size();
+  const size_t n = checked.size();
   if (n == 0) return at::zeros({0}, at::kLong);
 
   at::Tensor counts = at::zeros({static_cast<int64_t>(n)}, at::kLong);
@@ -92,6 +113,10 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
     for (size_t i = 0; i < n; ++i) counts_ptr[i] = params[i].count_nonzero().item<int64_t>();
     return counts;
   }
+
+  // grads of a dtype the kernels do not read are converted first (csrc/grad_dtypes.h)
+  std::vector<at::Tensor> converted_grads;
+  const StepTensors t = with_kernel_grads(checked, converted_grads);
 
   // the step counters live on the CPU: the op adds one to each, after every check passed (from
   // Python this add costs µs per 0-dim tensor; bregman_fused/backends/contract.py [note: who adds])

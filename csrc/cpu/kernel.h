@@ -7,8 +7,9 @@
 // (element-wise maps: sweep.h's ThetaSink; row maps: row_maps.h), and counts the non-zeros of θ as
 // it writes them. One call = one pass over every tensor of the bucket.
 //
-// Instantiated once per parameter dtype in kernel_<dtype>.cpp (four small translation units
-// that compile in parallel).
+// Instantiated once per (parameter dtype, grad dtype) pair in kernel_<dtype>.cpp: each param dtype
+// with grads of its own dtype, and bf16/fp16 params with float32 grads (kernel_<dtype>_float_grad.cpp;
+// csrc/grad_dtypes.h [note: grad dtypes]). Six small translation units that compile in parallel.
 #pragma once
 
 #include "simd_memory.h"  // first: see there
@@ -40,14 +41,14 @@ constexpr int64_t kParallelGrain = 32768;
 
 // One chunk [b, e) of tensor t (whole rows for the row maps); returns the non-zeros written.
 // u, factor, row_f: kScratch elements each of per-thread scratch.
-template <typename scalar_t, Kind K, bool MOM, Reg R>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R>
 int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<scalar_t>>& t, int64_t b,
                   int64_t e, opmath_t<scalar_t>* u, opmath_t<scalar_t>* factor, opmath_t<scalar_t>* row_f) {
   using T = opmath_t<scalar_t>;
   scalar_t* theta = static_cast<scalar_t*>(t.theta);
   if constexpr (!is_row_reg(R)) {
     ThetaSink<scalar_t, R> sink{theta, t.hp, w.stream};
-    sweep<scalar_t, K, MOM>(t, b, e, w.has_scale, w.scale, sink);
+    sweep<scalar_t, grad_t, K, MOM>(t, b, e, w.has_scale, w.scale, sink);
     return sink.total();
   } else {
     const int64_t n = t.n;
@@ -62,7 +63,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         const int64_t ge = std::min(e, gb + rows_per_group * n);
         const int64_t rows = (ge - gb) / n;
         ScratchSink<scalar_t, R> sink{u, gb, t.hp};
-        sweep<scalar_t, K, MOM>(t, gb, ge, w.has_scale, w.scale, sink);
+        sweep<scalar_t, grad_t, K, MOM>(t, gb, ge, w.has_scale, w.scale, sink);
         row_sums(u, rows, n, row_f);
         row_factors(row_f, rows, t.hp.thr_row);
         const T* f = row_f;
@@ -79,10 +80,10 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
       for (int64_t bb = b; bb < e; bb += kScratch) {
         const int64_t be = std::min(e, bb + kScratch);
         if constexpr (K == Kind::ProxSGD) {
-          recompute_u<scalar_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
+          recompute_u<scalar_t, grad_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
         } else {
           ScratchSink<scalar_t, R> sink{u, bb, t.hp};
-          sweep<scalar_t, K, MOM>(t, bb, be, w.has_scale, w.scale, sink);
+          sweep<scalar_t, grad_t, K, MOM>(t, bb, be, w.has_scale, w.scale, sink);
         }
         sum_sq += static_cast<double>(sum_squares(u, be - bb));
       }
@@ -90,7 +91,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
       std::fill(factor, factor + kScratch, f);
       for (int64_t bb = b; bb < e; bb += kScratch) {
         const int64_t be = std::min(e, bb + kScratch);
-        recompute_u<scalar_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
+        recompute_u<scalar_t, grad_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
         nnz += write_rows<scalar_t>(theta, bb, be - bb, u, factor, t.hp, w.stream);
       }
     }
@@ -104,7 +105,7 @@ struct Chunk {
   int64_t end;
 };
 
-template <typename scalar_t, Kind K, bool MOM, Reg R>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R>
 void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   using T = opmath_t<scalar_t>;
   // work list: element-wise maps in kChunk pieces, row maps in whole rows of ~kChunk elements
@@ -132,39 +133,39 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     if (is_row_reg(R)) scratch.resize(3 * kScratch);
     for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {
       const Chunk& ch = chunks[c];
-      chunk_nnz[c] = run_chunk<scalar_t, K, MOM, R>(w, w.tensors[ch.tensor], ch.begin, ch.end, scratch.data(),
-                                                     scratch.data() + kScratch, scratch.data() + 2 * kScratch);
+      chunk_nnz[c] = run_chunk<scalar_t, grad_t, K, MOM, R>(w, w.tensors[ch.tensor], ch.begin, ch.end, scratch.data(),
+                                                             scratch.data() + kScratch, scratch.data() + 2 * kScratch);
     }
 #if defined(CPU_CAPABILITY_AVX2)
     if (w.stream) _mm_sfence();  // order the non-temporal stores before the join
 #endif
   });
-  for (size_t c = 0; c < chunks.size(); ++c) counts[chunks[c].tensor] += chunk_nnz[c];
+  for (size_t c = 0; c < chunks.size(); ++c) counts[w.op_index[chunks[c].tensor]] += chunk_nnz[c];
 }
 
-template <typename scalar_t, Kind K, bool MOM>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM>
 void dispatch_reg(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   switch (w.hyper.reg) {
-    case Reg::None: return run_all<scalar_t, K, MOM, Reg::None>(w, counts);
-    case Reg::L1: return run_all<scalar_t, K, MOM, Reg::L1>(w, counts);
-    case Reg::L1Pos: return run_all<scalar_t, K, MOM, Reg::L1Pos>(w, counts);
-    case Reg::Group: return run_all<scalar_t, K, MOM, Reg::Group>(w, counts);
-    case Reg::SparseGroup: return run_all<scalar_t, K, MOM, Reg::SparseGroup>(w, counts);
+    case Reg::None: return run_all<scalar_t, grad_t, K, MOM, Reg::None>(w, counts);
+    case Reg::L1: return run_all<scalar_t, grad_t, K, MOM, Reg::L1>(w, counts);
+    case Reg::L1Pos: return run_all<scalar_t, grad_t, K, MOM, Reg::L1Pos>(w, counts);
+    case Reg::Group: return run_all<scalar_t, grad_t, K, MOM, Reg::Group>(w, counts);
+    case Reg::SparseGroup: return run_all<scalar_t, grad_t, K, MOM, Reg::SparseGroup>(w, counts);
   }
 }
 
 }  // namespace detail
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   switch (w.hyper.kind) {
     case Kind::LinBreg:
-      if (w.hyper.momentum) return detail::dispatch_reg<scalar_t, Kind::LinBreg, true>(w, counts);
-      return detail::dispatch_reg<scalar_t, Kind::LinBreg, false>(w, counts);
+      if (w.hyper.momentum) return detail::dispatch_reg<scalar_t, grad_t, Kind::LinBreg, true>(w, counts);
+      return detail::dispatch_reg<scalar_t, grad_t, Kind::LinBreg, false>(w, counts);
     case Kind::AdaBreg:
-      return detail::dispatch_reg<scalar_t, Kind::AdaBreg, false>(w, counts);
+      return detail::dispatch_reg<scalar_t, grad_t, Kind::AdaBreg, false>(w, counts);
     case Kind::ProxSGD:
-      return detail::dispatch_reg<scalar_t, Kind::ProxSGD, false>(w, counts);
+      return detail::dispatch_reg<scalar_t, grad_t, Kind::ProxSGD, false>(w, counts);
   }
 }
 

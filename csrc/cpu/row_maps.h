@@ -149,7 +149,7 @@ int64_t write_rows(scalar_t* theta, int64_t b, int64_t len, const opmath_t<scala
 
 // Rows too long for the scratch buffer: u of [b, e) again, from the updated dual (Bregman) or
 // from the untouched θ and g (ProxSGD, whose first pass wrote nothing).
-template <typename scalar_t, Kind K, Reg R>
+template <typename scalar_t, typename grad_t, Kind K, Reg R>
 void recompute_u(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, bool has_scale,
                  opmath_t<scalar_t> scale, opmath_t<scalar_t>* u) {
   using M = Mem<scalar_t>;
@@ -158,12 +158,13 @@ void recompute_u(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, 
   constexpr int64_t kVec = M::kVec;
   int64_t i = b;
   if constexpr (K == Kind::ProxSGD) {
-    const scalar_t* grad = static_cast<const scalar_t*>(t.grad);
+    using G = GradMem<scalar_t, grad_t>;
+    const grad_t* grad = static_cast<const grad_t*>(t.grad);
     const scalar_t* theta = static_cast<const scalar_t*>(t.theta);
     const Vec vscale(scale);
     for (; i + M::kStep <= e; i += M::kStep) {
       Vec g0, g1, th0, th1;
-      M::load(grad + i, g0, g1);
+      G::load(grad + i, g0, g1);
       M::load(theta + i, th0, th1);
       if (has_scale) {
         g0 = g0 / vscale;
@@ -173,7 +174,7 @@ void recompute_u(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, 
       elementwise_shrink(R, proxsgd_point(th1, g1, t.hp), t.hp).store(u + i - b + kVec);
     }
     for (; i < e; ++i) {
-      T g = M::load1(grad + i);
+      T g = G::load1(grad + i);
       if (has_scale) g = g / scale;
       u[i - b] = elementwise_shrink(R, proxsgd_point(M::load1(theta + i), g, t.hp), t.hp);
     }

@@ -1,4 +1,4 @@
-// SIMD memory access of the CPU kernel: loads of the param dtype into the compute type, stores
+// SIMD memory access of the CPU kernel: loads of the param (or grad) dtype into the compute type, stores
 // back (rounded like Tensor.to(), optionally non-temporal), and the count of non-zeros taken from
 // the stored values. No math here (csrc/bregman_math.h), no walking (sweep.h, row_maps.h).
 #pragma once
@@ -118,6 +118,11 @@ struct Mem {
     return std::min<int64_t>(len, static_cast<int64_t>((kStreamAlign - mis) / sizeof(scalar_t)));
   }
 };
+
+// Loads of grads of grad_t beside params of scalar_t: grad_t is the param dtype or the compute type
+// itself, loaded into the same vectors (csrc/grad_dtypes.h [note: grad dtypes]).
+template <typename scalar_t, typename grad_t>
+using GradMem = std::enable_if_t<std::is_same_v<opmath_t<grad_t>, opmath_t<scalar_t>>, Mem<grad_t>>;
 
 template <typename T>
 int64_t lanes_sum(const Vectorized<T>& v) {

@@ -15,10 +15,11 @@ namespace bregman::cpu::detail {
 // ---- the update sweep: states in place, the point x handed to a sink --------------------------
 // A Sink provides vec(i, x0, x1) for elements [i, i + kStep) and one(i, x) for element i, and
 // peel(b, e): how many leading elements it wants one by one (store alignment).
-template <typename scalar_t, Kind K, bool MOM, typename Sink>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
 inline void sweep(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, bool has_scale,
                   opmath_t<scalar_t> scale, Sink& sink) {
   using M = Mem<scalar_t>;
+  using G = GradMem<scalar_t, grad_t>;
   using T = typename M::T;
   using Vec = typename M::Vec;
   constexpr int64_t kVec = M::kVec;
@@ -26,14 +27,14 @@ inline void sweep(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e,
   constexpr bool kHasS = K == Kind::AdaBreg;
   constexpr bool kHasV = K != Kind::ProxSGD;
   const auto& hp = t.hp;
-  const scalar_t* grad = static_cast<const scalar_t*>(t.grad);
+  const grad_t* grad = static_cast<const grad_t*>(t.grad);
   const scalar_t* theta = static_cast<const scalar_t*>(t.theta);
   T* v = t.v;
   T* m = t.m;
   T* s = t.s;
 
   auto one = [&](int64_t i) {
-    T g = M::load1(grad + i);
+    T g = G::load1(grad + i);
     if (has_scale) g = g / scale;
     T th = kHasV ? T(0) : M::load1(theta + i);
     T vv = kHasV ? v[i] : T(0);
@@ -52,7 +53,7 @@ inline void sweep(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e,
   const Vec vscale(scale);
   for (; i + M::kStep <= e; i += M::kStep) {
     Vec g0, g1;
-    M::load(grad + i, g0, g1);
+    G::load(grad + i, g0, g1);
     if (has_scale) {
       g0 = g0 / vscale;
       g1 = g1 / vscale;

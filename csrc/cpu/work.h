@@ -18,7 +18,7 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 template <typename T>
 struct TensorWork {
   void* theta = nullptr;        // param data, in the param dtype
-  const void* grad = nullptr;   // grad data, in the param dtype
+  const void* grad = nullptr;   // grad data, in the grad dtype of the kernel variant (run_fused_step)
   T* v = nullptr;               // dual
   T* m = nullptr;               // momentum buffer / exp_avg
   T* s = nullptr;               // exp_avg_sq
@@ -34,10 +34,13 @@ struct Work {
   bool has_scale = false;       // divide grads by `scale` (AMP)
   T scale = T(1);
   std::vector<TensorWork<T>> tensors;
+  std::vector<int64_t> op_index;  // op_index[k]: tensor k's position in the op's lists (its count)
 };
 
-// Runs the step on every tensor of `w`; counts[i] = non-zeros of the new θ of tensor i.
-template <typename scalar_t>
+// Runs the step on every tensor of `w`, whose grads are all of grad_t: the param dtype, or the
+// compute type (float grads of bf16/fp16 params, csrc/grad_dtypes.h [note: grad dtypes]).
+// counts[w.op_index[k]] += non-zeros of the new θ of tensor k.
+template <typename scalar_t, typename grad_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts);
 
 }  // namespace bregman::cpu

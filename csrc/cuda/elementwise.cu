@@ -18,7 +18,7 @@ constexpr int kBlock = 512;
 constexpr int kILP = 4;  // elements per vector access: 16 B for the fp32 states
 constexpr int64_t kChunk = 65536;
 
-template <typename scalar_t, typename opmath_t, Kind K, bool Momentum>
+template <typename scalar_t, typename grad_t, typename opmath_t, Kind K, bool Momentum>
 __global__ void __launch_bounds__(kBlock)
     elementwise_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
                        const __grid_constant__ LaunchArgs<opmath_t> args) {
@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kBlock)
   const int32_t index = meta.tensor_index[slot];
 
   scalar_t* p = static_cast<scalar_t*>(meta.ptrs[kParam][slot]) + start;
-  const scalar_t* g = static_cast<const scalar_t*>(meta.ptrs[kGrad][slot]) + start;
+  const grad_t* g = static_cast<const grad_t*>(meta.ptrs[kGrad][slot]) + start;
   opmath_t* v = nullptr;
   opmath_t* m = nullptr;
   opmath_t* s = nullptr;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kBlock)
   const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
 
   // the per-element step, shared by the vector body and the scalar tail
-  auto theta_of = [&](scalar_t g_in, opmath_t theta_old, opmath_t& vi, opmath_t& mi, opmath_t& si) -> scalar_t {
+  auto theta_of = [&](grad_t g_in, opmath_t theta_old, opmath_t& vi, opmath_t& mi, opmath_t& si) -> scalar_t {
     opmath_t gi = static_cast<opmath_t>(g_in);
     if (scaled) gi = unscale(gi, scale);
     const opmath_t x = bregman::update_point<K, Momentum>(gi, theta_old, vi, mi, si, hp);
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t stride = static_cast<int64_t>(blockDim.x) * kILP;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kILP; i < vec_end; i += stride) {
     scalar_t pr[kILP];
-    scalar_t gr[kILP];
+    grad_t gr[kILP];
     opmath_t vr[kILP] = {};
     opmath_t mr[kILP] = {};
     opmath_t sr[kILP] = {};
@@ -114,7 +114,7 @@ void launch_elementwise(const StepInputs& in) {
     launch_step_tables<V>(
         in, [&](int64_t i) { return (in.tensors.params[i].numel() + kChunk - 1) / kChunk; },
         [&](const auto& meta, const auto& args, int nblocks, cudaStream_t stream) {
-          elementwise_kernel<typename V::scalar_t, typename V::opmath_t, V::kind, V::momentum>
+          elementwise_kernel<typename V::scalar_t, typename V::grad_t, typename V::opmath_t, V::kind, V::momentum>
               <<<nblocks, kBlock, 0, stream>>>(meta, args);
         });
   });

@@ -33,8 +33,17 @@ struct StepInputs {
   const at::Tensor* found_inf = nullptr;   // 0-dim float32 on the device, or nullptr
 
   at::Tensor counts;  // int64 [len(params)] on the device, zero-filled by the caller
+
+  // The kernels of one launch series read grads of one dtype (csrc/grad_dtypes.h [note: grad
+  // dtypes]): a call whose grads mix the param dtype with float32 (float16/bfloat16 params) runs one
+  // series per grad dtype, each over the tensors whose grad has it (mixed_grads: skip the others).
+  at::ScalarType grad_dtype = at::kFloat;
+  bool mixed_grads = false;
+
+  bool in_series(int64_t i) const { return !mixed_grads || tensors.grads[i].scalar_type() == grad_dtype; }
 };
 
+// Both launch the tensors of one series (StepInputs::in_series).
 // Element-wise regularizers (None / L1 / L1Pos): multi_tensor_apply over 64Ki-element chunks.
 void launch_elementwise(const StepInputs& in);
 

@@ -144,7 +144,7 @@ __host__ void fill_slot(TensorListMeta<Depth, opmath_t>& meta, int slot, int64_t
 
 // One step call of variant V (dispatch_step.cuh) on the current stream: the tables filled, cut
 // into launches, and launch_kernel(meta, args, nblocks, stream) called for each; num_chunks(i):
-// the blocks tensor i needs (0 to skip it).
+// the blocks tensor i needs (0 to skip it). Tensors of another launch series are skipped.
 template <typename V, typename NumChunks, typename LaunchKernel>
 void launch_step_tables(const StepInputs& in, NumChunks&& num_chunks, LaunchKernel&& launch_kernel) {
   using opmath_t = typename V::opmath_t;
@@ -155,7 +155,7 @@ void launch_step_tables(const StepInputs& in, NumChunks&& num_chunks, LaunchKern
   multi_tensor_apply<Meta>(
       static_cast<int64_t>(in.tensors.size()),
       [&](Meta& meta, int slot, int64_t i) { fill_slot<Depth, opmath_t>(meta, slot, i, in); },
-      num_chunks,
+      [&](int64_t i) -> int64_t { return in.in_series(i) ? num_chunks(i) : 0; },
       [&](const Meta& meta, int nblocks) {
         launch_kernel(meta, args, nblocks, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -30,6 +30,7 @@
 
 #include "bregman_math.h"
 #include "fused_step_cuda.h"
+#include "grad_dtypes.h"
 #include "module_init.h"
 #include "op_checks.h"
 #include "step_tensors.h"
@@ -77,12 +78,26 @@ StepInputs make_inputs(const StepHyper& hyper, const StepTensors& t, const std::
   return in;
 }
 
-void run_kernels(const StepInputs& in) {
-  if (bregman::is_row_reg(in.hyper.reg)) {
-    launch_row_group(in);
-  } else {
-    launch_elementwise(in);
+// One launch series per grad dtype of the call (StepInputs::grad_dtype): the param dtype, and
+// float32 for float16/bfloat16 params (grads of other dtypes were converted, csrc/grad_dtypes.h).
+void run_kernels(StepInputs& in) {
+  const at::ScalarType param_dtype = in.tensors.params[0].scalar_type();
+  bool param_dtype_grads = false;
+  bool float_grads = false;  // of float16/bfloat16 params
+  for (const at::Tensor& g : in.tensors.grads) {
+    (g.scalar_type() == param_dtype ? param_dtype_grads : float_grads) = true;
   }
+  in.mixed_grads = param_dtype_grads && float_grads;
+  auto launch_series = [&](at::ScalarType grad_dtype) {
+    in.grad_dtype = grad_dtype;
+    if (bregman::is_row_reg(in.hyper.reg)) {
+      launch_row_group(in);
+    } else {
+      launch_elementwise(in);
+    }
+  };
+  if (param_dtype_grads) launch_series(param_dtype);
+  if (float_grads) launch_series(at::kFloat);
 }
 
 at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
@@ -101,7 +116,8 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
     return at::zeros({0}, at::TensorOptions().dtype(at::kLong).device(where));
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
-  StepInputs in = make_inputs(hyper, t, grad_scale, found_inf);
+  std::vector<at::Tensor> converted_grads;
+  StepInputs in = make_inputs(hyper, bregman::with_kernel_grads(t, converted_grads), grad_scale, found_inf);
   in.counts = at::zeros({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kLong));
 
   if (device_steps) {  // [note: step counts]
@@ -157,7 +173,8 @@ void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorL
   check_scalar_tensor(kCapturableOp, "lr", lr, device, bregman::is_float32_or_64, "float32 or float64");
 
   const c10::cuda::CUDAGuard guard(device);
-  StepInputs in = make_inputs(hyper, t, grad_scale, found_inf);
+  std::vector<at::Tensor> converted_grads;  // a conversion kernel and a graph-pool allocation: capturable
+  StepInputs in = make_inputs(hyper, bregman::with_kernel_grads(t, converted_grads), grad_scale, found_inf);
   in.lr_tensor = &lr;
   in.counts = counts;
   counts.zero_();  // a fill kernel: capturable, no allocation

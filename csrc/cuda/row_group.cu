@@ -42,7 +42,7 @@ __host__ __device__ __forceinline__ RowPlan row_plan(int64_t n) {
   return {kRowBlock, 1, n > static_cast<int64_t>(kRowBlock) * kRowK};
 }
 
-template <typename scalar_t, typename opmath_t, Kind K, bool Momentum>
+template <typename scalar_t, typename grad_t, typename opmath_t, Kind K, bool Momentum>
 __global__ void __launch_bounds__(kRowBlock)
     row_group_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
                      const __grid_constant__ LaunchArgs<opmath_t> args) {
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kRowBlock)
   const int64_t first_row = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * plan.rows_per_block;
 
   scalar_t* p = static_cast<scalar_t*>(meta.ptrs[kParam][slot]);
-  const scalar_t* g = static_cast<const scalar_t*>(meta.ptrs[kGrad][slot]);
+  const grad_t* g = static_cast<const grad_t*>(meta.ptrs[kGrad][slot]);
   opmath_t* v = nullptr;
   opmath_t* m = nullptr;
   opmath_t* s = nullptr;
@@ -190,7 +190,7 @@ void launch_row_group(const StepInputs& in) {
           return (numel / n + plan.rows_per_block - 1) / plan.rows_per_block;
         },
         [&](const auto& meta, const auto& args, int nblocks, cudaStream_t stream) {
-          row_group_kernel<typename V::scalar_t, typename V::opmath_t, V::kind, V::momentum>
+          row_group_kernel<typename V::scalar_t, typename V::grad_t, typename V::opmath_t, V::kind, V::momentum>
               <<<nblocks, kRowBlock, 0, stream>>>(meta, args);
         });
   });

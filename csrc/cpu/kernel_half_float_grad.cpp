@@ -1,0 +1,7 @@
+// Instantiation of the CPU kernel for c10::Half parameters with float32 grads (mixed-precision
+// training, csrc/grad_dtypes.h [note: grad dtypes]; one translation unit per variant: parallel build).
+#include "kernel.h"
+
+namespace bregman::cpu {
+template void run_fused_step<c10::Half, float>(const Work<opmath_t<c10::Half>>& w, int64_t* counts);
+}  // namespace bregman::cpu
