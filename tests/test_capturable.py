@@ -111,14 +111,11 @@ def test_capturable_backend_returns_counts_after_a_skipped_step(backend, reg):
     params[0][0] = 0.0
     for capturable in (False, True):
         ps = [p.clone() for p in params]
-        duals = [p / 1.0 + r.subgradient(p) for p in ps]
-        m = [torch.zeros_like(p) for p in ps]
-        s = [torch.zeros_like(p) for p in ps]
-        steps = [torch.zeros(()) for _ in ps]
-        out = functional.adabreg(ps, [torch.randn_like(p) for p in ps], duals, m, s, steps, lr=torch.tensor(0.01),
+        states = functional.init_states("adabreg", ps, reg=r, capturable=capturable)
+        out = functional.adabreg(ps, [torch.randn_like(p) for p in ps], **states, lr=torch.tensor(0.01),
                                  reg=r, backend=backend, found_inf=torch.tensor(1.0), capturable=capturable)
         assert all(torch.equal(a, b) for a, b in zip(ps, params))
-        assert all(float(t) == 0.0 for t in steps)
+        assert all(float(t) == 0.0 for t in states["steps"])
         if capturable:
             assert out.tolist() == [int(torch.count_nonzero(p)) for p in params]
         else:

