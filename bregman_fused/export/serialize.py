@@ -10,10 +10,11 @@ dim 0, columns = the rest):
 ``bitmask``  the non-zero values and one bit per entry: smaller than ``rows`` above ~6 % density
              (fp32, int16 indices).
 
-Every stored value comes back bit-exact and every zero as +0.0. Zeros are not told apart by sign:
-the Bregman shrink sign(v)·max(|v| − λ, 0) writes −0.0 for about half of the zeros, and storing
-those would cost as much as the non-zeros; −0.0 == +0.0 in every comparison (``torch.equal``
-holds), and a product with either adds nothing to a sum. The values
+Every value comes back bit for bit, the sign of a zero included: the reference backend's shrink
+sign(v)·max(|v| − λ, 0) writes −0.0 for about half of the zeros (the fused kernels' v − clamp(v)
+writes +0.0), so a tensor with any −0.0 also
+stores one sign bit per zero (``neg_zeros``, packed with the bitmasks): numel/8 bytes at most,
+where storing the −0.0s as values would cost as much as the non-zeros. The values
 of one dtype, the indices, the counts and the bitmasks are each packed into one flat tensor: a
 torch.save file spends ~100 bytes or more on each tensor record, which would dominate the small
 models. A naive CSR ``torch.save`` (int64 indices) of the digits MLP at 3.5 % density was only 4.3×
@@ -54,7 +55,14 @@ def _index_dtype(cols: int) -> torch.dtype:
     return torch.int16 if cols <= 32767 else torch.int32
 
 
-def _plan(t: torch.Tensor, nnz: int) -> tuple[str, int]:
+def _negative_zeros(flat: torch.Tensor) -> torch.Tensor:
+    """Where ``flat`` holds −0.0 (never for integer tensors)."""
+    if not flat.is_floating_point():
+        return torch.zeros_like(flat, dtype=torch.bool)
+    return (flat == 0) & torch.signbit(flat)
+
+
+def _plan(t: torch.Tensor, nnz: int, signed_zeros: bool = False) -> tuple[str, int]:
     """(encoding, bytes) of the smallest encoding of ``t`` with ``nnz`` non-zeros."""
     esize, numel = t.element_size(), t.numel()
     sizes = {"dense": numel * esize}
@@ -64,6 +72,9 @@ def _plan(t: torch.Tensor, nnz: int) -> tuple[str, int]:
         isize = _index_dtype(cols).itemsize
         sizes["rows"] = nnz * (esize + isize) + rows * isize
         sizes["bitmask"] = nnz * esize + math.ceil(numel / 8)
+        if signed_zeros:  # one sign bit per zero besides the values
+            for k in ("rows", "bitmask"):
+                sizes[k] += math.ceil((numel - nnz) / 8)
     enc = min(sizes, key=lambda k: (sizes[k], k != "dense"))
     return enc, sizes[enc]
 
@@ -71,7 +82,7 @@ def _plan(t: torch.Tensor, nnz: int) -> tuple[str, int]:
 def encoded_bytes(t: torch.Tensor) -> int:
     """Bytes ``save_sparse`` spends on the data of ``t`` (without the file's fixed overhead)."""
     flat = t.detach().reshape(-1).contiguous()
-    return _plan(t, int(_nonzero(flat).sum()))[1]
+    return _plan(t, int(_nonzero(flat).sum()), bool(_negative_zeros(flat).any()))[1]
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -114,7 +125,9 @@ def save_sparse(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.Pa
         flat = t.reshape(-1)
         mask = _nonzero(flat)
         nnz = int(mask.sum())
-        enc, _ = _plan(t, nnz)
+        negative_zeros = _negative_zeros(flat)
+        signed_zeros = bool(negative_zeros.any())
+        enc, _ = _plan(t, nnz, signed_zeros)
         key = str(t.dtype)
         vals = values.setdefault(key, [])
         start = sum(v.numel() for v in vals)
@@ -134,6 +147,11 @@ def save_sparse(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.Pa
         elif enc == "bitmask":
             packed = _pack_bits(mask)
             e["mask"] = offsets["mask"]
+            masks.append(packed)
+            offsets["mask"] += packed.numel()
+        if enc != "dense" and signed_zeros:  # the sign of each zero, in the order of the zeros
+            packed = _pack_bits(negative_zeros[~mask])
+            e["neg_zeros"] = offsets["mask"]
             masks.append(packed)
             offsets["mask"] += packed.numel()
         entries.append(e)
@@ -169,13 +187,19 @@ def _decode(e: dict[str, Any], blob: dict[str, Any]) -> torch.Tensor:
         idx = blob["index"][e["index_dtype"]][e["index"]:e["index"] + rows + nnz].long()
         counts, columns = idx[:rows], idx[rows:]
         row_of = torch.repeat_interleave(torch.arange(rows), counts)
-        out[row_of * cols + columns] = nz
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[row_of * cols + columns] = True
     elif e["encoding"] == "bitmask":
         nbytes = math.ceil(numel / 8)
         mask = _unpack_bits(blob["mask"][e["mask"]:e["mask"] + nbytes], numel)
-        out[mask] = nz
     else:
         raise ExportError(f"unknown encoding {e['encoding']!r} of {e['name']!r} in a sparse checkpoint")
+    out[mask] = nz
+    if "neg_zeros" in e:
+        zeros = (~mask).nonzero().view(-1)
+        start = e["neg_zeros"]
+        negative = _unpack_bits(blob["mask"][start:start + math.ceil(zeros.numel() / 8)], zeros.numel())
+        out[zeros[negative]] = -0.0
     return out.view(shape)
 
 
