@@ -78,7 +78,7 @@ def _compiled_reference(kind: str, params, grads, reg):
              "proxsgd": lambda: contract.Hyper.proxsgd(LR[kind])}[ref_kind]()
 
     def step_fn(tensors):
-        contract.begin_step(tensors.steps, None, capturable=True)
+        contract.begin_step(tensors.steps, None, True, False)  # capturable: device-side counts, no host read
         return reference.step(tensors, hyper, reg)
 
     compiled = torch.compile(step_fn)

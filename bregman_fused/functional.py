@@ -29,7 +29,7 @@ def fused_step(backend: str | Backend, tensors: StepTensors, hyper: Hyper, reg: 
         return torch.zeros(0, dtype=torch.int64)
     if not isinstance(backend, Backend):
         backend = select(backend, params[0].device, reg)
-    if not backend.compiled_op:  # a Python backend checks here, before any count moves
+    if not backend.checks_before_writes:  # the reference: checked here, before any count moves
         backend.check(tensors, hyper, grad_scale, found_inf)
     advanced = contract.begin_step(tensors.steps, found_inf, capturable, backend.compiled_op)
     if advanced is None:  # skipped (found_inf): nothing changed
@@ -38,7 +38,7 @@ def fused_step(backend: str | Backend, tensors: StepTensors, hyper: Hyper, reg: 
         return backend.step(tensors, hyper, reg, grad_scale=grad_scale, found_inf=found_inf if capturable else None,
                             capturable=capturable)
     except Exception:
-        if backend.compiled_op:  # it refused before writing: take back the counts advanced for it
+        if backend.checks_before_writes:  # it refused before writing: take back the counts advanced for it
             contract.undo_step(advanced, found_inf, capturable)
         raise
 

@@ -77,3 +77,19 @@ def test_cpu_rows_have_wall_timing_only():
     row = _row()
     finish_row(row, 10**6, walls=[2e-3, 2e-3], device_times=[], host_times=[], hidden=0)
     assert row["timing"] == "wall" and "device_ms" not in row and float(row["gb_s"]) == 16.0
+
+
+def test_compiled_reference_provider_steps():
+    """The compiled-reference provider (torch.compile of the contract's count + reference.step) builds
+    and steps: the quick run above leaves it out (compile time), and it calls the contract directly."""
+    import torch
+    import torch._dynamo
+
+    from cases import make_reg, make_tensors
+    from providers import build_provider
+
+    torch._dynamo.reset()
+    params, grads = make_tensors([(7, 5), (13,)], torch.float32, torch.device("cpu"))
+    step = build_provider("compiled-reference", "adabreg", params, grads, make_reg("l1"), "l1")
+    step()
+    step()  # a second call reuses the graph (steps and states live in the closure)

@@ -41,9 +41,12 @@ class Backend:
     step: StepFn
     capturable: bool  # can be recorded in a CUDA graph: reads nothing on the host
     fused_regs_only: bool  # implements only the built-in regularizers with a kernel (contract.fused_code)
-    # a compiled op: it checks every argument before it writes anything, and adds the step counters
-    # that live on the CPU itself (contract.begin_step [note: who adds])
+    # a compiled op: it adds the step counters that live on the CPU itself (contract.begin_step
+    # [note: who adds])
     compiled_op: bool = False
+    # checks every argument itself before it writes anything (the reference computes tensor by
+    # tensor and is checked by its caller, functional.fused_step)
+    checks_before_writes: bool = True
     # the dtypes of params and grads it takes; None: any floating dtype
     dtypes: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -63,7 +66,8 @@ def _triton_step(tensors, hyper, reg, **amp):
     return triton_backend.step(tensors, hyper, reg, **amp)
 
 
-_REFERENCE = Backend("reference", reference.step, capturable=False, fused_regs_only=False, dtypes=None)
+_REFERENCE = Backend("reference", reference.step, capturable=False, fused_regs_only=False, dtypes=None,
+                     checks_before_writes=False)
 _FUSED = {
     "cpu": Backend("cpu", native.cpu_step, capturable=False, fused_regs_only=True, compiled_op=True),
     "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True, compiled_op=True),

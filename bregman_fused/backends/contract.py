@@ -257,7 +257,8 @@ def begin_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, captur
     are advanced here."""
     if not capturable and found_inf is not None and bool(found_inf.item()):
         return None
-    advanced = [s for s in steps if s.device.type != "cpu"] if op_counts_cpu_steps else list(steps)
+    # the ops keep all counters of a call where steps[0] is: one look decides (not one per tensor)
+    advanced = [] if op_counts_cpu_steps and steps and steps[0].device.type == "cpu" else steps
     _add_to_counts(advanced, found_inf if capturable else None, 1.0)
     return advanced
 

@@ -27,7 +27,7 @@ def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=
         raise ValueError(f"the fused backends do not implement the {type(reg).__name__} regularizer "
                          "(use backend='reference')")
     lamda_l1, lamda_group = reg.lamdas()
-    group_sizes = [int(reg.group_size(p.shape)) if code.is_row_map else 1 for p in params]
+    group_sizes = [int(reg.group_size(p.shape)) for p in params] if code.is_row_map else [1] * len(params)
     params_c, grads_c, states_c, writeback = kernel_views(params, grads, [duals, exp_avgs, exp_avg_sqs], group_sizes)
     # the AMP scalars may live elsewhere (GradScaler("cuda") with some CPU params): the op wants them
     # beside the params, as the reference's .to(g.device) does

@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 
 from ..regularizers import Regularizer
-from .contract import Hyper, Kind, StepTensors, check_tensors, state_dtype
+from .contract import Hyper, Kind, StepTensors, state_dtype
 
 
 def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: torch.Tensor | None = None,
          found_inf: torch.Tensor | None = None, capturable: bool = False) -> torch.Tensor:
     """Update the params and their states in place; return the non-zeros of each new θ (int64).
+
+    It computes tensor by tensor and checks nothing itself: its caller, ``functional.fused_step``,
+    runs ``contract.check_tensors`` first (call it yourself when you call this directly).
 
     The step counts were already incremented (``contract.begin_step``); AdaBreg reads them for its
     bias corrections. ``found_inf`` only reaches a backend in capturable steps: when it is set,
@@ -26,7 +29,6 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     (and the cpu backend) compute the same values and return but read lr, the counts and found_inf
     on the host.
     """
-    check_tensors(tensors, hyper)  # every tensor before the first write
     params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
     if found_inf is not None and bool(found_inf.item()):
         return nonzeros(params)
