@@ -33,32 +33,39 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     if found_inf is not None and bool(found_inf.item()):
         return nonzeros(params)
     lr = float(hyper.lr)
-    kind = hyper.kind
+    prox_sgd, linbreg = hyper.kind == Kind.PROXSGD, hyper.kind == Kind.LINBREG
+    # per-step constants, read once (the loop runs per tensor: thousands of them in a big model)
+    one_minus_beta1, one_minus_beta2, mom_scale = hyper.one_minus_beta1, hyper.one_minus_beta2, hyper.mom_scale
+    momentum, delta = hyper.momentum, hyper.delta
+    corrections: dict[float, tuple[float, float]] = {}
     for i, p in enumerate(params):
         dtype = state_dtype(p)
         g = grads[i].to(dtype)
         if grad_scale is not None:
             g = g / grad_scale.to(device=g.device, dtype=dtype)
-        if kind == Kind.PROXSGD:
+        if prox_sgd:
             theta = reg.shrink(torch.add(p.to(dtype), g, alpha=-lr), lr)
         else:
             v = duals[i]
-            if kind == Kind.LINBREG:
-                if hyper.momentum:
+            if linbreg:
+                if momentum:
                     m = exp_avgs[i]
-                    m.mul_(hyper.beta1).add_(g, alpha=hyper.mom_scale)
+                    m.mul_(hyper.beta1).add_(g, alpha=mom_scale)
                     v.sub_(m)
                 else:
                     v.add_(g, alpha=-lr)
             else:
                 # the same op sequence as torch.optim.Adam's single-tensor path
                 t = float(steps[i].item())
+                if t not in corrections:  # usually one count for all tensors: computed once
+                    corrections[t] = (hyper.bc2_sqrt(t), -hyper.step_size(t))
+                bc2_sqrt, neg_step_size = corrections[t]
                 m, s = exp_avgs[i], exp_avg_sqs[i]
-                m.lerp_(g, hyper.one_minus_beta1)
-                s.mul_(hyper.beta2).addcmul_(g, g, value=hyper.one_minus_beta2)
-                denom = (s.sqrt() / hyper.bc2_sqrt(t)).add_(hyper.eps)
-                v.addcdiv_(m, denom, value=-hyper.step_size(t))
-            theta = reg.prox(v, hyper.delta)
+                m.lerp_(g, one_minus_beta1)
+                s.mul_(hyper.beta2).addcmul_(g, g, value=one_minus_beta2)
+                denom = (s.sqrt() / bc2_sqrt).add_(hyper.eps)
+                v.addcdiv_(m, denom, value=neg_step_size)
+            theta = reg.prox(v, delta)
         p.copy_(theta)
     return nonzeros(params)
 
