@@ -57,7 +57,7 @@ EOF
     tests)
         # shellcheck disable=SC2086
         run_stage tests "${TESTS_LIMIT:-300}" "${PYTEST[@]}" --junitxml="$OUT/tests.xml" \
-            ${TESTS:-tests/test_cuda_backend.py tests/test_capturable.py tests/test_layout.py tests/test_triton_backend.py tests/test_backends.py -k "not cpu_matches and not interpreter"}
+            ${TESTS:-tests/test_cuda_backend.py tests/test_capturable.py tests/test_layout.py tests/test_triton_backend.py tests/test_backends.py tests/test_shared_behaviour.py tests/test_compile.py -k "not cpu_matches and not interpreter"}
         grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
         grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$SUMMARY"
         ;;
