@@ -37,7 +37,6 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     # per-step constants, read once (the loop runs per tensor: thousands of them in a big model)
     one_minus_beta1, one_minus_beta2, mom_scale = hyper.one_minus_beta1, hyper.one_minus_beta2, hyper.mom_scale
     momentum, delta = hyper.momentum, hyper.delta
-    corrections: dict[float, tuple[float, float]] = {}
     for i, p in enumerate(params):
         dtype = state_dtype(p)
         g = grads[i].to(dtype)
@@ -56,15 +55,12 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
                     v.add_(g, alpha=-lr)
             else:
                 # the same op sequence as torch.optim.Adam's single-tensor path
-                t = float(steps[i].item())
-                if t not in corrections:  # usually one count for all tensors: computed once
-                    corrections[t] = (hyper.bc2_sqrt(t), -hyper.step_size(t))
-                bc2_sqrt, neg_step_size = corrections[t]
+                t = float(steps[i].item())  # per tensor: under torch.compile a data-dependent value
                 m, s = exp_avgs[i], exp_avg_sqs[i]
                 m.lerp_(g, one_minus_beta1)
                 s.mul_(hyper.beta2).addcmul_(g, g, value=one_minus_beta2)
-                denom = (s.sqrt() / bc2_sqrt).add_(hyper.eps)
-                v.addcdiv_(m, denom, value=neg_step_size)
+                denom = (s.sqrt() / hyper.bc2_sqrt(t)).add_(hyper.eps)
+                v.addcdiv_(m, denom, value=-hyper.step_size(t))
             theta = reg.prox(v, delta)
         p.copy_(theta)
     return nonzeros(params)
