@@ -42,6 +42,23 @@ def like_param(local_value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                               shape=param.shape, stride=param.stride())
 
 
+def rows_whole_on_shards(param: torch.Tensor) -> bool:
+    """Every dim-0 row of param lies on one rank: not a DTensor, or sharded on dim 0 only."""
+    if not is_dtensor(param):
+        return True
+    return all(not isinstance(pl, Shard) or pl.dim == 0 for pl in param.placements)
+
+
+def like_rows(local_rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Wrap per-row values of param's local shard (shape (local rows, k)) as a DTensor sharded like
+    param's dim 0 (8-bit moment scales, backends/moments.py); a plain tensor for plain params."""
+    if not is_dtensor(param):
+        return local_rows
+    shape = (param.shape[0], local_rows.shape[1])
+    return DTensor.from_local(local_rows, param.device_mesh, param.placements, run_check=False, shape=shape,
+                              stride=(shape[1], 1))
+
+
 def check_sharding(param: torch.Tensor, reg: Regularizer) -> None:
     """Raise ValueError if param's sharding would split one of reg's groups across ranks."""
     if not is_dtensor(param):

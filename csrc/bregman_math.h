@@ -26,6 +26,9 @@ namespace bregman {
 // bregman_fused/backends/contract.py, which tests/test_contract.py checks against these.
 enum class Kind : int64_t { LinBreg = 0, AdaBreg = 1, ProxSGD = 2 };
 enum class Reg : int64_t { None = 0, L1 = 1, L1Pos = 2, Group = 3, SparseGroup = 4 };
+// How a call's moments are stored (bregman_fused/backends/moments.py; the math: moment_codes.h):
+// in the state dtype, bfloat16, or 8-bit codes with block scales. Read from exp_avgs' dtype.
+enum class Moments : int64_t { Fp32 = 0, Bf16 = 1, Int8 = 2 };
 constexpr Kind kLastKind = Kind::ProxSGD;    // codes run from 0 to these, without gaps
 constexpr Reg kLastReg = Reg::SparseGroup;
 
@@ -105,6 +108,7 @@ struct StepHyper {
   Kind kind = Kind::LinBreg;
   Reg reg = Reg::None;
   bool momentum = false;    // LinBreg with momentum buffers (exp_avgs given)
+  Moments moments = Moments::Fp32;  // how exp_avgs / exp_avg_sqs are stored
   double lr = 0;            // τ (the capturable CUDA op reads it from a device tensor instead)
   double beta1 = 0;         // momentum β (LinBreg) or β1 (AdaBreg)
   double beta2 = 0;         // β2 (AdaBreg)

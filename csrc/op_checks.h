@@ -21,6 +21,7 @@
 #include "bregman_math.h"
 #include "flat_layout.h"
 #include "grad_dtypes.h"
+#include "moment_codes.h"
 #include "step_tensors.h"
 
 namespace bregman {
@@ -65,6 +66,10 @@ inline StepHyper make_step_hyper(const OpBoundary& b, int64_t kind_code, int64_t
   h.kind = static_cast<Kind>(kind_code);
   h.reg = static_cast<Reg>(reg_code);
   h.momentum = h.kind == Kind::LinBreg && !t.exp_avgs.empty();
+  if (!t.exp_avgs.empty() && t.exp_avgs[0].defined()) {
+    const at::ScalarType m = t.exp_avgs[0].scalar_type();
+    h.moments = m == at::kBFloat16 ? Moments::Bf16 : m == at::kChar ? Moments::Int8 : Moments::Fp32;
+  }
   h.lr = lr;
   h.beta1 = beta1;
   h.beta2 = beta2;
@@ -162,6 +167,39 @@ inline void check_group_sizes(const OpBoundary& b, Reg reg, const StepTensors& t
   }
 }
 
+// Compact moments (bregman_fused/backends/moments.py): bfloat16, or int8 m / uint8 s codes of contiguous
+// params with float32 block scales of shape (rows, ceil(row length / kMomentBlock)).
+inline void check_compact_moments(const OpBoundary& b, const StepHyper& h, const StepTensors& t) {
+  const at::Device device = t.params[0].device();
+  TORCH_CHECK(t.params[0].scalar_type() != at::kDouble, b.op, ": ", moments_name(h.moments),
+              " moments are for float32/bfloat16/float16 params; float64 params keep float64 moments");
+  const bool int8 = h.moments == Moments::Int8;
+  const size_t n_scales = int8 ? t.size() : 0;
+  check_list_len(b, "exp_avg_scales", t.exp_avg_scales.size(), n_scales, "one per 8-bit moment");
+  check_list_len(b, "exp_avg_sq_scales", t.exp_avg_sq_scales.size(), t.exp_avg_sqs.empty() ? 0 : n_scales,
+                 "one per 8-bit moment");
+  auto check_list = [&](const char* name, at::TensorList list, at::ScalarType dtype, const char* scale_name,
+                        at::TensorList scales) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor& p = t.params[i];
+      check_tensor(b, name, i, list[i], dtype, device, &p, "the format of exp_avgs[0]: one format per call");
+      if (!int8) continue;
+      TORCH_CHECK(p.dim() >= 1 && p.is_contiguous() && list[i].is_contiguous(), b.op, ": ", name, "[", i,
+                  "]: 8-bit moments need a contiguous param of at least one dim (blocks follow dim-0 rows)");
+      const int64_t rows = p.size(0);
+      const int64_t row_len = rows > 0 ? p.numel() / rows : 0;
+      const int64_t blocks = (row_len + kMomentBlock - 1) / kMomentBlock;
+      const at::Tensor& sc = scales[i];
+      TORCH_CHECK(sc.defined() && sc.device() == device && sc.scalar_type() == at::kFloat && sc.is_contiguous() &&
+                      sc.dim() == 2 && sc.size(0) == rows && sc.size(1) == blocks,
+                  b.op, ": ", scale_name, "[", i, "] must be a contiguous float32 tensor of shape [", rows, ", ",
+                  blocks, "] on ", device, " (one scale per block of ", kMomentBlock, " elements of each row)");
+    }
+  };
+  check_list("exp_avgs", t.exp_avgs, int8 ? at::kChar : at::kBFloat16, "exp_avg_scales", t.exp_avg_scales);
+  check_list("exp_avg_sqs", t.exp_avg_sqs, int8 ? at::kByte : at::kBFloat16, "exp_avg_sq_scales", t.exp_avg_sq_scales);
+}
+
 // Every list and tensor of the call but the step counts (check_step_count: where they live is the
 // op's choice). The params' device and dtype come from params[0].
 inline void check_step_tensors(const OpBoundary& b, const StepHyper& h, const StepTensors& t) {
@@ -180,8 +218,14 @@ inline void check_step_tensors(const OpBoundary& b, const StepHyper& h, const St
     }
   };
   check_states("duals", t.duals);
-  check_states("exp_avgs", t.exp_avgs);
-  check_states("exp_avg_sqs", t.exp_avg_sqs);
+  if (h.moments == Moments::Fp32) {
+    check_states("exp_avgs", t.exp_avgs);
+    check_states("exp_avg_sqs", t.exp_avg_sqs);
+    check_list_len(b, "exp_avg_scales", t.exp_avg_scales.size(), 0, "only 8-bit moments have block scales");
+    check_list_len(b, "exp_avg_sq_scales", t.exp_avg_sq_scales.size(), 0, "only 8-bit moments have block scales");
+  } else {
+    check_compact_moments(b, h, t);
+  }
 }
 
 // steps[i]: a one-element float32 tensor on `device` (`where`: why there, for the message).

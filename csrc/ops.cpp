@@ -9,7 +9,9 @@
 
 // One call updates every tensor of a (param group, device, dtype) bucket; see docs/design.md §2, §5
 // and bregman_fused/backends/reference.py (the spec). kind and reg: the codes of bregman::Kind and
-// bregman::Reg (csrc/bregman_math.h). Step counters on the CPU are incremented by the op (not when
+// bregman::Reg (csrc/bregman_math.h). Moments are stored as exp_avgs' dtype says (the state dtype,
+// bfloat16, or int8/uint8 codes with float32 block scales in exp_avg_scales / exp_avg_sq_scales,
+// bregman_fused/backends/moments.py); the scale lists are empty for the other formats. Step counters on the CPU are incremented by the op (not when
 // found_inf is set); counters on a device were advanced by the caller (ops_cuda.cpp [note: step
 // counts]). Returns the non-zeros of each new θ (int64). The Python side (bregman_fused/backends/
 // native.py) calls it positionally: the schema is its interface; its fake kernel, for
@@ -17,14 +19,16 @@
 TORCH_LIBRARY(bregman_fused, m) {
   m.def(
       "fused_step(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float lr, float beta1, float beta2, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, "
+      "Tensor(e!)[] steps, int[] group_sizes, float lr, float beta1, float beta2, "
       "float eps, float delta, int reg, float lamda_l1, float lamda_group, Tensor? grad_scale, "
       "Tensor? found_inf) -> Tensor");
   // the same step with lr as a one-element tensor (an lr scheduler's tensor lr): under torch.compile
   // its value is data, not a constant of the graph, so a new lr does not recompile
   m.def(
       "fused_step.tensor_lr(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, "
-      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, Tensor lr, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] exp_avg_scales, "
+      "Tensor(g!)[] exp_avg_sq_scales, Tensor(e!)[] steps, int[] group_sizes, Tensor lr, "
       "float beta1, float beta2, float eps, float delta, int reg, float lamda_l1, float lamda_group, "
       "Tensor? grad_scale, Tensor? found_inf) -> Tensor");
 }
@@ -32,14 +36,16 @@ TORCH_LIBRARY(bregman_fused, m) {
 namespace {
 
 at::Tensor fused_step_tensor_lr_cpu(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
-                                    at::IntArrayRef group_sizes, const at::Tensor& lr, double beta1, double beta2,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                    at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                                    at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& lr, double beta1, double beta2,
                                     double eps, double delta, int64_t reg, double lamda_l1, double lamda_group,
                                     const std::optional<at::Tensor>& grad_scale,
                                     const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(lr.defined() && lr.numel() == 1 && lr.is_floating_point() && lr.device().is_cpu(),
               "bregman_fused.fused_step: lr must be a one-element floating-point CPU tensor for CPU params");
-  return bregman::cpu::fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes,
+  return bregman::cpu::fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                  exp_avg_sq_scales, steps, group_sizes,
                                   lr.item<double>(), beta1, beta2, eps, delta, reg, lamda_l1, lamda_group,
                                   grad_scale, found_inf);
 }

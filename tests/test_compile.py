@@ -36,7 +36,7 @@ def _op_args(kind, reg_name, dtype, tensor_lr=False):
     sizes = [reg.group_size(p.shape) if code in (3, 4) else 1 for p in params]
     l1, group = reg.lamdas()
     lr = torch.tensor(1e-2, dtype=torch.float64) if tensor_lr else 1e-2
-    return (KINDS[kind], params, grads, duals, exp_avgs, exp_avg_sqs, steps, sizes, lr, 0.9, 0.999, 1e-8, 1.0, code,
+    return (KINDS[kind], params, grads, duals, exp_avgs, exp_avg_sqs, [], [], steps, sizes, lr, 0.9, 0.999, 1e-8, 1.0, code,
             l1, group, None, None)
 
 

@@ -215,7 +215,7 @@ def test_op_with_found_inf_returns_current_counts():
     g = torch.ones(4)
     v = torch.tensor([5.0, -1.0, 0.5, 0.0])
     step = torch.zeros(())
-    counts = torch.ops.bregman_fused.fused_step(0, [p], [g], [v], [], [], [step], [1], 0.1, 0.0, 0.0, 0.0, 1.0, 1,
+    counts = torch.ops.bregman_fused.fused_step(0, [p], [g], [v], [], [], [], [], [step], [1], 0.1, 0.0, 0.0, 0.0, 1.0, 1,
                                                  0.25, 0.0, None, torch.ones(()))
     assert counts.tolist() == [2]
     assert p.tolist() == [0.0, 1.0, 2.0, 0.0] and v.tolist() == [5.0, -1.0, 0.5, 0.0] and float(step) == 0
@@ -250,7 +250,7 @@ def _op_args(**over):
     p = [torch.randn(5), torch.randn(2, 3)]
     args = dict(kind=1, params=p, grads=[torch.randn_like(t) for t in p], duals=[torch.zeros_like(t) for t in p],
                 exp_avgs=[torch.zeros_like(t) for t in p], exp_avg_sqs=[torch.zeros_like(t) for t in p],
-                steps=[torch.zeros(()) for _ in p], group_sizes=[1, 1], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                exp_avg_scales=[], exp_avg_sq_scales=[], steps=[torch.zeros(()) for _ in p], group_sizes=[1, 1], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                 delta=1.0, reg=1, lamda_l1=0.1, lamda_group=0.0, grad_scale=None, found_inf=None)
     args.update(over)
     return args

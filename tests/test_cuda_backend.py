@@ -121,8 +121,8 @@ class Case:
         l1, group = self.reg.lamdas()
         sizes = [self.reg.group_size(p.shape) if p.dim() > 0 else 1 for p in self.params]
         h = self.hyper
-        return ops.fused_step(KIND[self.kind], self.params, self.grads, self.duals, self.exp_avgs, self.exp_avg_sqs,
-                              self.steps, sizes, h["lr"], h["beta1"], h["beta2"], h["eps"], h["delta"],
+        return ops.fused_step(KIND[self.kind], self.params, self.grads, self.duals, self.exp_avgs,
+                              self.exp_avg_sqs, [], [], self.steps, sizes, h["lr"], h["beta1"], h["beta2"], h["eps"], h["delta"],
                               REG_CODE[self.reg.kind], l1, group, grad_scale, found_inf)
 
     def reference_call(self, grad_scale=None):
@@ -329,7 +329,7 @@ def test_64bit_indexing(ops):
     g[-3000:] = torch.linspace(-2, 2, 3000, device="cuda").to(torch.bfloat16)
     v = torch.zeros(n, dtype=torch.float32, device="cuda")
     steps = [torch.zeros((), dtype=torch.float32)]
-    counts = ops.fused_step(0, [p], [g], [v], [], [], steps, [1], 1.0, 0.0, 0.0, 0.0, 1.0,
+    counts = ops.fused_step(0, [p], [g], [v], [], [], [], [], steps, [1], 1.0, 0.0, 0.0, 0.0, 1.0,
                                                 REG_CODE["l1"], 0.5, 0.0, None, None)
     # v = −g, θ = soft_threshold(v, 0.5): every element with |g| > 0.5 is non-zero
     tail_g = g[-3000:].float().cpu()
@@ -391,7 +391,7 @@ def test_capturable_step_in_cuda_graph(ops):
                 l1, group = st["reg"].lamdas()
                 torch._foreach_add_(st["steps"], 1.0)  # device counters: the caller advances them
                 ops.fused_step_capturable(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
-                                          st["s"], st["steps"], st["sizes"], lr_t, hyper["beta1"], hyper["beta2"],
+                                          st["s"], [], [], st["steps"], st["sizes"], lr_t, hyper["beta1"], hyper["beta2"],
                                           hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group, None,
                                           None, st["counts"])
 
@@ -401,7 +401,7 @@ def test_capturable_step_in_cuda_graph(ops):
             for st in eager_state.values():
                 l1, group = st["reg"].lamdas()
                 st["counts"] = ops.fused_step(1, st["params"], [p.grad for p in st["grads_of"]], st["duals"], st["m"],
-                                              st["s"], st["steps"], st["sizes"], lr, hyper["beta1"], hyper["beta2"],
+                                              st["s"], [], [], st["steps"], st["sizes"], lr, hyper["beta1"], hyper["beta2"],
                                               hyper["eps"], hyper["delta"], REG_CODE[st["reg"].kind], l1, group,
                                               None, None)
 
@@ -455,5 +455,5 @@ def test_argument_errors_name_the_argument(ops):
         case.op_call(ops)
     case = Case("linbreg", "group", [(4, 6)], torch.float32).to("cuda")
     with pytest.raises(RuntimeError, match=r"group_sizes\[0\] = 5"):
-        ops.fused_step(0, case.params, case.grads, case.duals, [], [], case.steps, [5], 0.1, 0.0, 0.0, 0.0, 1.0,
+        ops.fused_step(0, case.params, case.grads, case.duals, [], [], [], [], case.steps, [5], 0.1, 0.0, 0.0, 0.0, 1.0,
                        REG_CODE["group"], 0.0, 0.1, None, None)

@@ -27,6 +27,7 @@ import torch
 from ..regularizers import Regularizer, runs_builtin_map
 from . import loader, native, reference
 from .contract import StepFn, check_amp, check_tensors, fused_code
+from .moments import FORMATS
 
 __all__ = ["NAMES", "CAPTURABLE", "Backend", "select", "prepare", "check_name", "unavailable_reason"]
 
@@ -49,6 +50,8 @@ class Backend:
     checks_before_writes: bool = True
     # the dtypes of params and grads it takes; None: any floating dtype
     dtypes: tuple[torch.dtype, ...] | None = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # the moment formats it stores (moments.py)
+    moments: tuple[str, ...] = FORMATS
 
     def check(self, tensors, hyper, grad_scale=None, found_inf=None) -> None:
         """Every check of a step on ``tensors`` without running it (raises; writes nothing): how a
@@ -69,9 +72,11 @@ def _triton_step(tensors, hyper, reg, **amp):
 _REFERENCE = Backend("reference", reference.step, capturable=False, fused_regs_only=False, dtypes=None,
                      checks_before_writes=False)
 _FUSED = {
-    "cpu": Backend("cpu", native.cpu_step, capturable=False, fused_regs_only=True, compiled_op=True),
-    "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True, compiled_op=True),
-    "triton": Backend("triton", _triton_step, capturable=True, fused_regs_only=True),
+    "cpu": Backend("cpu", native.cpu_step, capturable=False, fused_regs_only=True, compiled_op=True,
+                   moments=native.CPU_MOMENTS),
+    "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True, compiled_op=True,
+                    moments=native.CUDA_MOMENTS),
+    "triton": Backend("triton", _triton_step, capturable=True, fused_regs_only=True, moments=("fp32",)),
 }
 
 CAPTURABLE = tuple(name for name, b in _FUSED.items() if b.capturable)
@@ -93,10 +98,13 @@ def check_name(backend: str) -> str:
     return backend
 
 
-def unavailable_reason(name: str, device: torch.device, reg: Regularizer) -> str | None:
-    """Why fused backend ``name`` cannot update tensors on ``device`` with ``reg``; None if it can."""
+def unavailable_reason(name: str, device: torch.device, reg: Regularizer, moments: str = "fp32") -> str | None:
+    """Why fused backend ``name`` cannot update tensors on ``device`` with ``reg`` and moments stored
+    as ``moments``; None if it can."""
     if not _FUSED[name].implements(reg):
         return _no_kernel_reason(reg)
+    if moments not in _FUSED[name].moments:
+        return f"backend {name!r} does not implement {moments} moments (it stores {list(_FUSED[name].moments)})"
     if name in ("cpu", "cuda"):
         if device.type != name:
             return f"backend {name!r} updates {name.upper()} tensors, got tensors on {device}"
@@ -126,7 +134,7 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(f"bregman_fused: {message}", RuntimeWarning, stacklevel=4)
 
 
-def select(backend: str, device: torch.device, reg: Regularizer) -> Backend:
+def select(backend: str, device: torch.device, reg: Regularizer, moments: str = "fp32") -> Backend:
     """The single place that maps a requested backend to the one that will run.
 
     ``"auto"`` takes the first fused backend that can run (``cuda`` then ``triton`` on GPUs,
@@ -147,12 +155,12 @@ def select(backend: str, device: torch.device, reg: Regularizer) -> Backend:
             return _REFERENCE
         candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for name in candidates:
-            if unavailable_reason(name, device, reg) is None:
+            if unavailable_reason(name, device, reg, moments) is None:
                 return _FUSED[name]
         if device.type == "cpu" and _FUSED["cpu"].implements(reg):
-            _warn_once("cpu", f"falling back to the reference backend ({unavailable_reason('cpu', device, reg)})")
+            _warn_once("cpu", f"falling back to the reference backend ({unavailable_reason('cpu', device, reg, moments)})")
         return _REFERENCE
-    reason = unavailable_reason(backend, device, reg)
+    reason = unavailable_reason(backend, device, reg, moments)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run here: {reason}")
     return _FUSED[backend]

@@ -24,6 +24,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..regularizers import Regularizer, runs_builtin_map
+from .moments import format_of as moments_format_of
+from .moments import scale_shape as moments_scale_shape
 
 __all__ = ["Kind", "RegCode", "fused_code", "state_dtype", "Hyper", "StepTensors", "check_amp", "check_tensors",
            "begin_step", "undo_step", "StepFn"]
@@ -178,7 +180,11 @@ class Hyper:
 
 class StepTensors(NamedTuple):
     """The lists one backend call updates in place, one entry per param (``exp_avgs`` holds
-    LinBreg's momentum buffers; lists a kind does not use are empty)."""
+    LinBreg's momentum buffers; lists a kind does not use are empty).
+
+    The moments of one call share a format (moments.py): float32 (the state dtype), bfloat16, or
+    8-bit codes (int8 m, uint8 s) with their block scales in ``exp_avg_scales`` /
+    ``exp_avg_sq_scales`` (empty for the other formats)."""
 
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
@@ -186,6 +192,13 @@ class StepTensors(NamedTuple):
     exp_avgs: list[torch.Tensor]
     exp_avg_sqs: list[torch.Tensor]
     steps: list[torch.Tensor]
+    exp_avg_scales: list[torch.Tensor] = []
+    exp_avg_sq_scales: list[torch.Tensor] = []
+
+    @property
+    def moments(self) -> str:
+        """The format of this call's moments ("fp32" when it has none)."""
+        return moments_format_of(self.exp_avgs[0]) if self.exp_avgs else "fp32"
 
 
 def check_amp(grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
@@ -202,7 +215,7 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
     param's shape; all on params[0]'s device; one-element step counts. ``dtypes``: the param (and
     grad) dtypes the backend supports. One pass, attribute reads and comparisons only (it runs on
     every tensor at every step where a backend has no compiled checks)."""
-    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors[:6]
     n = len(params)
     states = [(name, lst) for name, lst, used in (("duals", duals, hyper.uses_dual),
                                                    ("exp_avgs", exp_avgs, hyper.uses_exp_avg),
@@ -212,6 +225,10 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
             raise ValueError(f"{name}: expected {n} tensors (one per param), got {len(lst)}")
     if n == 0:
         return
+    fmt = tensors.moments if hyper.uses_exp_avg else "fp32"
+    if fmt != "fp32":
+        _check_compact_moments(tensors, hyper, fmt)
+        states = states[:1]  # the dual; the moments were checked
     device = params[0].device
     for i, (p, g) in enumerate(zip(params, grads)):
         dtype, shape = p.dtype, p.shape
@@ -233,6 +250,35 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
         if steps[i].numel() != 1 or steps[i].dtype != torch.float32:
             raise ValueError(f"steps[{i}]: expected a one-element float32 step count, got {steps[i].dtype} with "
                              f"{steps[i].numel()} elements")
+
+
+def _check_compact_moments(tensors: StepTensors, hyper: Hyper, fmt: str) -> None:
+    """The moments of a compact call (moments.py): one format for all, param-shaped, bf16 or the
+    8-bit codes (contiguous) with block scales of ``moments.scale_shape``; params not float64."""
+    lists = [("exp_avgs", tensors.exp_avgs, "exp_avg_scales", tensors.exp_avg_scales, torch.int8)]
+    if hyper.uses_exp_avg_sq:
+        lists.append(("exp_avg_sqs", tensors.exp_avg_sqs, "exp_avg_sq_scales", tensors.exp_avg_sq_scales, torch.uint8))
+    n = len(tensors.params)
+    for name, lst, scale_name, scales, code_dtype in lists:
+        want = torch.bfloat16 if fmt == "bf16" else code_dtype
+        if fmt == "8bit" and len(scales) != n:
+            raise ValueError(f"{scale_name}: expected {n} tensors (one block-scale tensor per 8-bit moment), "
+                             f"got {len(scales)}")
+        for i, (p, st) in enumerate(zip(tensors.params, lst)):
+            if p.dtype == torch.float64:
+                raise TypeError(f"params[{i}]: {fmt} moments are for float32/bf16/fp16 params; a float64 param "
+                                "keeps float64 moments (moments='fp32')")
+            if st.dtype != want or st.shape != p.shape or st.device != p.device:
+                raise ValueError(f"{name}[{i}]: expected {want} of shape {list(p.shape)} on {p.device} ({fmt} moments "
+                                 f"of this call), got {st.dtype} {list(st.shape)} on {st.device}")
+            if fmt == "8bit":
+                sc, shape = scales[i], moments_scale_shape(p.shape)
+                if not (p.is_contiguous() and st.is_contiguous()):
+                    raise ValueError(f"{name}[{i}]: 8-bit moments need a contiguous param and codes (their blocks "
+                                     "follow dim-0 rows in memory); call .contiguous() on the param")
+                if sc.dtype != torch.float32 or tuple(sc.shape) != shape or sc.device != p.device or not sc.is_contiguous():
+                    raise ValueError(f"{scale_name}[{i}]: expected contiguous float32 of shape {list(shape)} on "
+                                     f"{p.device}, got {sc.dtype} {list(sc.shape)} on {sc.device}")
 
 
 def begin_step(steps: list[torch.Tensor], found_inf: torch.Tensor | None, capturable: bool,

@@ -24,13 +24,15 @@ def register(op_name: str) -> None:
     if op_name == "fused_step":
         for overload in ("", ".tensor_lr"):  # lr a float or a one-element tensor: the same output
             @torch.library.register_fake(qualname + overload)
-            def _fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, lr, beta1, beta2,
-                            eps, delta, reg, lamda_l1, lamda_group, grad_scale, found_inf):
+            def _fused_step(kind, params, grads, duals, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps,
+                            group_sizes, lr, beta1, beta2, eps, delta, reg, lamda_l1, lamda_group, grad_scale,
+                            found_inf):
                 return _counts_like(params, grad_scale, found_inf)
     elif op_name == "fused_step_capturable":
         @torch.library.register_fake(qualname)
-        def _fused_step_capturable(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, lr, beta1,
-                                   beta2, eps, delta, reg, lamda_l1, lamda_group, grad_scale, found_inf, counts):
+        def _fused_step_capturable(kind, params, grads, duals, exp_avgs, exp_avg_sqs, exp_avg_scales,
+                                   exp_avg_sq_scales, steps, group_sizes, lr, beta1, beta2, eps, delta, reg, lamda_l1,
+                                   lamda_group, grad_scale, found_inf, counts):
             return None
     else:
         raise ValueError(f"no fake kernel for {qualname}")

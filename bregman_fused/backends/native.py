@@ -13,7 +13,11 @@ from . import loader
 from .contract import Hyper, StepTensors, fused_code
 from .layout import kernel_views
 
-__all__ = ["cpu_step", "cuda_step"]
+__all__ = ["cpu_step", "cuda_step", "CPU_MOMENTS", "CUDA_MOMENTS"]
+
+# the moment formats each op's kernels store (moments.py)
+CPU_MOMENTS = ("fp32",)
+CUDA_MOMENTS = ("fp32",)
 
 
 def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=None, found_inf=None,
@@ -21,7 +25,8 @@ def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=
     """One call of the op for the bucket; returns the non-zeros of each new θ. ``capturable`` on
     CUDA tensors: ``fused_step_capturable``, with the counts and lr on the device and no host read
     (reference.py [note: capturable])."""
-    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors[:6]
+    scales = (list(tensors.exp_avg_scales), list(tensors.exp_avg_sq_scales))  # 8-bit moments: contiguous, as they are
     code = fused_code(reg)
     if code is None:
         raise ValueError(f"the fused backends do not implement the {type(reg).__name__} regularizer "
@@ -42,14 +47,16 @@ def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=
         if capturable and device is not None and device.type == "cuda":
             counts = torch.empty(len(params), dtype=torch.int64, device=device)
             torch.ops.bregman_fused.fused_step_capturable(
-                int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, _device_lr(hyper.lr, device),
+                int(hyper.kind), params_c, grads_c, *states_c, *scales, list(steps), group_sizes,
+                _device_lr(hyper.lr, device),
                 *scalars, counts)
         elif isinstance(hyper.lr, torch.Tensor):  # read by the op, not here: no recompile per value
             counts = torch.ops.bregman_fused.fused_step.tensor_lr(
-                int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, hyper.lr, *scalars)
+                int(hyper.kind), params_c, grads_c, *states_c, *scales, list(steps), group_sizes, hyper.lr, *scalars)
         else:
             counts = torch.ops.bregman_fused.fused_step(
-                int(hyper.kind), params_c, grads_c, *states_c, list(steps), group_sizes, float(hyper.lr), *scalars)
+                int(hyper.kind), params_c, grads_c, *states_c, *scales, list(steps), group_sizes, float(hyper.lr),
+                *scalars)
         # a skipped (capturable) step copies back unchanged values: harmless, and no host read
         for orig, c in writeback:
             orig.copy_(c)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..regularizers import Regularizer
+from . import moments
 from .contract import Hyper, Kind, StepTensors, state_dtype
 
 
@@ -29,7 +30,7 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     (and the cpu backend) compute the same values and return but read lr, the counts and found_inf
     on the host.
     """
-    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors[:6]
     if found_inf is not None and bool(found_inf.item()):
         return nonzeros(params)
     lr = float(hyper.lr)
@@ -37,6 +38,7 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     # per-step constants, read once (the loop runs per tensor: thousands of them in a big model)
     one_minus_beta1, one_minus_beta2, mom_scale = hyper.one_minus_beta1, hyper.one_minus_beta2, hyper.mom_scale
     momentum, delta = hyper.momentum, hyper.delta
+    compact = hyper.uses_exp_avg and tensors.moments != "fp32"  # moments.py: decode, fp32 update, encode
     for i, p in enumerate(params):
         dtype = state_dtype(p)
         g = grads[i].to(dtype)
@@ -48,22 +50,51 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
             v = duals[i]
             if linbreg:
                 if momentum:
-                    m = exp_avgs[i]
+                    m = _decoded(tensors, i, signed=True) if compact else exp_avgs[i]
                     m.mul_(hyper.beta1).add_(g, alpha=mom_scale)
                     v.sub_(m)
+                    if compact:
+                        _store(tensors, i, m, None, float(steps[i].item()))
                 else:
                     v.add_(g, alpha=-lr)
             else:
                 # the same op sequence as torch.optim.Adam's single-tensor path
                 t = float(steps[i].item())  # per tensor: under torch.compile a data-dependent value
-                m, s = exp_avgs[i], exp_avg_sqs[i]
+                if compact:
+                    m, s = _decoded(tensors, i, signed=True), _decoded(tensors, i, signed=False)
+                else:
+                    m, s = exp_avgs[i], exp_avg_sqs[i]
                 m.lerp_(g, one_minus_beta1)
                 s.mul_(hyper.beta2).addcmul_(g, g, value=one_minus_beta2)
-                denom = (s.sqrt() / hyper.bc2_sqrt(t)).add_(hyper.eps)
+                root = s.sqrt()
+                denom = (root / hyper.bc2_sqrt(t)).add_(hyper.eps)
                 v.addcdiv_(m, denom, value=-hyper.step_size(t))
+                if compact:
+                    _store(tensors, i, m, (s, root), t)
             theta = reg.prox(v, delta)
         p.copy_(theta)
     return nonzeros(params)
+
+
+def _decoded(tensors: StepTensors, i: int, signed: bool) -> torch.Tensor:
+    """Moment i of a compact call as a new float32 tensor (moments.py)."""
+    stored = tensors.exp_avgs[i] if signed else tensors.exp_avg_sqs[i]
+    scale = (tensors.exp_avg_scales if signed else tensors.exp_avg_sq_scales) or None
+    return moments.to_float(stored, scale[i] if scale else None, signed)
+
+
+def _store(tensors: StepTensors, i: int, m: torch.Tensor, s_and_root, t: float) -> None:
+    """Write the new float32 moments of tensor i in the call's compact format: bf16 stochastically
+    rounded with the step count's random bits, or 8-bit codes and block scales (s coded by √s)."""
+    step = int(t)
+    if tensors.moments == "bf16":
+        tensors.exp_avgs[i].copy_(moments.round_bf16(m, step, moments.SR_STREAM_M))
+        if s_and_root is not None:
+            tensors.exp_avg_sqs[i].copy_(moments.round_bf16(s_and_root[0], step, moments.SR_STREAM_S))
+        return
+    moments.encode_m(m, tensors.exp_avgs[i], tensors.exp_avg_scales[i])
+    if s_and_root is not None:
+        moments.encode_s(s_and_root[1], tensors.exp_avg_sqs[i], tensors.exp_avg_sq_scales[i])
 
 
 def nonzeros(params: list[torch.Tensor]) -> torch.Tensor:

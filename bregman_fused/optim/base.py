@@ -22,7 +22,7 @@ from ..backends.contract import Hyper, Kind, StepTensors, state_dtype
 from ..backends.layout import in_layout_of
 from ..functional import dual_from_theta, fused_step, step_count
 from ..regularizers import NoReg
-from . import checks
+from . import checks, moment_states
 from .plan import Bucket, CountsBuffers, Plans
 from .state_dict import load_state_dict, state_dict
 from .tracked_state import TrackedState
@@ -111,18 +111,30 @@ class BregmanOptimizer(Optimizer):
         """Group settings that decide which state lists a bucket needs (cache key part)."""
         return ()
 
-    def _state_lists(self, group: dict[str, Any], states: list[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
-        """The bucket's state lists by StepTensors field (duals, exp_avgs, exp_avg_sqs), creating the
-        moments a step needs (zeros, laid out like the dual)."""
+    def _state_lists(self, group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, Any]],
+                     fmt: str) -> dict[str, list[torch.Tensor]]:
+        """The bucket's state lists by StepTensors field (duals, exp_avgs, exp_avg_sqs and the 8-bit
+        scales), making the moments a step needs (zeros) in the bucket's moments format ``fmt``, or
+        converting them to it (moment_states.ensure)."""
         raise NotImplementedError
+
+    def _uses_moments(self, group: dict[str, Any]) -> bool:
+        """Whether a step of this group keeps moments (whose format ``group["moments"]`` sets)."""
+        return False
+
+    def _moments_format(self, group: dict[str, Any], p: torch.Tensor) -> str:
+        """The format p's moments are stored in (backends/moments.py), "fp32" without moments."""
+        return moment_states.target_format(p, group) if self._uses_moments(group) else "fp32"
 
     def _hyper(self, group: dict[str, Any]) -> Hyper:
         raise NotImplementedError
 
     def _state_keys(self) -> tuple[set[str], set[str]]:
-        """(keys a param's state may hold, keys it must hold once it exists)."""
+        """(keys a param's state may hold, keys it must hold once it exists). An 8-bit moment's
+        block scales are in ``<moment>_scale``."""
         needed = {"step", "dual"} if self._has_dual else {"step"}
-        return needed | set(self._moment_keys), needed | set(self._moment_keys_needed)
+        scales = {k + moment_states.SCALE_SUFFIX for k in self._moment_keys}
+        return needed | set(self._moment_keys) | scales, needed | set(self._moment_keys_needed)
 
     _moment_keys: tuple[str, ...] = ()  # moments a state may hold
     _moment_keys_needed: tuple[str, ...] = ()  # moments it must hold (made together with the dual)
@@ -159,7 +171,7 @@ class BregmanOptimizer(Optimizer):
     def _bucket_lists(self, group: dict[str, Any], bucket: Bucket) -> dict[str, list[torch.Tensor]]:
         """A bucket's first step: lazy state, then the lists the backends update (local shards)."""
         states = [self._init_state(p, group) for p in bucket.params]
-        lists = self._state_lists(group, states)
+        lists = self._state_lists(group, bucket.params, states, bucket.moments)
         lists = {k: [dist_utils.local(t) for t in ts] for k, ts in lists.items()}
         lists["params"] = [dist_utils.local(p) for p in bucket.params]
         lists["steps"] = [placed_step(s, p, group) for p, s in zip(bucket.params, states)]
@@ -195,7 +207,8 @@ class BregmanOptimizer(Optimizer):
             self._check_group(group)
             params = [p for p in group["params"] if p.grad is not None]
             checks.check_sparse_grads(owner, params)
-            buckets = self._plans.buckets(group_index, group, params, self.backend, self._state_signature(group))
+            buckets = self._plans.buckets(group_index, group, params, self.backend, self._state_signature(group),
+                                          lambda p, group=group: self._moments_format(group, p))
             plan.append((group_index, group, buckets))
         if self.state.version != self._seen_state_version:  # opt.state was edited: rebuild from it
             self._plans.drop_lists()
@@ -204,7 +217,7 @@ class BregmanOptimizer(Optimizer):
         fresh = [(group_index, group, bucket) for group_index, group, buckets in plan for bucket in buckets
                  if bucket.lists is None]
         for group_index, group, bucket in fresh:
-            checks.check_states(owner, group_index, bucket.params, self.state, allowed, needed)
+            checks.check_states(owner, group_index, bucket.params, self.state, allowed, needed, self._moment_keys)
         for group_index, group, bucket in fresh:
             bucket.lists = self._bucket_lists(group, bucket)
         self._seen_state_version = self.state.version
@@ -221,7 +234,7 @@ class BregmanOptimizer(Optimizer):
         grads = [p.grad for p in bucket.params]
         return StepTensors(lists["params"], [dist_utils.local(g) for g in grads] if bucket.sharded else grads,
                            lists.get("duals", []), lists.get("exp_avgs", []), lists.get("exp_avg_sqs", []),
-                           lists["steps"])
+                           lists["steps"], lists.get("exp_avg_scales", []), lists.get("exp_avg_sq_scales", []))
 
     @staticmethod
     def _step_lr(group: dict[str, Any]) -> float | torch.Tensor:

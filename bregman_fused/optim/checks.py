@@ -17,6 +17,8 @@ import torch
 
 from .. import backends
 from .. import distributed as dist_utils
+from ..backends import moments
+from . import moment_states
 from ..backends.contract import state_dtype
 from ..regularizers import Regularizer
 
@@ -82,6 +84,19 @@ def check_new_group(owner: str, group: dict[str, Any]) -> None:
     check_lr_value(group["lr"])  # a device lr too: adding a group may sync
 
 
+def check_moments(group: dict[str, Any]) -> None:
+    """The ``moments`` option (backends/moments.py): a known format, and compact formats only for
+    float32/bf16/fp16 params (a float64 param's states are float64 for its precision; rounding its
+    moments to 8 or 16 bits would defeat that)."""
+    fmt = moments.check_moments(group["moments"])
+    if fmt != "fp32":
+        for p in group["params"]:
+            if p.dtype == torch.float64:
+                raise ValueError(f"moments={fmt!r} is for float32/bf16/fp16 params; this group has a float64 param "
+                                 f"{list(p.shape)} (its states are float64): use moments='fp32' for it, e.g. in a "
+                                 "param group of its own")
+
+
 def check_group(group: dict[str, Any], has_dual: bool) -> None:
     """The keys every optimizer's groups share, checked at every step. A tensor lr's value is
     checked when it is set (``check_new_group``, ``load_state_dict``) and, in eager steps, when it
@@ -122,10 +137,11 @@ def check_sparse_grads(owner: str, params: list[torch.Tensor]) -> None:
 
 
 def check_states(owner: str, group_index: int, params: list[torch.Tensor], state, allowed: set[str],
-                 needed: set[str]) -> None:
+                 needed: set[str], moment_keys: tuple[str, ...] = ()) -> None:
     """The states a bucket's lists are (re)built from, as the user may have edited them: a state
     that exists holds every key its optimizer needs, each a tensor of its param's shape, state
-    dtype and device. Missing states are made later."""
+    dtype and device; moments (``moment_keys``) in any format with their scales, on the device
+    (they are converted to the group's format next). Missing states are made later."""
     for i, p in enumerate(params):
         s = state.get(p)
         if not s:
@@ -137,6 +153,15 @@ def check_states(owner: str, group_index: int, params: list[torch.Tensor], state
                              "it at the next step")
         for key in sorted(allowed & set(s)):
             value = s[key]
+            if key.endswith(moment_states.SCALE_SUFFIX):
+                continue  # checked with its moment
+            if key in moment_keys:
+                problem = moment_states.check_stored(key, value, s.get(key + moment_states.SCALE_SUFFIX), p.shape)
+                if problem is None and dist_utils.local(value).device != dist_utils.local(p).device:
+                    problem = f"state {key!r} is on {dist_utils.local(value).device}, its param on {dist_utils.local(p).device}"
+                if problem is not None:
+                    raise ValueError(f"{owner}: param {i} of param group {group_index}: {problem}")
+                continue
             if key == "step":
                 ok = isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.float32
                 want = "a one-element float32 tensor"

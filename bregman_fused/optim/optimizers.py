@@ -8,17 +8,25 @@ import torch
 
 from ..backends.contract import Hyper, Kind
 from ..regularizers import NoReg, Regularizer
-from . import checks
+from . import checks, moment_states
 from .base import BregmanOptimizer
 
 __all__ = ["LinBreg", "AdaBreg", "ProxSGD"]
 
 
-def _zeros_like_dual(states: list[dict], key: str) -> None:
-    """Create state ``key`` (a moment) where it is missing: zeros in the dual's dtype and layout."""
-    for s in states:
-        if key not in s:
-            s[key] = torch.zeros_like(s["dual"])
+def _moment_lists(group: dict, params: list[torch.Tensor], states: list[dict], key: str, field: str,
+                  fmt: str) -> dict[str, list[torch.Tensor]]:
+    """The bucket's lists of moment ``key`` (StepTensors ``field`` and its scales), each state made
+    or converted to the bucket's format first (moment_states.ensure)."""
+    for p, s in zip(params, states):
+        moment_states.ensure(s, key, p, fmt)
+    lists = {field: [s[key] for s in states]}
+    if fmt == "8bit":
+        lists[_SCALE_FIELD[field]] = [s[key + moment_states.SCALE_SUFFIX] for s in states]
+    return lists
+
+
+_SCALE_FIELD = {"exp_avgs": "exp_avg_scales", "exp_avg_sqs": "exp_avg_sq_scales"}
 
 
 class LinBreg(BregmanOptimizer):
@@ -30,6 +38,9 @@ class LinBreg(BregmanOptimizer):
         reg: regularizer J (default ``NoReg()``; e.g. ``L1(lamda)``, ``GroupL1L2(lamda)``).
         delta: δ of the elastic net J_δ = J + ‖·‖²/(2δ); θ = prox_{δJ}(δ·v).
         momentum: β > 0 uses the paper's form m ← β·m + (1−β)·τ·g; v ← v − m.
+        moments: how the momentum buffer is stored: ``"fp32"`` (default), ``"bf16"`` (stochastic
+            rounding) or ``"8bit"`` (block-wise codes; params under 4096 elements, 1-D or not
+            contiguous keep fp32); see backends/moments.py. The dual stays float32.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         capturable: keep step counts on the params' device and accept a device tensor lr, so that
             the step can be captured in a CUDA graph.
@@ -41,23 +52,35 @@ class LinBreg(BregmanOptimizer):
     _moment_keys = ("momentum_buffer",)  # made at the first step with momentum > 0
 
     def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, delta: float = 1.0,
-                 momentum: float = 0.0, backend: str = "auto", capturable: bool = False):
+                 momentum: float = 0.0, backend: str = "auto", capturable: bool = False, moments: str = "fp32"):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, momentum=momentum,
-                        capturable=capturable)
+                        capturable=capturable, moments=moments)
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group):
         super()._check_group(group)
         checks.in_unit_interval("momentum", group["momentum"])
+        checks.check_moments(group)
+
+    def _warn_pitfalls(self, group):
+        if group["moments"] != "fp32" and group["momentum"] == 0 and not LinBreg._warned_moments:
+            LinBreg._warned_moments = True
+            warnings.warn(f"LinBreg(moments={group['moments']!r}) without momentum: there is no momentum buffer to "
+                          "store, so the option only acts once momentum > 0 (e.g. set by a scheduler)", UserWarning,
+                          stacklevel=4)
+
+    _warned_moments = False
 
     def _state_signature(self, group):
-        return (group["momentum"] > 0,)
+        return (group["momentum"] > 0, group["moments"])
 
-    def _state_lists(self, group, states):
+    def _uses_moments(self, group):
+        return group["momentum"] > 0
+
+    def _state_lists(self, group, params, states, fmt):
         lists = {"duals": [s["dual"] for s in states]}
         if group["momentum"] > 0:
-            _zeros_like_dual(states, "momentum_buffer")
-            lists["exp_avgs"] = [s["momentum_buffer"] for s in states]
+            lists.update(_moment_lists(group, params, states, "momentum_buffer", "exp_avgs", fmt))
         return lists
 
     def _hyper(self, group):
@@ -74,6 +97,9 @@ class AdaBreg(BregmanOptimizer):
         reg, delta, backend, capturable: as for ``LinBreg``.
         betas: (β1, β2), Adam's moment coefficients.
         eps: ε added to the denominator.
+        moments: how m and s are stored: ``"fp32"`` (default, 12 B of state per fp32 param),
+            ``"bf16"`` (stochastic rounding; 8 B, Adam's) or ``"8bit"`` (block-wise codes, ≈ 6 B;
+            params under 4096 elements, 1-D or not contiguous keep fp32); see backends/moments.py.
 
     With ``reg=NoReg()`` and δ = 1 this is exactly Adam.
     """
@@ -83,14 +109,15 @@ class AdaBreg(BregmanOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, reg: Regularizer | None = None, delta: float = 1.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, backend: str = "auto",
-                 capturable: bool = False):
+                 capturable: bool = False, moments: str = "fp32"):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, betas=betas, eps=eps,
-                        capturable=capturable)
+                        capturable=capturable, moments=moments)
         super().__init__(params, defaults, backend)
 
     def _check_group(self, group):
         super()._check_group(group)
         checks.check_betas(group["betas"])
+        checks.check_moments(group)
         if checks.finite("eps", group["eps"]) < 0.0:
             raise ValueError(f"Invalid eps: {group['eps']} (must be >= 0)")
 
@@ -104,11 +131,16 @@ class AdaBreg(BregmanOptimizer):
 
     _warned_lr = False  # warned once per process
 
-    def _state_lists(self, group, states):
-        _zeros_like_dual(states, "exp_avg")
-        _zeros_like_dual(states, "exp_avg_sq")
-        return {"duals": [s["dual"] for s in states], "exp_avgs": [s["exp_avg"] for s in states],
-                "exp_avg_sqs": [s["exp_avg_sq"] for s in states]}
+    def _state_signature(self, group):
+        return (group["moments"],)
+
+    def _uses_moments(self, group):
+        return True
+
+    def _state_lists(self, group, params, states, fmt):
+        return {"duals": [s["dual"] for s in states],
+                **_moment_lists(group, params, states, "exp_avg", "exp_avgs", fmt),
+                **_moment_lists(group, params, states, "exp_avg_sq", "exp_avg_sqs", fmt)}
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
@@ -132,7 +164,7 @@ class ProxSGD(BregmanOptimizer):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), capturable=capturable)
         super().__init__(params, defaults, backend)
 
-    def _state_lists(self, group, states):
+    def _state_lists(self, group, params, states, fmt):
         return {}
 
     def _hyper(self, group):

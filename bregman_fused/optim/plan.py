@@ -25,13 +25,16 @@ class Bucket:
     dtype: torch.dtype
     params: list[torch.Tensor]
     backend: Backend
+    moments: str = "fp32"  # the format of the bucket's moments (backends/moments.py)
     lists: dict[str, list[torch.Tensor]] | None = None  # state tensors, filled at the first step
     sharded: bool = False  # DTensor params: backends get the local shards of params and grads
     counts: torch.Tensor | None = None  # where the backends' counts are copied (CountsBuffers)
 
     @property
     def key(self) -> tuple:
-        return self.device, self.dtype
+        """(device, dtype), and the moments format when it is a compact one: a group with 8-bit
+        moments has an fp32 bucket for its small params beside the 8-bit one."""
+        return (self.device, self.dtype) if self.moments == "fp32" else (self.device, self.dtype, self.moments)
 
 
 class Plans:
@@ -49,14 +52,16 @@ class Plans:
             for bucket in buckets:
                 bucket.lists = None
 
-    def backend_names(self, group_index: int) -> dict[tuple[torch.device, torch.dtype], str]:
-        """{(device, dtype): name of the backend} of the group's latest buckets ({} before its first
-        step). The names come from the ``Backend`` records that ``select`` returned."""
+    def backend_names(self, group_index: int) -> dict[tuple, str]:
+        """{bucket key: name of the backend} of the group's latest buckets ({} before its first
+        step): (device, dtype), with the moments format appended for compact moments
+        (``Bucket.key``). The names come from the ``Backend`` records that ``select`` returned."""
         cached = self._plans.get(group_index)
         return {} if cached is None else {bucket.key: bucket.backend.name for bucket in cached[2]}
 
     def buckets(self, group_index: int, group: dict[str, Any], params: list[torch.Tensor], backend: str,
-                state_signature: tuple) -> list[Bucket]:
+                state_signature: tuple, moments_format=lambda p: "fp32") -> list[Bucket]:
+        """The group's buckets: its params with grads split by (device, dtype, moments format)."""
         signature = (backend, type(group["reg"]), group["capturable"], state_signature)
         cached = self._plans.get(group_index)
         if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
@@ -64,10 +69,10 @@ class Plans:
             return cached[2]
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
-            by_key[(p.device, p.dtype)].append(p)
-        buckets = [Bucket(device, dtype, members, select(backend, device, group["reg"]),
+            by_key[(p.device, p.dtype, moments_format(p))].append(p)
+        buckets = [Bucket(device, dtype, members, select(backend, device, group["reg"], fmt), moments=fmt,
                           sharded=any(map(dist_utils.is_dtensor, members)))
-                   for (device, dtype), members in by_key.items()]
+                   for (device, dtype, fmt), members in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
         return buckets
 

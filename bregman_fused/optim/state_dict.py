@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..regularizers import Regularizer, regularizer_from_dict
+from . import moment_states
 from .checks import check_lr_value
 
 FORMAT_KEY = "bregman_fused"  # {"optimizer": class name, "format": 1}
@@ -44,7 +45,7 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
     saved_groups = sd["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
         _refuse(opt, f"the checkpoint has {len(saved_groups)} param groups, this optimizer {len(opt.param_groups)}")
-    required = set(opt.defaults) - {"capturable"}  # checkpoints from before the option lack it
+    required = set(opt.defaults) - {"capturable", "moments"}  # checkpoints from before the options lack them
     groups = []
     for i, (g, current) in enumerate(zip(saved_groups, opt.param_groups)):
         missing = sorted(required - set(g))
@@ -69,6 +70,9 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
                 _refuse(opt, f"param group {i}: the checkpoint's {g['reg']!r} cannot act on a param of shape "
                              f"{list(p.shape)}: {e}")
         g.setdefault("capturable", current["capturable"])
+        if "moments" in current:
+            # the optimizer's own moments format wins: the checkpoint's moments are converted to it
+            g["moments"] = current["moments"]
         try:
             check_lr_value(g["lr"])  # set here, so checked here (steps do not read a tensor lr)
         except ValueError as e:
@@ -88,7 +92,12 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{sorted(needed)}{' and optionally ' + str(sorted(allowed - needed)) if allowed - needed else ''}"
                          " (a checkpoint of another optimizer?)")
         for key, value in state.items():
-            if key == "step":
+            if key == "step" or key.endswith(moment_states.SCALE_SUFFIX):
+                continue
+            if key in opt._moment_keys:
+                problem = moment_states.check_stored(key, value, state.get(key + moment_states.SCALE_SUFFIX), p.shape)
+                if problem is not None:
+                    _refuse(opt, f"param {pid}: {problem}")
                 continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 _refuse(opt, f"state {key!r} of param {pid} is {type(value).__name__}, not a floating-point tensor")
@@ -109,6 +118,15 @@ def load_state_dict(opt, sd: dict[str, Any], torch_load: Callable[[dict[str, Any
     torch_load({k: v for k, v in sd.items() if k != FORMAT_KEY} | {"param_groups": groups})
     # torch casts floating state to the param dtype; our states keep their own dtype (fp32 dual
     # for bf16 params), so restore them from the saved tensors bit for bit
+    # moments go into this optimizer's format (moment_states.restore: bit for bit when it is the
+    # checkpoint's, converted otherwise)
     for pid, p in zip(saved_ids, params):
-        for key, value in saved_state.get(pid, {}).items():
-            opt.state[p][key] = opt._place_state(key, value, p, group_of[pid])
+        saved = saved_state.get(pid, {})
+        state = opt.state[p]
+        for key in [k for k in state if k.endswith(moment_states.SCALE_SUFFIX)]:
+            del state[key]  # torch's load copied them; restore() puts back the ones that are still needed
+        for key, value in saved.items():
+            if key in opt._moment_keys:
+                moment_states.restore(state, saved, key, p, opt._moments_format(group_of[pid], p))
+            elif not key.endswith(moment_states.SCALE_SUFFIX):
+                state[key] = opt._place_state(key, value, p, group_of[pid])

@@ -85,15 +85,18 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
 }  // namespace
 
 at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales,
+                      at::TensorList exp_avg_sq_scales, at::TensorList steps,
                       at::IntArrayRef group_sizes, double lr, double beta1, double beta2, double eps,
                       double delta, int64_t reg, double lamda_l1, double lamda_group,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   // ---- checks: nothing is touched before all of them pass -------------------------------------
-  const StepTensors checked{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  const StepTensors checked{params, grads,    duals,         exp_avgs,         exp_avg_sqs,
+                            steps,  group_sizes, exp_avg_scales, exp_avg_sq_scales};
   const StepHyper hyper =
       make_step_hyper(kOp, kind, reg, checked, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
   check_step_tensors(kOp, hyper, checked);
+  TORCH_CHECK(hyper.moments == Moments::Fp32, kOp.op, ": compact moments are not implemented on the CPU yet");
   const at::Device cpu(at::kCPU);
   for (size_t i = 0; i < checked.size(); ++i) {
     check_step_count(kOp, i, steps[i], cpu, "the CPU op counts steps on the host");

@@ -56,6 +56,10 @@ bool check_args(const OpBoundary& op, const StepHyper& hyper, const StepTensors&
   const size_t n = t.size();
   TORCH_CHECK(n <= static_cast<size_t>(INT32_MAX), op.op, ": too many params: ", n);  // table indices are int32
   bregman::check_step_tensors(op, hyper, t);
+  // compact moments (moments="bf16"/"8bit") have no CUDA kernel yet: bregman_fused/backends/native.py
+  // CUDA_MOMENTS keeps backend selection away from this op for them
+  TORCH_CHECK(hyper.moments == bregman::Moments::Fp32, op.op, ": the CUDA kernels store fp32 moments only, got ",
+              bregman::moments_name(hyper.moments), " moments (use backend='triton' for them)");
   if (n == 0) return require_device_steps;
   const at::Device device = t.params[0].device();
   const bool device_steps = require_device_steps || t.steps[0].device().is_cuda();
@@ -101,11 +105,13 @@ void run_kernels(StepInputs& in) {
 }
 
 at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales,
+                           at::TensorList exp_avg_sq_scales, at::TensorList steps,
                            at::IntArrayRef group_sizes, double lr, double beta1, double beta2, double eps,
                            double delta, int64_t reg, double lamda_l1, double lamda_group,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, exp_avg_scales,
+                      exp_avg_sq_scales};
   const StepHyper hyper =
       bregman::make_step_hyper(kStepOp, kind, reg, t, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
   const bool device_steps = check_args(kStepOp, hyper, t, grad_scale, found_inf, /*require_device_steps=*/false);
@@ -139,23 +145,27 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
 // step without any host read use the capturable op, bregman_fused/backends/native.py)
 at::Tensor fused_step_tensor_lr_cuda(int64_t kind, at::TensorList params, at::TensorList grads,
                                      at::TensorList duals, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                     at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                                      at::TensorList steps, at::IntArrayRef group_sizes, const at::Tensor& lr,
                                      double beta1, double beta2, double eps, double delta, int64_t reg,
                                      double lamda_l1, double lamda_group, const std::optional<at::Tensor>& grad_scale,
                                      const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(lr.defined() && lr.numel() == 1 && lr.is_floating_point(), kStepOp.op,
               ": lr must be a one-element floating-point tensor");
-  return fused_step_cuda(kind, params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, lr.item<double>(),
+  return fused_step_cuda(kind, params, grads, duals, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, steps,
+                         group_sizes, lr.item<double>(),
                          beta1, beta2, eps, delta, reg, lamda_l1, lamda_group, grad_scale, found_inf);
 }
 
 void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorList grads, at::TensorList duals,
-                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps,
+                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList exp_avg_scales,
+                                at::TensorList exp_avg_sq_scales, at::TensorList steps,
                                 at::IntArrayRef group_sizes, const at::Tensor& lr, double beta1, double beta2,
                                 double eps, double delta, int64_t reg, double lamda_l1, double lamda_group,
                                 const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf, const at::Tensor& counts) {
-  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes};
+  const StepTensors t{params, grads, duals, exp_avgs, exp_avg_sqs, steps, group_sizes, exp_avg_scales,
+                      exp_avg_sq_scales};
   // lr is read from the device tensor in-kernel (LaunchArgs::lr_ptr): hyper.lr stays unused
   const StepHyper hyper = bregman::make_step_hyper(kCapturableOp, kind, reg, t, /*lr=*/0.0, beta1, beta2, eps, delta,
                                                    lamda_l1, lamda_group);
@@ -188,7 +198,8 @@ void fused_step_capturable_cuda(int64_t kind, at::TensorList params, at::TensorL
 TORCH_LIBRARY_FRAGMENT(bregman_fused, m) {
   m.def(
       "fused_step_capturable(int kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] duals, "
-      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor[] steps, int[] group_sizes, Tensor lr, "
+      "Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] exp_avg_scales, "
+      "Tensor(g!)[] exp_avg_sq_scales, Tensor[] steps, int[] group_sizes, Tensor lr, "
       "float beta1, float beta2, float eps, float delta, int reg, float lamda_l1, float lamda_group, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(e!) counts) -> ()");
 }

@@ -61,7 +61,7 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     ``capturable``: counts and lr on the device, hyper table built there, no host read (see
     reference.py [note: capturable]); ``found_inf`` is then read by the kernels, which leave a
     skipped step's tensors unchanged and count them as they are."""
-    params, grads, duals, exp_avgs, exp_avg_sqs, steps = map(list, tensors)
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps = map(list, tensors[:6])
     code = fused_code(reg)
     if code is None:
         raise ValueError(f"backend 'triton' does not implement the {type(reg).__name__} regularizer "

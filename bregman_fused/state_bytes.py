@@ -1,0 +1,27 @@
+"""Memory of an optimizer's states: bytes per parameter element, for any torch optimizer."""
+from __future__ import annotations
+
+import torch
+
+from . import distributed as dist_utils
+
+__all__ = ["state_bytes"]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The bytes of every tensor in ``optimizer.state`` (this rank's shards for DTensors), the number
+    of parameter elements of its groups, and their ratio:
+    ``{"bytes": B, "params": N, "per_param": B / N}``.
+
+    For AdaBreg with fp32 params the ratio is 12 (dual, m, s in float32) with ``moments="fp32"``,
+    8 with ``"bf16"`` (torch's Adam: 8), and 4 + 2 + 8/256 per element of the 8-bit params with
+    ``"8bit"`` (one float32 scale per 256-element block of each of m and s), plus 12 for the params
+    that keep fp32 moments (backends/moments.py). Step counters add 4 bytes per tensor."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = dist_utils.local(value)
+                total += local.numel() * local.element_size()
+    n = sum(dist_utils.local(p).numel() for g in optimizer.param_groups for p in g["params"])
+    return {"bytes": float(total), "params": float(n), "per_param": total / n if n else 0.0}

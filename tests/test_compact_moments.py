@@ -1,0 +1,324 @@
+"""Compact moments (moments="bf16" | "8bit", backends/moments.py): the spec's codes, every fused
+backend against it, and the optimizer around them (states, buckets, conversions, bytes)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bregman_fused as bf
+from bregman_fused.backends import moments, unavailable_reason
+from bregman_fused.regularizers import NoReg
+
+
+# ---- the spec ---------------------------------------------------------------------------------
+def _python_random_bits(index: int, step: int, stream: int) -> int:
+    """moments.random_bits written with Python ints (a second reading of the hash)."""
+    mask = 0xFFFFFFFF
+    x = ((index * 0x9E3779B1) ^ (step * 0x85EBCA77) ^ (stream * 0xC2B2AE3D)) & mask
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & mask
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & mask
+    x ^= x >> 16
+    return x >> 16
+
+
+def test_random_bits_are_the_uint32_hash():
+    idx = torch.tensor([0, 1, 2, 255, 256, 2**31 - 1, 2**32 - 1, 123456789])
+    for step in (1, 2, 1000, 2**24):
+        for stream in (0, 1):
+            got = moments.random_bits(idx, step, stream).tolist()
+            assert got == [_python_random_bits(int(i), step, stream) for i in idx]
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
+    x = torch.full((200_000,), 1.0 + 2**-10, dtype=torch.float32)  # a quarter of the way to the next bf16
+    r = bf.backends.moments.round_bf16(x, step=7, stream=0).to(torch.float32)
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert r.mean().item() == pytest.approx(x[0].item(), rel=2e-5)
+    # different steps and streams draw different bits
+    assert not torch.equal(moments.round_bf16(x[:64], 1, 0), moments.round_bf16(x[:64], 2, 0))
+    assert not torch.equal(moments.round_bf16(x[:64], 1, 0), moments.round_bf16(x[:64], 1, 1))
+    nan = moments.round_bf16(torch.tensor([float("nan"), -float("nan")]), 1, 0)
+    assert torch.isnan(nan).all()
+
+
+def test_8bit_round_trip_error_is_within_half_a_code():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 600, generator=gen) * torch.logspace(-6, 0, 600)
+    codes, scale = moments.to_storage(m, "8bit", signed=True)
+    assert codes.dtype == torch.int8 and scale.shape == (5, 3) and codes.abs().max() <= 127
+    back = moments.decode_m(codes, scale)
+    # the code is rint of 127·√(|m|/a): decoding is within half a code in the √ domain
+    a = torch.nn.functional.pad(scale, (0, 0)).repeat_interleave(256, dim=1)[:, :600]
+    err = ((back.abs() / a).sqrt() - (m.abs() / a).sqrt()).abs() * 127
+    assert err.max() <= 0.5 + 1e-4
+    assert torch.equal(back.sign() * (back != 0), m.sign() * (back != 0))
+    s = m.square()
+    q, b = moments.to_storage(s, "8bit", signed=False)
+    assert q.dtype == torch.uint8
+    s_back = moments.decode_s(q, b)
+    rel = ((s_back.sqrt() / b.repeat_interleave(256, 1)[:, :600]).sqrt() - (s.sqrt() / b.repeat_interleave(256, 1)[:, :600]).sqrt()).abs() * 255
+    assert rel.max() <= 0.5 + 1e-4
+
+
+def test_8bit_zero_and_non_finite_blocks():
+    m = torch.zeros(2, 300)
+    m[1, 10] = float("nan")
+    codes, scale = moments.to_storage(m, "8bit", signed=True)
+    assert codes.eq(0).all()
+    assert scale[0].eq(0).all() and torch.isnan(scale[1, 0]) and scale[1, 1] == 0
+    back = moments.decode_m(codes, scale)
+    assert back[0].eq(0).all() and torch.isnan(back[1, :256]).all() and back[1, 256:].eq(0).all()
+
+
+def test_small_1d_and_non_contiguous_params_keep_fp32_with_8bit():
+    assert moments.storage(torch.empty(64, 64), "8bit") == "8bit"
+    assert moments.storage(torch.empty(63, 64), "8bit") == "fp32"  # 4032 < MIN_8BIT_NUMEL
+    assert moments.storage(torch.empty(10_000), "8bit") == "fp32"  # 1-D
+    assert moments.storage(torch.empty(64, 80).t(), "8bit") == "fp32"  # not contiguous
+    assert moments.storage(torch.empty(3), "bf16") == "bf16"
+
+
+# ---- every fused backend against the spec -------------------------------------------------------
+# shapes: element-wise odd sizes, rows shorter than a block, rows of several blocks with a short
+# last one, and tensors that keep fp32 moments (small, 1-D) in the same group
+SHAPES = [(37,), (70, 65), (9, 700), (20, 3, 7, 7)]
+REGS = {"none": NoReg(), "l1": bf.L1(0.05), "group": bf.GroupL1L2(0.05)}
+CASES = [(kind, fmt, reg, dtype) for kind in ("adabreg", "linbreg-momentum") for fmt in ("bf16", "8bit")
+         for reg in REGS for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+STEPS = 4
+
+
+def _train(backend: str, kind: str, fmt: str, reg: str, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(device=device, dtype=dtype)) for s in SHAPES]
+    if kind == "adabreg":
+        opt = bf.AdaBreg(params, lr=1e-2, reg=REGS[reg], moments=fmt, backend=backend)
+    else:
+        opt = bf.LinBreg(params, lr=0.1, momentum=0.9, reg=REGS[reg], moments=fmt, backend=backend)
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * torch.rand(p.shape, generator=gen).pow(4)).to(device, dtype)
+        opt.step()
+    return params, opt
+
+
+def _skip_unless(backend: str, device: str, fmt: str):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")
+    reason = unavailable_reason(backend, torch.device(device), NoReg(), fmt)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def assert_moments_match(got: torch.Tensor, ref: torch.Tensor, what: str):
+    """[note: compact moments tolerance] Codes (8-bit) and bf16 bits must equal the reference's, or
+    differ by one code / one bf16 ulp where the float value before rounding differs in its last
+    bits: a kernel contracts a·b + c into one fused multiply-add (one rounding instead of two), and
+    the value of an element can then land on the other side of a rounding boundary (nearest for
+    codes, the random threshold for stochastic rounding). Such flips are rare (≤ 1 % of elements)
+    and never larger than one step; anything else is a wrong kernel."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    if ref.dtype == torch.bfloat16:
+        a, b = got.view(torch.int16).to(torch.int32), ref.view(torch.int16).to(torch.int32)
+    else:
+        a, b = got.to(torch.int32), ref.to(torch.int32)
+    diff = (a - b).abs()
+    assert diff.max().item() <= 1, f"{what}: off by {diff.max().item()} codes/ulps"
+    assert diff.ne(0).float().mean().item() <= 0.01, f"{what}: {diff.ne(0).float().mean().item():.2%} differ"
+
+
+def assert_matches_reference(backend: str, kind: str, fmt: str, reg: str, dtype, device="cpu"):
+    params, opt = _train(backend, kind, fmt, reg, dtype, device)
+    ref_params, ref_opt = _train("reference", kind, fmt, reg, dtype)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        st, rst = opt.state[p], ref_opt.state[r]
+        assert set(st) == set(rst)
+        for key in st:
+            got, ref = st[key].cpu(), rst[key]
+            if key in ("exp_avg", "exp_avg_sq", "momentum_buffer") and got.dtype != torch.float32:
+                assert_moments_match(got, ref, f"{key} of param {i} {list(p.shape)}")
+            else:
+                # duals, scales, fp32 moments of small params: float values, the table's tolerance
+                torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * max(1.0, ref.abs().max().item()),
+                                           msg=f"{key} of param {i}")
+        torch.testing.assert_close(p.detach().cpu().float(), r.detach().float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind,fmt,reg,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_cpu_matches_reference(kind, fmt, reg, dtype):
+    _skip_unless("cpu", "cpu", fmt)
+    assert_matches_reference("cpu", kind, fmt, reg, dtype)
+
+
+@pytest.mark.parametrize("kind,fmt,reg,dtype", [c for c in CASES if c[3] != torch.float16],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_triton_interpreter_matches_reference(kind, fmt, reg, dtype):
+    _skip_unless("triton", "cpu", fmt)
+    assert_matches_reference("triton", kind, fmt, reg, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind,fmt,reg,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_gpu_matches_reference(backend, kind, fmt, reg, dtype):
+    _skip_unless(backend, "cuda", fmt)
+    assert_matches_reference(backend, kind, fmt, reg, dtype, device="cuda")
+
+
+# ---- the optimizer around them ----------------------------------------------------------------
+def _adabreg_model(fmt, backend="reference"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = bf.AdaBreg(model.parameters(), lr=1e-3, reg=bf.L1(0.01), moments=fmt, backend=backend)
+    return model, opt
+
+
+def _steps(model, opt, n=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(16, 64, generator=gen)).square().mean().backward()
+        opt.step()
+
+
+def test_default_is_fp32_and_bit_identical():
+    a, opt_a = _adabreg_model("fp32")
+    torch.manual_seed(0)
+    b = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt_b = bf.AdaBreg(b.parameters(), lr=1e-3, reg=bf.L1(0.01), backend="reference")
+    _steps(a, opt_a)
+    _steps(b, opt_b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+        for k in opt_a.state[p]:
+            assert torch.equal(opt_a.state[p][k], opt_b.state[q][k])
+
+
+def test_state_layout_per_format():
+    for fmt, m_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("8bit", torch.int8)):
+        model, opt = _adabreg_model(fmt)
+        _steps(model, opt, n=1)
+        st = opt.state[model[0].weight]
+        assert st["dual"].dtype == torch.float32 and st["exp_avg"].dtype == m_dtype
+        assert ("exp_avg_scale" in st) == (fmt == "8bit")
+        if fmt == "8bit":
+            assert st["exp_avg_sq"].dtype == torch.uint8 and st["exp_avg_scale"].shape == (128, 1)
+            # the bias (1-D) and the 10×128 head (1280 < 4096) keep fp32 moments, in a bucket of their own
+            assert opt.state[model[0].bias]["exp_avg"].dtype == torch.float32
+            assert opt.state[model[2].weight]["exp_avg"].dtype == torch.float32
+            assert len(opt.backends()[0]) == 2
+
+
+def test_state_bytes_per_param():
+    expected = {"fp32": 12.0, "bf16": 8.0, "8bit": 6.3}
+    for fmt, per_param in expected.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512, bias=False))
+        opt = bf.AdaBreg(model.parameters(), lr=1e-3, moments=fmt, backend="reference")
+        _steps_big(model, opt)
+        report = bf.state_bytes(opt)
+        n = sum(p.numel() for p in model.parameters())
+        assert report["params"] == n
+        if fmt == "8bit":
+            assert report["per_param"] <= per_param
+        else:
+            assert report["per_param"] == pytest.approx(per_param, abs=0.01)
+
+
+def _steps_big(model, opt):
+    opt.zero_grad()
+    model(torch.randn(4, 512)).square().mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("src,dst", [("fp32", "8bit"), ("8bit", "fp32"), ("bf16", "8bit"), ("8bit", "bf16"),
+                                     ("fp32", "bf16"), ("bf16", "fp32"), ("8bit", "8bit"), ("bf16", "bf16")])
+def test_checkpoints_convert_between_formats(src, dst):
+    model, opt = _adabreg_model(src)
+    _steps(model, opt)
+    sd = opt.state_dict()
+    model2, opt2 = _adabreg_model(dst)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(sd)
+    w, w2 = model[0].weight, model2[0].weight
+    st, st2 = opt.state[w], opt2.state[w2]
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.int8}[dst]
+    assert st2["exp_avg"].dtype == want and ("exp_avg_scale" in st2) == (dst == "8bit")
+    assert opt2.param_groups[0]["moments"] == dst
+    if src == dst:  # bit for bit
+        for k in st:
+            assert torch.equal(st[k], st2[k]), k
+    else:  # the same moments, up to the coarser format's rounding
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            a = moments.to_float(st[key], st.get(key + "_scale"), signed)
+            b = moments.to_float(st2[key], st2.get(key + "_scale"), signed)
+            assert torch.allclose(a, b, rtol=0.1, atol=1e-3 * a.abs().max().item()), key
+    _steps(model2, opt2, n=1)  # and it steps on
+
+
+def test_changing_the_moments_key_converts_at_the_next_step():
+    model, opt = _adabreg_model("fp32")
+    _steps(model, opt)
+    m = opt.state[model[0].weight]["exp_avg"].clone()
+    opt.param_groups[0]["moments"] = "8bit"
+    _steps(model, opt, n=1)
+    st = opt.state[model[0].weight]
+    assert st["exp_avg"].dtype == torch.int8
+    opt.param_groups[0]["moments"] = "fp32"
+    _steps(model, opt, n=1)
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in opt.state[model[0].weight]
+    assert m.abs().max() > 0
+
+
+def test_bad_moments_are_refused():
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    with pytest.raises(ValueError, match=r"Invalid moments: 'int4'.*\['fp32', 'bf16', '8bit'\]"):
+        bf.AdaBreg([p], moments="int4")
+    with pytest.raises(ValueError, match="float64"):
+        bf.AdaBreg([torch.nn.Parameter(torch.randn(64, 64, dtype=torch.float64))], moments="8bit")
+    with pytest.raises(ValueError, match="float64"):
+        bf.LinBreg([torch.nn.Parameter(torch.randn(64, 64, dtype=torch.float64))], momentum=0.9, moments="bf16")
+    # a group edited to a bad value is refused at the step, before anything changes
+    opt = bf.AdaBreg([p], moments="8bit", backend="reference")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    theta = p.detach().clone()
+    opt.param_groups[0]["moments"] = "fp8"
+    with pytest.raises(ValueError, match="Invalid moments"):
+        opt.step()
+    assert torch.equal(p, theta) and all(torch.equal(before[k], opt.state[p][k]) for k in before)
+
+
+def test_a_checkpoint_with_broken_moments_is_refused_whole():
+    model, opt = _adabreg_model("8bit")
+    _steps(model, opt)
+    sd = opt.state_dict()
+    first = next(iter(sd["state"]))
+    del sd["state"][first]["exp_avg_scale"]
+    model2, opt2 = _adabreg_model("8bit")
+    _steps(model2, opt2, n=1)
+    before = {k: v.clone() for k, v in opt2.state[model2[0].weight].items()}
+    with pytest.raises(ValueError, match="exp_avg_scale"):
+        opt2.load_state_dict(sd)
+    after = opt2.state[model2[0].weight]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_linbreg_momentum_buffer_formats():
+    for fmt, dtype in (("bf16", torch.bfloat16), ("8bit", torch.int8)):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(100, 100)
+        opt = bf.LinBreg(lin.parameters(), lr=0.1, momentum=0.9, reg=bf.L1(0.1), moments=fmt, backend="reference")
+        lin(torch.randn(4, 100)).sum().backward()
+        opt.step()
+        assert opt.state[lin.weight]["momentum_buffer"].dtype == dtype
+        assert ("momentum_buffer_scale" in opt.state[lin.weight]) == (fmt == "8bit")
+    with pytest.warns(UserWarning, match="without momentum"):
+        bf.LinBreg(torch.nn.Linear(3, 3).parameters(), moments="bf16")
