@@ -71,6 +71,7 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
     """Param groups (each with a "name"): linear (``linear_reg``), conv (``conv_reg``), skips (L1),
     other (unregularized). "sgd"/"adam" = LinBreg/AdaBreg with no regularizer on one group."""
     optim, lr = cfg["optim"], cfg["lr"]
+    moments = cfg.get("moments", "fp32")  # runs saved before the option have fp32 moments
     if optim in ("sgd", "adam"):
         groups = [{"params": list(model.parameters()), "reg": NoReg(), "name": "all"}]
     else:
@@ -81,9 +82,10 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], backend: str = "auto"
                   if parts[k]]
     if optim in ("sgd", "linbreg"):
         delta = 1.0 if optim == "sgd" else cfg["delta"]
-        return LinBreg(groups, lr=lr, delta=delta, momentum=cfg["momentum"], backend=backend)
+        return LinBreg(groups, lr=lr, delta=delta, momentum=cfg["momentum"], backend=backend,
+                       moments=moments if cfg["momentum"] > 0 else "fp32")
     if optim in ("adam", "adabreg"):
-        return AdaBreg(groups, lr=lr, delta=1.0 if optim == "adam" else cfg["delta"], backend=backend)
+        return AdaBreg(groups, lr=lr, delta=1.0 if optim == "adam" else cfg["delta"], backend=backend, moments=moments)
     if optim == "proxsgd":
         return ProxSGD(groups, lr=lr, backend=backend)
     raise ValueError(f"Invalid optim: {optim!r}")

@@ -58,6 +58,8 @@ FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
     "lamda_skip": (float, "λ (L1) of the skip-connection weights (skip-ae)"),
     "delta": (float, "δ of the elastic net (Bregman optimizers)"),
     "momentum": (float, "LinBreg momentum β"),
+    "moments": (_choice("fp32", "bf16", "8bit"), "storage of AdaBreg's moments / LinBreg's momentum buffer: fp32, "
+                                                 "bf16 (stochastic rounding) or 8bit (block-wise codes)"),
     "linear_reg": (_choice("l1", "group", "none"), "regularizer of the Linear weights: l1, group (rows), none"),
     "conv_reg": (_choice("kernel", "l1", "none"), "regularizer of the Conv weights: kernel (KernelL1L2), l1, none"),
     "density": (float, "fraction of non-zero weights (or groups) at init; 1 = dense Kaiming init"),
@@ -80,7 +82,7 @@ FIELDS: dict[str, tuple[Callable[[str], Any], str]] = {
 }
 
 _COMMON = dict(
-    lamda_conv=0.0, lamda_skip=0.0, delta=1.0, momentum=0.0, linear_reg="l1", conv_reg="kernel",
+    lamda_conv=0.0, lamda_skip=0.0, delta=1.0, momentum=0.0, moments="fp32", linear_reg="l1", conv_reg="kernel",
     sparse_linear="elementwise", sparse_conv="kernel", init_scale=None, init_scale_conv=None, bn_shift=0.0,
     batch_size=128,
     lr_schedule="plateau", plateau_factor=0.5, plateau_patience=5, plateau_threshold=0.01, augment=False,
