@@ -23,8 +23,8 @@ import os
 
 import torch
 
-from cases import DEFAULT_WORKLOADS, DTYPES, GPU_WORKLOADS, OPTIMIZERS, REGS, WORKLOADS
-from providers import ANCHOR_OPTIMIZER, ANCHOR_PROVIDERS, GPU_PROVIDERS, OUR_PROVIDERS, PEER, PEER_ANCHOR, PROVIDERS
+from cases import ALL_OPTIMIZERS, DEFAULT_WORKLOADS, DTYPES, GPU_WORKLOADS, OPTIMIZERS, REGS, WORKLOADS
+from providers import ANCHOR_OPTIMIZER, ANCHOR_PROVIDERS, GPU_PROVIDERS, OUR_PROVIDERS, PEER, PROVIDERS, peer_anchor
 from report import format_row, loadavg, machine_info, table_header, write_csv
 from timing import run_anchor_case, run_case
 
@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"comma-separated subset of {', '.join(WORKLOADS)} (default: {', '.join(DEFAULT_WORKLOADS)}; "
                          "list-100m only on GPU)")
     ap.add_argument("--dtypes", type=_csv_list(tuple(DTYPES)), default=None, help="fp32,bf16 (default: both)")
-    ap.add_argument("--optimizers", type=_csv_list(OPTIMIZERS), default=None,
-                    help=f"comma-separated subset of {', '.join(OPTIMIZERS)} (default: all)")
+    ap.add_argument("--optimizers", type=_csv_list(ALL_OPTIMIZERS), default=None,
+                    help=f"comma-separated subset of {', '.join(ALL_OPTIMIZERS)} (default: {', '.join(OPTIMIZERS)}; "
+                         "the -bf16 / -8bit ones store their moments compactly)")
     ap.add_argument("--reg", choices=REGS, default="l1", help="regularizer of our optimizers (default: l1)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the tensors live (default: cuda if available, else cpu)")
@@ -155,7 +156,7 @@ def main(argv=None) -> list[dict]:
                 for kind in args.optimizers:
                     # the peer anchor (torch Adam for AdaBreg, SGD for LinBreg) joins the round-robin:
                     # ratios to it are measured side by side, under the same machine conditions
-                    peer = PEER_ANCHOR.get(kind)
+                    peer = peer_anchor(kind)
                     beside = [peer] if peer in anchors else []
                     timed_beside.update(beside)
                     rows = run_case(workload, dtype_name, kind, ours + beside, args, device, info, log)

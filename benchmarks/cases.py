@@ -19,6 +19,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import bregman_fused as bf
 
 OPTIMIZERS = ("linbreg", "linbreg-momentum", "adabreg", "proxsgd")
+# the optimizers with moments, with compact moments (moments="bf16" / "8bit"): "adabreg-8bit" etc.
+COMPACT_OPTIMIZERS = tuple(f"{kind}-{fmt}" for kind in ("linbreg-momentum", "adabreg") for fmt in ("bf16", "8bit"))
+ALL_OPTIMIZERS = OPTIMIZERS + COMPACT_OPTIMIZERS
 WORKLOADS = ("tiny", "small", "resnet18", "resnet18-channels-last", "many-small", "huge", "list-100m")
 # workloads whose 4-D tensors (conv weights) and their grads are stored channels_last
 CHANNELS_LAST_WORKLOADS = ("resnet18-channels-last",)
@@ -29,6 +32,14 @@ REGS = ("l1", "group", "none")
 
 # hyper-parameters: typical values (docs/design.md §1); they do not change the memory traffic
 LR = {"linbreg": 0.1, "linbreg-momentum": 0.1, "adabreg": 1e-3, "proxsgd": 0.1, "adam": 1e-3, "sgd": 0.1}
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """("adabreg", "8bit") for "adabreg-8bit"; (kind, "fp32") for the others."""
+    for fmt in ("bf16", "8bit"):
+        if kind.endswith("-" + fmt):
+            return kind[:-len(fmt) - 1], fmt
+    return kind, "fp32"
 LAMDA = 1e-3
 MOMENTUM = 0.9
 BETAS = (0.9, 0.999)
@@ -86,14 +97,17 @@ def make_reg(name: str):
 
 
 def bytes_per_elt(optimizer: str, dtype: torch.dtype) -> int:
-    """docs/design.md §2 floors: params/grads in ``dtype``; Bregman states fp32 (torch Adam: param dtype)."""
+    """docs/design.md §2 floors: params/grads in ``dtype``; Bregman states fp32 (torch Adam: param dtype);
+    compact moments 2 (bf16) or 1 (8-bit codes; their block scales, 4 B per 256, are not counted)."""
     p = torch.empty((), dtype=dtype).element_size()
     s = 8 if dtype == torch.float64 else 4
+    kind, fmt = split_kind(optimizer)
+    m = {"fp32": s, "bf16": 2, "8bit": 1}[fmt]  # bytes of one stored moment
     return {
         "linbreg": 2 * p + 2 * s,           # read g, v; write v, θ
-        "linbreg-momentum": 2 * p + 4 * s,  # read g, v, m; write m, v, θ
-        "adabreg": 2 * p + 6 * s,           # read g, v, m, s; write m, s, v, θ
+        "linbreg-momentum": 2 * p + 2 * s + 2 * m,  # read g, v, m; write m, v, θ
+        "adabreg": 2 * p + 2 * s + 4 * m,   # read g, v, m, s; write m, s, v, θ
         "proxsgd": 3 * p,                   # read θ, g; write θ
         "adam": 7 * p,                      # torch fused Adam: read p, g, m, s; write p, m, s
         "sgd": 3 * p,                       # torch SGD (no momentum): read p, g; write p
-    }[optimizer]
+    }[kind]

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from cases import BETAS, DELTA, EPS, LR, MOMENTUM, bf, bytes_per_elt
+from cases import BETAS, DELTA, EPS, LR, MOMENTUM, bf, bytes_per_elt, split_kind
 from research_loop import ResearchLoop
 
 # after cases, which puts a checkout without `pip install -e .` on sys.path
@@ -28,6 +28,11 @@ PEER = {"adam": "adabreg", "sgd": "linbreg"}
 PEER_ANCHOR = {PEER[opt]: provider for provider, opt in ANCHOR_OPTIMIZER.items()}
 
 
+def peer_anchor(kind: str) -> str | None:
+    """The anchor timed beside ``kind`` ("adabreg-8bit" is timed beside torch's fused Adam too)."""
+    return PEER_ANCHOR.get(split_kind(kind)[0])
+
+
 class Skip(Exception):
     """The provider cannot run this case; the message says why."""
 
@@ -42,12 +47,13 @@ def _leaf_params(params, grads):
 
 
 def _ours(kind: str, params, reg, backend: str):
+    kind, moments = split_kind(kind)
     lr = LR[kind]
     if kind in ("linbreg", "linbreg-momentum"):
         return bf.LinBreg(params, lr=lr, reg=reg, delta=DELTA, momentum=MOMENTUM if kind == "linbreg-momentum" else 0.0,
-                          backend=backend)
+                          backend=backend, moments=moments)
     if kind == "adabreg":
-        return bf.AdaBreg(params, lr=lr, reg=reg, delta=DELTA, betas=BETAS, eps=EPS, backend=backend)
+        return bf.AdaBreg(params, lr=lr, reg=reg, delta=DELTA, betas=BETAS, eps=EPS, backend=backend, moments=moments)
     return bf.ProxSGD(params, lr=lr, reg=reg, backend=backend)
 
 
@@ -99,6 +105,9 @@ def build_provider(provider: str, kind: str, params, grads, reg, reg_name: str) 
         src = torch.randn(n, device=device, dtype=torch.float32)
         dst = torch.empty_like(src)
         return lambda: dst.copy_(src)
+    moments = split_kind(kind)[1]
+    if moments != "fp32" and provider in ("research-loop", "compiled-reference"):
+        raise Skip(f"{provider} has fp32 moments only")
     if provider == "research-loop":
         return ResearchLoop(_leaf_params(params, grads), kind, reg_name, LR[kind]).step
     if provider == "compiled-reference":
@@ -114,7 +123,7 @@ def build_provider(provider: str, kind: str, params, grads, reg, reg_name: str) 
     backend = provider
     if provider != "reference":
         try:
-            select(backend, device, reg)
+            select(backend, device, reg, moments)
         except RuntimeError as e:
             raise Skip(str(e)) from None
     return _ours(kind, _leaf_params(params, grads), reg, backend).step

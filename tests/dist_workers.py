@@ -145,6 +145,43 @@ def _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after):
         return {"params": full_params(m), "density": density, "reg": reg_values}
 
 
+def moments_model(seed: int = 0) -> torch.nn.Module:
+    """Layers big enough for 8-bit moments (≥ 4096 elements), with rows of one block (36) and of two
+    (300: 256 + 44), and odd row counts that FSDP2 shards unevenly (301 → 151 + 150, 17 → 9 + 8)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 301), torch.nn.ReLU(),
+                               torch.nn.Linear(301, 17), torch.nn.ReLU(), torch.nn.Linear(17, 3))
+
+
+def moments_optimizer(m: torch.nn.Module, name: str, moments: str, backend: str):
+    weights = [m[1].weight, m[3].weight, m[5].weight]
+    groups = [{"params": weights, "reg": bf.L1(0.02)}, {"params": [m[1].bias, m[3].bias, m[5].bias]}]
+    if name == "linbreg":
+        return bf.LinBreg(groups, lr=0.1, momentum=0.5, moments=moments, backend=backend)
+    return bf.AdaBreg(groups, lr=1e-2, moments=moments, backend=backend)
+
+
+def fsdp_moments_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+    """Compact moments on FSDP2 shards: the params and the stored moments (codes and scales)."""
+    _init(rank, world, init_file)
+    try:
+        results = {}
+        for name, fmt in combos:
+            m = _shard(moments_model())
+            opt = moments_optimizer(m, name, fmt, backend)
+            train(m, opt, batches(), rank, world)
+            states = {key: (t.full_tensor() if hasattr(t, "full_tensor") else t.clone())
+                      for i, w in enumerate([m[1].weight, m[3].weight]) for k, t in opt.state[w].items()
+                      for key in [f"{i}.{k}"]}
+            results[f"{name}-{fmt}"] = {"params": full_params(m), "states": states}
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+        _finish()
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
 def resume_single_process(ckpt_dir: str, name: str, reg: str, backend: str, checkpoint_after: int):
     """Load a checkpoint written by 2 FSDP2 ranks into an unsharded model in this process."""
     import torch.distributed.checkpoint as dcp

@@ -83,6 +83,35 @@ def test_checkpoint_from_two_ranks_resumes_on_one(tmp_path):
     _assert_close(resumed, got["params"])
 
 
+MOMENT_COMBOS = [("adabreg", "8bit"), ("adabreg", "bf16"), ("linbreg", "8bit")]
+
+
+def test_fsdp2_compact_moments_match_one_process(tmp_path):
+    """8-bit blocks follow dim-0 rows, so no block straddles two shards: the sharded run stores the
+    same codes and scales as one process (within one code where the all-reduced grads differ in
+    their last bits), and trains the same params."""
+    results = _spawn(W.fsdp_moments_worker, tmp_path, MOMENT_COMBOS, "auto")
+    for name, fmt in MOMENT_COMBOS:
+        got = results[f"{name}-{fmt}"]
+        m = W.moments_model()
+        opt = W.moments_optimizer(m, name, fmt, "auto")
+        W.train(m, opt, W.batches())
+        for a, b in zip(got["params"], [p.detach() for p in m.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for i, w in enumerate([m[1].weight, m[3].weight]):
+            for key, ref in opt.state[w].items():
+                shard_run = got["states"][f"{i}.{key}"]
+                assert shard_run.dtype == ref.dtype and shard_run.shape == ref.shape, (name, fmt, key)
+                if ref.dtype in (torch.int8, torch.uint8, torch.bfloat16):
+                    a = shard_run.view(torch.int16) if ref.dtype == torch.bfloat16 else shard_run
+                    b = ref.view(torch.int16) if ref.dtype == torch.bfloat16 else ref
+                    assert (a.int() - b.int()).abs().max() <= 1, (name, fmt, key)
+                else:
+                    torch.testing.assert_close(shard_run, ref, rtol=1e-4, atol=1e-6)
+        if fmt == "8bit":
+            assert opt.state[m[3].weight]["exp_avg" if name == "adabreg" else "momentum_buffer"].dtype == torch.int8
+
+
 def _shard1_worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
