@@ -55,7 +55,7 @@ BF_HD uint32_t random_bits(uint32_t index, uint32_t step, uint32_t stream) {
 BF_HD uint16_t round_bf16_bits(float x, uint32_t r) {
   if (x != x) return 0x7FC0;
   uint32_t bits;
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)  // device pass: the intrinsic (host: memcpy)
   bits = __float_as_uint(x);
 #else
   std::memcpy(&bits, &x, sizeof(bits));
@@ -65,7 +65,7 @@ BF_HD uint16_t round_bf16_bits(float x, uint32_t r) {
 
 BF_HD float bf16_bits_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return __uint_as_float(bits);
 #else
   float x;
