@@ -64,11 +64,16 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
                     m, s = _decoded(tensors, i, signed=True), _decoded(tensors, i, signed=False)
                 else:
                     m, s = exp_avgs[i], exp_avg_sqs[i]
+                # [note: compiled reference] addcmul_/addcdiv_ are written without their ``value``:
+                # torch.compile rewrites the methods that have one into an fma of other operands
+                # (dynamo's addcmul_ decomposition), which rounds differently from eager. These
+                # forms compute the same bits as eager's s.addcmul_(g, g, value=1−β2) and
+                # v.addcdiv_(m, denom, value=−step) did, and the same under torch.compile.
                 m.lerp_(g, one_minus_beta1)
-                s.mul_(hyper.beta2).addcmul_(g, g, value=one_minus_beta2)
+                s.mul_(hyper.beta2).addcmul_(g.mul(one_minus_beta2), g)
                 root = s.sqrt()
                 denom = (root / hyper.bc2_sqrt(t)).add_(hyper.eps)
-                v.addcdiv_(m, denom, value=-hyper.step_size(t))
+                v.add_(m.mul(-hyper.step_size(t)).div_(denom))
                 if compact:
                     _store(tensors, i, m, (s, root), t)
             theta = reg.prox(v, delta)
