@@ -57,7 +57,7 @@ EOF
     tests)
         # shellcheck disable=SC2086
         run_stage tests "${TESTS_LIMIT:-300}" "${PYTEST[@]}" --junitxml="$OUT/tests.xml" \
-            ${TESTS:-tests/test_cuda_backend.py tests/test_capturable.py tests/test_layout.py tests/test_triton_backend.py tests/test_backends.py tests/test_shared_behaviour.py tests/test_compile.py -k "not cpu_matches and not interpreter"}
+            ${TESTS:-tests/test_cuda_backend.py tests/test_capturable.py tests/test_layout.py tests/test_triton_backend.py tests/test_backends.py tests/test_shared_behaviour.py tests/test_compile.py tests/test_compact_moments.py -k "not cpu_matches and not interpreter"}
         grep -E "passed|failed|error" "$OUT/tests.log" | tail -3 | tee -a "$SUMMARY"
         grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$SUMMARY"
         ;;
@@ -70,7 +70,7 @@ EOF
     bench)
         # shellcheck disable=SC2086
         run_stage bench "${BENCH_LIMIT:-200}" "$PY" benchmarks/bench_step.py --csv "$OUT/bench.csv" \
-            ${BENCH_ARGS:---workloads list-100m,resnet18 --providers cuda,triton,torch-adam-fused,copy,reference}
+            ${BENCH_ARGS:---workloads list-100m,resnet18 --providers cuda,triton,torch-adam-fused,copy,reference --optimizers linbreg,linbreg-momentum,adabreg,proxsgd,adabreg-bf16,adabreg-8bit,linbreg-momentum-bf16,linbreg-momentum-8bit}
         tail -60 "$OUT/bench.log"
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
