@@ -47,6 +47,7 @@ from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_COLS, HP_EPS, HP_
                            HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, HP_THR_ROW, KIND_ADABREG,
                            KIND_PROXSGD, _div, adabreg_update, elementwise_shrink,
                            linbreg_momentum_update, linbreg_update, proxsgd_point, row_factor)
+from .moment_math import MOMENTS_8BIT, MOMENTS_BF16, STREAM_M, STREAM_S, bf16_decode, bf16_round
 
 # Columns of the per-tensor pointer table. [note: pointer table]
 COL_PARAM = tl.constexpr(0)
@@ -58,14 +59,18 @@ COL_NUMEL = tl.constexpr(5)
 COL_ROW_LEN = tl.constexpr(6)
 COL_COUNT_SLOT = tl.constexpr(7)
 COL_ROW_CLASS = tl.constexpr(8)
-TABLE_COLS = tl.constexpr(9)
+COL_EXP_AVG_SCALE = tl.constexpr(9)  # 8-bit moments: block scales, and the length of a dim-0 row
+COL_EXP_AVG_SQ_SCALE = tl.constexpr(10)
+COL_CODE_ROW_LEN = tl.constexpr(11)
+TABLE_COLS = tl.constexpr(12)
 ENTRY_COLS = tl.constexpr(3)
 
 # ---- memory access shared by both kernels ------------------------------------------------------
 @triton.jit
 def _tensor_ptrs(table, t, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                 ALIGNED: tl.constexpr):
-    """Typed pointers to param, grad, dual, exp_avg, exp_avg_sq of tensor t. [note: pointer table]"""
+                 ALIGNED: tl.constexpr, MOMENTS: tl.constexpr):
+    """Typed pointers to param, grad, dual, exp_avg, exp_avg_sq of tensor t. [note: pointer table]
+    The moments are S_DTYPE, or stored compact (moment_math.py): bf16 bits, 8-bit codes."""
     row = table + t * TABLE_COLS
     p = tl.load(row + COL_PARAM)
     g = tl.load(row + COL_GRAD)
@@ -75,8 +80,15 @@ def _tensor_ptrs(table, t, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE
     p = p.to(tl.pointer_type(P_DTYPE))
     g = g.to(tl.pointer_type(G_DTYPE))
     v = v.to(tl.pointer_type(S_DTYPE))
-    m = m.to(tl.pointer_type(S_DTYPE))
-    s = s.to(tl.pointer_type(S_DTYPE))
+    if MOMENTS == MOMENTS_BF16:
+        m = m.to(tl.pointer_type(tl.uint16))
+        s = s.to(tl.pointer_type(tl.uint16))
+    elif MOMENTS == MOMENTS_8BIT:
+        m = m.to(tl.pointer_type(tl.int8))
+        s = s.to(tl.pointer_type(tl.uint8))
+    else:
+        m = m.to(tl.pointer_type(S_DTYPE))
+        s = s.to(tl.pointer_type(S_DTYPE))
     if ALIGNED:
         # the hint must sit on the pointers (the compiler does not carry it through int → pointer)
         p = tl.multiple_of(p, 16)
@@ -107,6 +119,17 @@ def _load_hyper(hp, t, S_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _sr_step(sr_steps, t, MOMENTS: tl.constexpr):
+    """bf16 moments: tensor t's step count (float32, already advanced) as the uint32 of the random
+    bits; 0 (unused) for the other formats, which get no count table."""
+    if MOMENTS == MOMENTS_BF16:
+        step = tl.load(sr_steps + t).to(tl.uint32)
+    else:
+        step = 0
+    return step
+
+
+@triton.jit
 def _load_grad(g_ptr, offs, mask, gs, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(S_DTYPE)
     if HAS_GRAD_SCALE:
@@ -115,27 +138,52 @@ def _load_grad(g_ptr, offs, mask, gs, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
-            KIND: tl.constexpr, MOMENTUM: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+def _load_moment(ptr, offs, mask, MOMENTS: tl.constexpr):
+    """A moment at ``offs`` as a float (bf16 widened)."""
+    if MOMENTS == MOMENTS_BF16:
+        x = bf16_decode(tl.load(ptr + offs, mask=mask, other=0))
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_moment(ptr, offs, x, mask, sr_step, STREAM: tl.constexpr, MOMENTS: tl.constexpr):
+    """Store a new moment: as it is, or stochastically rounded to bf16 with the bits of (its index
+    in memory, which is ``offs``, the step count, the moment's stream)."""
+    if MOMENTS == MOMENTS_BF16:
+        tl.store(ptr + offs, bf16_round(x, offs, sr_step, STREAM), mask=mask)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
+            KIND: tl.constexpr, MOMENTUM: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+            MOMENTS: tl.constexpr):
     """Load g and the states at ``offs``, update and store the states, return the point x that the
-    proximal map is applied to (the new dual v, or θ − τg for ProxSGD)."""
-    g = _load_grad(g_ptr, offs, mask, gs, S_DTYPE, HAS_GRAD_SCALE)
-    if KIND == KIND_PROXSGD:
+    proximal map is applied to (the new dual v, or θ − τg for ProxSGD). With 8-bit moments the
+    states were updated block by block before (moment_kernels.py): only the new dual is read."""
+    if MOMENTS == MOMENTS_8BIT:
+        x = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    elif KIND == KIND_PROXSGD:
+        g = _load_grad(g_ptr, offs, mask, gs, S_DTYPE, HAS_GRAD_SCALE)
         theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(S_DTYPE)
         x = proxsgd_point(theta, g, hyp[HP_LR])
     else:
+        g = _load_grad(g_ptr, offs, mask, gs, S_DTYPE, HAS_GRAD_SCALE)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         if KIND == KIND_ADABREG:
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-            s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+            m = _load_moment(m_ptr, offs, mask, MOMENTS)
+            s = _load_moment(s_ptr, offs, mask, MOMENTS)
             v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
                                      hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(s_ptr + offs, s, mask=mask)
+            _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
+            _store_moment(s_ptr, offs, s, mask, sr_step, STREAM_S, MOMENTS)
         elif MOMENTUM:
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+            m = _load_moment(m_ptr, offs, mask, MOMENTS)
             v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
-            tl.store(m_ptr + offs, m, mask=mask)
+            _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
         else:
             v = linbreg_update(v, g, hyp[HP_LR])
         tl.store(v_ptr + offs, v, mask=mask)
@@ -169,20 +217,22 @@ def _count_current(p_ptr, start, end, BLOCK: tl.constexpr):
 
 # ---- element-wise kernel: none / L1 / L1Pos ---------------------------------------------------
 @triton.jit
-def _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
+def _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
                        KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
-                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
-    x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       MOMENTS: tl.constexpr):
+    x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step, KIND, MOMENTUM, S_DTYPE,
+                HAS_GRAD_SCALE, MOMENTS)
     theta = elementwise_shrink(x, hyp[HP_THR_L1], REG) * hyp[HP_PROX_DELTA]
     return _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
 
 
 @triton.jit
 def elementwise_kernel(
-    table, entries, hp, counts, grad_scale, found_inf,
+    table, entries, hp, counts, grad_scale, found_inf, sr_steps,
     KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTS: tl.constexpr,
     BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -192,10 +242,11 @@ def elementwise_kernel(
     end = tl.load(entry + 2)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, ALIGNED)
+    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, ALIGNED, MOMENTS)
     row = table + t * TABLE_COLS
     slot = tl.load(row + COL_COUNT_SLOT)
     hyp = _load_hyper(hp, t, S_DTYPE)
+    sr_step = _sr_step(sr_steps, t, MOMENTS)
     gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
     # found_inf set: the program changes nothing and counts the unchanged θ
     ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
@@ -208,21 +259,21 @@ def elementwise_kernel(
         all_true = tl.full((BLOCK,), 1, tl.int1)
         for off in range(start, full_end, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, all_true, gs, hyp,
-                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE)
+            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, all_true, gs, hyp, sr_step,
+                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, MOMENTS)
         if full_end < end:
             offs = full_end + tl.arange(0, BLOCK)
-            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, offs < end, gs, hyp,
-                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE)
+            nnz += _elementwise_block(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, offs < end, gs, hyp, sr_step,
+                                      KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, MOMENTS)
         tl.atomic_add(counts + slot, tl.sum(nnz.to(tl.int64)))
 
 
 # ---- row kernel: group / sparse_group ---------------------------------------------------------
 @triton.jit
-def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp, sr_step,
                KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
                P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               R: tl.constexpr, C: tl.constexpr):
+               MOMENTS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """Rows [row_start, row_end) of length n ≤ C, R rows per [R, C] tile, one pass each."""
     nnz = tl.zeros((R, C), tl.int32)
     cols = tl.arange(0, C)[None, :]
@@ -230,7 +281,8 @@ def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
         rows = r0 + tl.arange(0, R)[:, None]
         mask = (rows < row_end) & (cols < n)
         offs = rows * n + cols
-        x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+        x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step, KIND, MOMENTUM, S_DTYPE,
+                    HAS_GRAD_SCALE, MOMENTS)
         # masked lanes can hold 0/0 (AdaBreg with ε = 0): keep them out of the norms
         u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
         factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
@@ -240,10 +292,10 @@ def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
 
 
 @triton.jit
-def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
+def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp, sr_step,
                KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
                P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-               BLOCK: tl.constexpr):
+               MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
     """Rows [row_start, row_end) longer than BLOCK: two sweeps per row. [note: row tiles]"""
     nnz = tl.zeros((BLOCK,), tl.int32)
     lane = tl.arange(0, BLOCK)
@@ -253,8 +305,8 @@ def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
         for c0 in range(0, n, BLOCK):
             mask = c0 + lane < n
             offs = base + c0 + lane
-            x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp,
-                        KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE)
+            x = _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
+                        KIND, MOMENTUM, S_DTYPE, HAS_GRAD_SCALE, MOMENTS)
             u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
             acc += u * u
         factor = row_factor(tl.sum(acc, axis=0), hyp[HP_THR_ROW])
@@ -277,25 +329,27 @@ def _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
 
 @triton.jit
 def row_kernel(
-    table, entries, hp, counts, grad_scale, found_inf,
+    table, entries, hp, counts, grad_scale, found_inf, sr_steps,
     KIND: tl.constexpr, REG: tl.constexpr, MOMENTUM: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, MOMENTS: tl.constexpr,
     BLOCK: tl.constexpr, NUM_CLASSES: tl.constexpr,
 ):
     """BLOCK = 4^(NUM_CLASSES − 1); row class k < NUM_CLASSES: [BLOCK / 4^k, 4^k] tiles;
-    class NUM_CLASSES: rows longer than BLOCK."""
+    class NUM_CLASSES: rows longer than BLOCK. With 8-bit moments it runs after
+    moment_kernels.code_block_kernel and only maps the duals that kernel updated."""
     pid = tl.program_id(0).to(tl.int64)
     entry = entries + pid * ENTRY_COLS
     t = tl.load(entry)
     row_start = tl.load(entry + 1)
     row_end = tl.load(entry + 2)
-    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, False)
+    p_ptr, g_ptr, v_ptr, m_ptr, s_ptr = _tensor_ptrs(table, t, P_DTYPE, G_DTYPE, S_DTYPE, False, MOMENTS)
     row = table + t * TABLE_COLS
     n = tl.load(row + COL_ROW_LEN)
     cls = tl.load(row + COL_ROW_CLASS)
     slot = tl.load(row + COL_COUNT_SLOT)
     hyp = _load_hyper(hp, t, S_DTYPE)
+    sr_step = _sr_step(sr_steps, t, MOMENTS)
     gs = tl.load(grad_scale).to(S_DTYPE) if HAS_GRAD_SCALE else None
     # found_inf set: the program changes nothing and counts the unchanged θ
     ok = (tl.load(found_inf) == 0) if HAS_FOUND_INF else True
@@ -304,13 +358,13 @@ def row_kernel(
     else:
         for k in tl.static_range(NUM_CLASSES):
             if cls == k:
-                nnz = _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
-                                 KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE,
+                nnz = _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp, sr_step,
+                                 KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, MOMENTS,
                                  BLOCK >> (2 * k), 1 << (2 * k))
                 tl.atomic_add(counts + slot, nnz)
         if cls == NUM_CLASSES:
-            nnz = _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp,
-                             KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, BLOCK)
+            nnz = _long_rows(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp, sr_step,
+                             KIND, REG, MOMENTUM, P_DTYPE, S_DTYPE, HAS_GRAD_SCALE, MOMENTS, BLOCK)
             tl.atomic_add(counts + slot, nnz)
 
 

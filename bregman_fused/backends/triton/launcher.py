@@ -1,6 +1,11 @@
 """The Triton backend's step: argument checks, then ONE launch per (param dtype, grad dtype) bucket
 (``kernels.elementwise_kernel`` for none/L1/L1Pos, ``kernels.row_kernel`` for the group maps) over
 every tensor of the bucket. Tables and their caches: tables.py. Contract: backends/contract.py.
+
+Compact moments (backends/moments.py): bf16 ones run in the same kernels (MOMENTS constexpr, with
+the step counts for the random bits in ``sr_steps``); 8-bit ones in
+``moment_kernels.code_block_kernel``, which also writes θ for the element-wise maps and is
+followed by ``kernels.row_kernel`` for the row maps (two launches then).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import triton.language as tl
 from ...regularizers import Regularizer
 from ..contract import Hyper, StepTensors, check_tensors, fused_code, state_dtype
 from ..layout import kernel_views
-from . import kernels, tables
+from . import kernels, moment_kernels, tables
+from .moment_math import FORMAT_CODES
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -61,7 +67,7 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
     ``capturable``: counts and lr on the device, hyper table built there, no host read (see
     reference.py [note: capturable]); ``found_inf`` is then read by the kernels, which leave a
     skipped step's tensors unchanged and count them as they are."""
-    params, grads, duals, exp_avgs, exp_avg_sqs, steps = map(list, tensors[:6])
+    params, grads, duals, exp_avgs, exp_avg_sqs, steps, m_scales, s_scales = map(list, tensors)
     code = fused_code(reg)
     if code is None:
         raise ValueError(f"backend 'triton' does not implement the {type(reg).__name__} regularizer "
@@ -86,6 +92,8 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
         step_counts = _step_counts(steps)
 
     row_kernel = code.is_row_map
+    fmt = tensors.moments if hyper.uses_exp_avg else "fp32"  # contract.check_tensors' rule
+    code_lens = [tables.code_row_len(p.shape) if fmt == "8bit" else 0 for p in params]
     group_sizes = [reg.group_size(p.shape) if row_kernel else 1 for p in params]
     used_states = [duals if hyper.uses_dual else [], exp_avgs if hyper.uses_exp_avg else [],
                    exp_avg_sqs if hyper.uses_exp_avg_sq else []]
@@ -106,7 +114,8 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
             continue
 
         infos = tuple(zip(_addresses(c_params, idx), _addresses(c_grads, idx), _addresses(c_duals, idx),
-                          _addresses(c_ms, idx), _addresses(c_ss, idx), *zip(*sizes), idx))
+                          _addresses(c_ms, idx), _addresses(c_ss, idx), *zip(*sizes), idx,
+                          _addresses(m_scales, idx), _addresses(s_scales, idx), [code_lens[i] for i in idx]))
         table, aligned = tables._table_cache.get_or_build((device, p_dtype, g_dtype, cfg, infos),
                                                           lambda: tables.build_table(infos, cfg, device), "table_builds")
         tables.keep_if_captured(device, table, entries)
@@ -118,19 +127,36 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
         args = (table, entries, hp, counts,
                 grad_scale_dev if grad_scale_dev is not None else hp,
                 found_inf_dev if found_inf_dev is not None else hp)
-        meta = dict(KIND=int(hyper.kind), REG=int(code), MOMENTUM=hyper.momentum,
+        meta = dict(KIND=int(hyper.kind), REG=int(code),
                     HAS_GRAD_SCALE=grad_scale_dev is not None, HAS_FOUND_INF=found_inf_dev is not None,
-                    P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
-                    S_DTYPE=_TL_DTYPES[state_dtype(p_dtype)])
+                    P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype])
         options = {} if interpreting() else {"enable_fp_fusion": False}
+        if fmt == "8bit":
+            # the states, block by block (and θ for the element-wise maps): moment_kernels.py
+            code_sizes = tuple((c_params[i].numel(), code_lens[i]) for i in idx)
+            code_entries, num_code_entries = tables._entries_cache.get_or_build(
+                ("8bit", device, cfg, code_sizes), lambda: tables.build_code_entries(code_sizes, cfg, device),
+                "entries_builds")
+            tables.keep_if_captured(device, code_entries)
+            tables.stats["launches"] += 1
+            with _current_device(device):
+                moment_kernels.code_block_kernel[(num_code_entries,)](
+                    table, code_entries, *args[2:], **meta, WRITE_THETA=not row_kernel, NB=cfg.code_blocks,
+                    num_warps=cfg.num_warps, **options)
+            if not row_kernel:
+                continue
+        # bf16 moments: the step counts of their random bits (hp stands in for an unused pointer)
+        sr_steps = hp if fmt != "bf16" else tables.sr_steps(
+            [steps[i] for i in idx], None if capturable else [step_counts[i] for i in idx], capturable, device)
+        meta.update(MOMENTUM=hyper.momentum, S_DTYPE=_TL_DTYPES[state_dtype(p_dtype)], MOMENTS=FORMAT_CODES[fmt])
         tables.stats["launches"] += 1
         with _current_device(device):
             if row_kernel:
-                kernels.row_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.row_block,
+                kernels.row_kernel[(num_entries,)](*args, sr_steps, **meta, BLOCK=cfg.row_block,
                                                    NUM_CLASSES=cfg.num_row_classes,
                                                    num_warps=cfg.row_num_warps, **options)
             else:
-                kernels.elementwise_kernel[(num_entries,)](*args, **meta, BLOCK=cfg.block, ALIGNED=aligned,
+                kernels.elementwise_kernel[(num_entries,)](*args, sr_steps, **meta, BLOCK=cfg.block, ALIGNED=aligned,
                                                            num_warps=cfg.num_warps, **options)
 
     for orig, copy in writeback:  # after a skipped step this copies unchanged values back

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ...regularizers import Regularizer
+from .. import moments
 from ..contract import Hyper, Kind, RegCode
 from . import kernels
 from .bregman_math import HYPER_COLUMNS
@@ -45,6 +46,7 @@ class LaunchConfig:
     row_num_warps: int
     max_chunk: int  # most elements (or row-tile elements) per program
     programs_per_sm: int
+    code_blocks: int = 8  # 8-bit moments kernel: 256-element blocks per [NB, 256] tile, a power of 2
 
     @property
     def num_row_classes(self) -> int:
@@ -54,7 +56,7 @@ class LaunchConfig:
 GPU_CONFIG = LaunchConfig(block=2048, num_warps=8, row_block=4096, row_num_warps=8, max_chunk=65536,
                           programs_per_sm=8)
 INTERPRETER_CONFIG = LaunchConfig(block=1024, num_warps=1, row_block=1024, row_num_warps=1, max_chunk=1 << 22,
-                                  programs_per_sm=1)
+                                  programs_per_sm=1, code_blocks=4)
 
 
 def launch_config(device: torch.device) -> LaunchConfig:
@@ -146,6 +148,24 @@ def build_entries(sizes, row_kernel: bool, cfg: LaunchConfig, device: torch.devi
     return torch.tensor(rows, dtype=torch.int64).to(device), len(rows)
 
 
+def build_code_entries(sizes, cfg: LaunchConfig, device: torch.device):
+    """(tensor, first block, end block) per program of the 8-bit moments kernel (moment_kernels.py):
+    ``sizes`` holds (numel, row length L) per tensor, blocks are numbered row-major, ceil(L/256)
+    per dim-0 row. Whole blocks per program; chunked by the element rule of ``_chunk``."""
+    refuse_upload_under_capture(device, "work list")
+    blocks = [numel // row_len * -(-row_len // moments.BLOCK) if numel else 0 for numel, row_len in sizes]
+    chunk = _chunk(sum(blocks) * moments.BLOCK, cfg.code_blocks * moments.BLOCK, cfg, device) // moments.BLOCK
+    rows = [(t, b, min(b + chunk, n)) for t, n in enumerate(blocks) for b in range(0, n, chunk)]
+    if not rows:
+        return None, 0
+    return torch.tensor(rows, dtype=torch.int64).to(device), len(rows)
+
+
+def code_row_len(shape) -> int:
+    """The length of a dim-0 row of an 8-bit moment, the unit its blocks follow (moments.scale_shape)."""
+    return math.prod(shape[1:]) if len(shape) else 1
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -176,7 +196,8 @@ def build_table(infos, cfg: LaunchConfig, device: torch.device):
     """The uploaded pointer table, and whether every address in it is 16-byte aligned (the
     element-wise kernel's vector path): both functions of the addresses, cached together."""
     refuse_upload_under_capture(device, "pointer table")
-    rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg)) for p, g, v, m, s, numel, n, slot in infos]
+    rows = [(p, g, v, m, s, numel, n, slot, _row_class(n, cfg), m_scale, s_scale, code_len)
+            for p, g, v, m, s, numel, n, slot, m_scale, s_scale, code_len in infos]
     table = torch.tensor(rows, dtype=torch.int64)
     assert table.shape[1] == kernels.TABLE_COLS
     aligned = all(a % 16 == 0 for info in infos for a in info[:5])
@@ -241,6 +262,15 @@ def _hyper_base(unit: Hyper, reg, shapes, device):
     mask = torch.zeros(len(rows[0]), dtype=torch.bool)
     mask[list(cols)] = True
     return torch.tensor(rows, dtype=torch.float64).to(device), mask.to(device)
+
+
+def sr_steps(steps, step_counts, capturable: bool, device: torch.device) -> torch.Tensor:
+    """Each tensor's step count (float32, one per table row) for the random bits of bf16 moments:
+    capturable, stacked from the device counters by a device op (nothing read on the host); else
+    uploaded from the counts already read on the host."""
+    if capturable:
+        return torch.stack([s.reshape(()) for s in steps]).to(torch.float32)
+    return _upload(step_counts, torch.float32, device)
 
 
 def host_hyper(hyper: Hyper, reg: Regularizer, step_counts, shapes, device):
