@@ -15,6 +15,8 @@ from .backends import NAMES as BACKENDS
 from .backends import Backend, contract, select
 from .backends.contract import Hyper, Kind, StepTensors, state_dtype
 from .backends.layout import in_layout_of
+from .backends.moments import check_moments
+from .backends.moments import to_storage as moments_to_storage
 from .regularizers import NoReg, Regularizer
 
 __all__ = ["BACKENDS", "init_states", "fused_step", "linbreg", "adabreg", "proxsgd"]
@@ -44,7 +46,7 @@ def fused_step(backend: str | Backend, tensors: StepTensors, hyper: Hyper, reg: 
 
 
 def init_states(kind: str, params: list[torch.Tensor], *, reg: Regularizer | None = None, delta: float = 1.0,
-                momentum: float = 0.0, capturable: bool = False) -> dict[str, list[torch.Tensor]]:
+                momentum: float = 0.0, capturable: bool = False, moments: str = "fp32") -> dict[str, list[torch.Tensor]]:
     """Fresh optimizer states for ``params``, made as the optimizer classes make them at a first step,
     keyed by the argument names of ``linbreg`` / ``adabreg`` / ``proxsgd``, so that e.g.
     ``adabreg(params, grads, **init_states("adabreg", params, reg=reg), lr=1e-3, reg=reg)`` runs.
@@ -52,6 +54,10 @@ def init_states(kind: str, params: list[torch.Tensor], *, reg: Regularizer | Non
     dual v = θ/δ + ∂J(θ) (the step then continues from the current θ), moments zero, step counts 0
     (float32; on the params' device when ``capturable``, else on the CPU). States are float64 for
     float64 params, else float32, in the param's memory layout (channels_last stays channels_last).
+
+    ``moments``: the format of the moments (backends/moments.py), the same for every param of the
+    call: "bf16", or "8bit" (contiguous params; block scales in ``exp_avg_scales`` etc.). The
+    optimizer classes keep fp32 moments for small params with "8bit"; this function does not.
     """
     kind = Kind.parse(kind)
     reg = reg if reg is not None else NoReg()
@@ -59,12 +65,27 @@ def init_states(kind: str, params: list[torch.Tensor], *, reg: Regularizer | Non
     if kind != Kind.PROXSGD:
         states["duals"] = [in_layout_of(dual_from_theta(p.detach(), reg, delta), p) for p in params]
     if kind == Kind.LINBREG:  # linbreg() takes the list even without momentum (then empty)
-        states["momentum_buffers"] = [zeros_state(p) for p in params] if momentum > 0 else []
+        if momentum > 0:
+            states.update(_zero_moments(params, "momentum_buffers", True, moments))
+        else:
+            states["momentum_buffers"] = []
     if kind == Kind.ADABREG:
-        states["exp_avgs"] = [zeros_state(p) for p in params]
-        states["exp_avg_sqs"] = [zeros_state(p) for p in params]
+        states.update(_zero_moments(params, "exp_avgs", True, moments))
+        states.update(_zero_moments(params, "exp_avg_sqs", False, moments))
     states["steps"] = [step_count(p, capturable) for p in params]
     return states
+
+
+def _zero_moments(params: list[torch.Tensor], name: str, signed: bool, fmt: str) -> dict[str, list[torch.Tensor]]:
+    """Zero moments of ``params`` in format ``fmt``, keyed ``name`` (and its scales for 8-bit)."""
+    check_moments(fmt)
+    if fmt == "fp32":
+        return {name: [zeros_state(p) for p in params]}
+    stored = [moments_to_storage(torch.zeros(p.shape, device=p.device), fmt, signed) for p in params]
+    out = {name: [s for s, _ in stored]}
+    if fmt == "8bit":
+        out[name[:-1] + "_scales"] = [scale for _, scale in stored]
+    return out
 
 
 def dual_from_theta(theta: torch.Tensor, reg: Regularizer, delta: float) -> torch.Tensor:
@@ -88,18 +109,20 @@ def linbreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[t
             momentum_buffers: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float | torch.Tensor,
             momentum: float = 0.0, delta: float = 1.0, reg: Regularizer | None = None, backend: str = "auto",
             grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-            capturable: bool = False) -> torch.Tensor | None:
+            capturable: bool = False, momentum_buffer_scales: list[torch.Tensor] | None = None) -> torch.Tensor | None:
     """LinBreg: m ← β·m + (1−β)·τ·g; v ← v − m (v ← v − τ·g for β = 0); θ ← prox_{δJ}(δ·v).
 
     Every function here returns the non-zeros of each new θ (None when ``found_inf`` skipped the
     step). ``capturable=True``: ``steps`` (and a tensor ``lr``) live on the params' device, the
     cuda/triton backends read nothing on the host, and the counts are returned even after a skipped
-    step (backends/reference.py [note: capturable])."""
+    step (backends/reference.py [note: capturable]). Compact moments (``init_states(moments=...)``)
+    are taken as they are stored: bf16 tensors, or 8-bit codes with their ``*_scales``."""
     if momentum > 0 and len(momentum_buffers) != len(params):
         # a fused kernel would otherwise run plain LinBreg without a word
         raise ValueError(f"momentum_buffers must hold one tensor per param when momentum > 0 "
                          f"(got {len(momentum_buffers)} for {len(params)} params)")
-    tensors = StepTensors(params, grads, duals, momentum_buffers if momentum > 0 else [], [], steps)
+    tensors = StepTensors(params, grads, duals, momentum_buffers if momentum > 0 else [], [], steps,
+                          list(momentum_buffer_scales or []) if momentum > 0 else [])
     return fused_step(backend, tensors, Hyper.linbreg(lr, momentum, delta), reg or NoReg(), grad_scale=grad_scale,
                       found_inf=found_inf, capturable=capturable)
 
@@ -109,9 +132,11 @@ def adabreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[t
             lr: float | torch.Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
             delta: float = 1.0, reg: Regularizer | None = None, backend: str = "auto",
             grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-            capturable: bool = False) -> torch.Tensor | None:
+            capturable: bool = False, exp_avg_scales: list[torch.Tensor] | None = None,
+            exp_avg_sq_scales: list[torch.Tensor] | None = None) -> torch.Tensor | None:
     """AdaBreg: Adam moments drive the dual variable; θ ← prox_{δJ}(δ·v)."""
-    tensors = StepTensors(params, grads, duals, exp_avgs, exp_avg_sqs, steps)
+    tensors = StepTensors(params, grads, duals, exp_avgs, exp_avg_sqs, steps, list(exp_avg_scales or []),
+                          list(exp_avg_sq_scales or []))
     return fused_step(backend, tensors, Hyper.adabreg(lr, beta1, beta2, eps, delta), reg or NoReg(),
                       grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
 

@@ -322,3 +322,25 @@ def test_linbreg_momentum_buffer_formats():
         assert ("momentum_buffer_scale" in opt.state[lin.weight]) == (fmt == "8bit")
     with pytest.warns(UserWarning, match="without momentum"):
         bf.LinBreg(torch.nn.Linear(3, 3).parameters(), moments="bf16")
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+def test_functional_api_takes_compact_states(fmt):
+    """init_states(moments=...) makes the states the classes make; a functional step equals the class's."""
+    from bregman_fused import functional as F
+
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(70, 65, generator=gen)
+    grads = [torch.randn(70, 65, generator=gen) for _ in range(3)]
+    p = torch.nn.Parameter(p0.clone())
+    opt = bf.AdaBreg([p], lr=1e-2, reg=bf.L1(0.05), moments=fmt, backend="reference")
+    q = p0.clone()
+    states = F.init_states("adabreg", [q], reg=bf.L1(0.05), moments=fmt)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        F.adabreg([q], [g.clone()], **states, lr=1e-2, reg=bf.L1(0.05), backend="reference")
+    assert torch.equal(p.detach(), q)
+    assert torch.equal(opt.state[p]["exp_avg"], states["exp_avgs"][0])
+    if fmt == "8bit":
+        assert torch.equal(opt.state[p]["exp_avg_sq_scale"], states["exp_avg_sq_scales"][0])
