@@ -17,7 +17,7 @@ __all__ = ["cpu_step", "cuda_step", "CPU_MOMENTS", "CUDA_MOMENTS"]
 
 # the moment formats each op's kernels store (moments.py)
 CPU_MOMENTS = ("fp32",)
-CUDA_MOMENTS = ("fp32",)
+CUDA_MOMENTS = ("fp32", "bf16", "8bit")
 
 
 def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=None, found_inf=None,

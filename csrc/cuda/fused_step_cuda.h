@@ -1,5 +1,5 @@
 // Host-side interface between the op bindings (ops_cuda.cpp, plain C++) and the kernel launchers
-// (elementwise.cu, row_group.cu, compiled by nvcc). Only ATen types cross this boundary.
+// (elementwise.cu, row_group.cu, moments_8bit.cu, compiled by nvcc). Only ATen types cross this boundary.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -43,11 +43,17 @@ struct StepInputs {
   bool in_series(int64_t i) const { return !mixed_grads || tensors.grads[i].scalar_type() == grad_dtype; }
 };
 
-// Both launch the tensors of one series (StepInputs::in_series).
-// Element-wise regularizers (None / L1 / L1Pos): multi_tensor_apply over 64Ki-element chunks.
+// All three launch the tensors of one series (StepInputs::in_series).
+// Element-wise regularizers (None / L1 / L1Pos) with fp32 or bf16 moments: multi_tensor_apply over
+// 64Ki-element chunks.
 void launch_elementwise(const StepInputs& in);
 
-// Row regularizers (Group / SparseGroup): blocks or sub-warp groups own whole rows.
+// Row regularizers (Group / SparseGroup): blocks or sub-warp groups own whole rows. With 8-bit
+// moments only θ, from the duals launch_moments_8bit wrote (run that first).
 void launch_row_group(const StepInputs& in);
+
+// 8-bit moments (hyper.moments == Moments::Int8), any regularizer: a warp per 256-element block of a
+// dim-0 row updates the dual and the moment codes and scales, and θ for the element-wise maps.
+void launch_moments_8bit(const StepInputs& in);
 
 }  // namespace bregman_cuda

@@ -1,6 +1,6 @@
 // CUDA bindings of the bregman_fused ops: argument checks (csrc/op_checks.h, shared with the CPU op,
 // plus the CUDA-only arguments), where the step counts are read and the choice of kernel. No math here (that is
-// bregman_math.h) and no kernels (elementwise.cu, row_group.cu).
+// bregman_math.h) and no kernels (elementwise.cu, row_group.cu, moments_8bit.cu).
 //
 // Registers
 //  - the CUDA kernel of `fused_step` (schema defined with TORCH_LIBRARY in csrc/ops.cpp), and
@@ -55,11 +55,7 @@ bool check_args(const OpBoundary& op, const StepHyper& hyper, const StepTensors&
                 bool require_device_steps) {
   const size_t n = t.size();
   TORCH_CHECK(n <= static_cast<size_t>(INT32_MAX), op.op, ": too many params: ", n);  // table indices are int32
-  bregman::check_step_tensors(op, hyper, t);
-  // compact moments (moments="bf16"/"8bit") have no CUDA kernel yet: bregman_fused/backends/native.py
-  // CUDA_MOMENTS keeps backend selection away from this op for them
-  TORCH_CHECK(hyper.moments == bregman::Moments::Fp32, op.op, ": the CUDA kernels store fp32 moments only, got ",
-              bregman::moments_name(hyper.moments), " moments (use backend='triton' for them)");
+  bregman::check_step_tensors(op, hyper, t);  // compact moments too (check_compact_moments)
   if (n == 0) return require_device_steps;
   const at::Device device = t.params[0].device();
   const bool device_steps = require_device_steps || t.steps[0].device().is_cuda();
@@ -84,6 +80,9 @@ StepInputs make_inputs(const StepHyper& hyper, const StepTensors& t, const std::
 
 // One launch series per grad dtype of the call (StepInputs::grad_dtype): the param dtype, and
 // float32 for float16/bfloat16 params (grads of other dtypes were converted, csrc/grad_dtypes.h).
+// The kernels of a series: fp32 and bf16 moments (compact_moments.cuh) are updated by the
+// element-wise or the row kernel with θ; 8-bit moments by moments_8bit.cu, which writes θ itself for
+// the element-wise maps, and for the row maps is followed by the row kernel's θ pass.
 void run_kernels(StepInputs& in) {
   const at::ScalarType param_dtype = in.tensors.params[0].scalar_type();
   bool param_dtype_grads = false;
@@ -94,7 +93,11 @@ void run_kernels(StepInputs& in) {
   in.mixed_grads = param_dtype_grads && float_grads;
   auto launch_series = [&](at::ScalarType grad_dtype) {
     in.grad_dtype = grad_dtype;
-    if (bregman::is_row_reg(in.hyper.reg)) {
+    const bool row_reg = bregman::is_row_reg(in.hyper.reg);
+    if (in.hyper.moments == bregman::Moments::Int8) {
+      launch_moments_8bit(in);
+      if (row_reg) launch_row_group(in);  // θ from the duals just written (same stream)
+    } else if (row_reg) {
       launch_row_group(in);
     } else {
       launch_elementwise(in);

@@ -12,6 +12,13 @@
 //    re-derives u from the stored dual (ProxSGD: from the untouched θ and g, θ is only written in
 //    sweep 2, by the same thread that read it) and writes θ. Only these rows read memory twice.
 // The table's "chunks" are groups of rows: chunk c of a tensor is rows [c·rows_per_block, ...).
+//
+// Mom, how m and s are stored (compact_moments.cuh): Fp32 and Bf16 update them here, element by
+// element. Int8: moments_8bit.cu has already updated the duals and moments (an 8-bit block follows
+// dim-0 rows, which need not be the regularizer's rows); this kernel is then the θ pass alone: u is
+// taken from the stored dual, as in sweep 2 above (for AdaBreg and LinBreg with momentum, the kinds
+// with moments, the point x of the map is the updated dual itself), and g, m, s are not read.
+#include "compact_moments.cuh"
 #include "device_memory.cuh"
 #include "dispatch_step.cuh"
 #include "fused_step_cuda.h"
@@ -42,11 +49,15 @@ __host__ __device__ __forceinline__ RowPlan row_plan(int64_t n) {
   return {kRowBlock, 1, n > static_cast<int64_t>(kRowBlock) * kRowK};
 }
 
-template <typename scalar_t, typename grad_t, typename opmath_t, Kind K, bool Momentum>
+template <typename scalar_t, typename grad_t, typename opmath_t, Kind K, bool Momentum, Moments Mom>
 __global__ void __launch_bounds__(kRowBlock)
-    row_group_kernel(const __grid_constant__ TensorListMeta<list_depth(K, Momentum), opmath_t> meta,
+    row_group_kernel(const __grid_constant__ StepTable<K, Momentum, Mom, opmath_t> meta,
                      const __grid_constant__ LaunchArgs<opmath_t> args) {
   constexpr int Depth = list_depth(K, Momentum);
+  constexpr bool kFromDual = Mom == Moments::Int8;  // the θ pass after moments_8bit.cu
+  static_assert(!kFromDual || K == Kind::AdaBreg || Momentum, "8-bit moments only for the kinds with moments");
+  using Codec = MomentCodec<kFromDual ? Moments::Fp32 : Mom, opmath_t>;  // Int8: m and s are not touched
+  using moment_t = typename Codec::stored_t;
   __shared__ opmath_t scratch[kRowBlock / 32];
 
   const int slot = meta.block_to_tensor[blockIdx.x];
@@ -59,11 +70,11 @@ __global__ void __launch_bounds__(kRowBlock)
   scalar_t* p = static_cast<scalar_t*>(meta.ptrs[kParam][slot]);
   const grad_t* g = static_cast<const grad_t*>(meta.ptrs[kGrad][slot]);
   opmath_t* v = nullptr;
-  opmath_t* m = nullptr;
-  opmath_t* s = nullptr;
+  moment_t* m = nullptr;
+  moment_t* s = nullptr;
   if constexpr (Depth >= 3) v = static_cast<opmath_t*>(meta.ptrs[kDual][slot]);
-  if constexpr (Depth >= 4) m = static_cast<opmath_t*>(meta.ptrs[kExpAvg][slot]);
-  if constexpr (Depth >= 5) s = static_cast<opmath_t*>(meta.ptrs[kExpAvgSq][slot]);
+  if constexpr (Depth >= 4 && !kFromDual) m = static_cast<moment_t*>(meta.ptrs[kExpAvg][slot]);
+  if constexpr (Depth >= 5 && !kFromDual) s = static_cast<moment_t*>(meta.ptrs[kExpAvgSq][slot]);
 
   unsigned int nnz = 0;
   if (skip_step(args.found_inf)) {  // AMP overflow: change nothing, report the current θ's non-zeros
@@ -78,6 +89,8 @@ __global__ void __launch_bounds__(kRowBlock)
   const Reg reg = args.hyper.reg;
   const bool scaled = args.grad_scale != nullptr;
   const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
+  uint32_t step = 0;  // bf16: the step count of the random bits (element e's memory index is e)
+  if constexpr (Mom == Moments::Bf16) step = sr_step(meta, args, slot);
 
   auto grad_at = [&](int64_t e) -> opmath_t {
     const opmath_t gi = static_cast<opmath_t>(g[e]);
@@ -85,17 +98,21 @@ __global__ void __launch_bounds__(kRowBlock)
   };
   // Update element e's states; return u = the element-wise part of the map (identity for Group).
   auto update = [&](int64_t e) -> opmath_t {
-    opmath_t vi = opmath_t(0), mi = opmath_t(0), si = opmath_t(0);
-    opmath_t theta_old = opmath_t(0);
-    if constexpr (K == Kind::ProxSGD) theta_old = static_cast<opmath_t>(p[e]);
-    if constexpr (Depth >= 3) vi = v[e];
-    if constexpr (Depth >= 4) mi = m[e];
-    if constexpr (Depth >= 5) si = s[e];
-    const opmath_t x = bregman::update_point<K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
-    if constexpr (Depth >= 3) v[e] = vi;
-    if constexpr (Depth >= 4) m[e] = mi;
-    if constexpr (Depth >= 5) s[e] = si;
-    return bregman::elementwise_shrink(reg, x, hp);
+    if constexpr (kFromDual) {
+      return bregman::elementwise_shrink(reg, v[e], hp);  // updated by moments_8bit.cu
+    } else {
+      opmath_t vi = opmath_t(0), mi = opmath_t(0), si = opmath_t(0);
+      opmath_t theta_old = opmath_t(0);
+      if constexpr (K == Kind::ProxSGD) theta_old = static_cast<opmath_t>(p[e]);
+      if constexpr (Depth >= 3) vi = v[e];
+      if constexpr (Depth >= 4) mi = Codec::decode(m[e]);
+      if constexpr (Depth >= 5) si = Codec::decode(s[e]);
+      const opmath_t x = moment_step_point<Mom, K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
+      if constexpr (Depth >= 3) v[e] = vi;
+      if constexpr (Depth >= 4) m[e] = Codec::encode(mi, e, step, bregman::kStreamM);
+      if constexpr (Depth >= 5) s[e] = Codec::encode(si, e, step, bregman::kStreamS);
+      return bregman::elementwise_shrink(reg, x, hp);
+    }
   };
   // Sweep 2 of long rows: the same u again, from what sweep 1 left in memory.
   auto recompute = [&](int64_t e) -> opmath_t {
@@ -178,8 +195,11 @@ __global__ void __launch_bounds__(kRowBlock)
 }  // namespace
 
 void launch_row_group(const StepInputs& in) {
-  dispatch_step(in, [&](auto variant) {
+  auto launch = [&](auto variant) {
     using V = decltype(variant);
+    // the θ pass of 8-bit moments reads no grad: one kernel per param dtype (grad_t = scalar_t), the
+    // same table type (StepTable does not depend on the grad dtype)
+    using grad_t = std::conditional_t<V::moments == Moments::Int8, typename V::scalar_t, typename V::grad_t>;
     launch_step_tables<V>(
         in,
         [&](int64_t i) -> int64_t {
@@ -190,10 +210,15 @@ void launch_row_group(const StepInputs& in) {
           return (numel / n + plan.rows_per_block - 1) / plan.rows_per_block;
         },
         [&](const auto& meta, const auto& args, int nblocks, cudaStream_t stream) {
-          row_group_kernel<typename V::scalar_t, typename V::grad_t, typename V::opmath_t, V::kind, V::momentum>
+          row_group_kernel<typename V::scalar_t, grad_t, typename V::opmath_t, V::kind, V::momentum, V::moments>
               <<<nblocks, kRowBlock, 0, stream>>>(meta, args);
         });
-  });
+  };
+  switch (in.hyper.moments) {
+    case Moments::Fp32: return dispatch_step(in, launch);
+    case Moments::Bf16: return dispatch_compact_step<Moments::Bf16>(in, launch);
+    case Moments::Int8: return dispatch_compact_step<Moments::Int8>(in, launch);  // after launch_moments_8bit
+  }
 }
 
 }  // namespace bregman_cuda
