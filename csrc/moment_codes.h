@@ -124,4 +124,68 @@ BF_HD float max_abs(float acc, float x) {
   return (a != a || acc != acc) ? (a != a ? a : acc) : (a > acc ? a : acc);
 }
 
+// ---- the float update of compact moments, rounded as the reference's torch ops round ------------
+// [note: torch's roundings] reference.py's moment updates are torch ops whose kernels fuse a
+// multiply-add (one rounding instead of two): lerp (at::vec::fmadd; CUDA: the contracted a + w·(b − a)),
+// add(alpha) (fmadd), addcmul (self + (value·t1)·t2, contracted); addcdiv is self + (value·t1)/t2.
+// The fp32-moment kernels keep bregman_math.h's unfused forms (their results must not change), which
+// differ from the reference by an ulp in a few % of elements. For compact moments those ulps matter
+// more: a value that cancels to exactly 0 in one form and to ±1e-11 in the other differs in all its
+// bf16 bits, and any difference can flip an 8-bit code. So compact moments update in the
+// reference's roundings, and match it bit for bit. bf_fma is a fused multiply-add (a·b + c, one rounding).
+BF_HD float bf_fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+
+}  // namespace bregman
+
+// The SIMD overload, declared before the templates that call it (see bregman_math.h on two-phase
+// lookup). Without AVX2, at::vec's generic fmadd is a·b + c, two roundings: lane by lane instead.
+#if defined(BREGMAN_MATH_HAS_AT_VEC)
+namespace bregman {
+inline at::vec::Vectorized<float> bf_fma(const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b,
+                                         const at::vec::Vectorized<float>& c) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(a, b, c);
+#else
+  using V = at::vec::Vectorized<float>;
+  float x[V::size()], y[V::size()], z[V::size()];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int k = 0; k < V::size(); ++k) x[k] = ::fmaf(x[k], y[k], z[k]);
+  return V::loadu(x);
+#endif
+}
+}  // namespace bregman
+#endif
+
+namespace bregman {
+
+// torch.lerp(a, b, w) for a scalar weight as torch computes it: fma(w, b − a, a) for w < 0.5, else
+// fma(w − 1, b − a, b) (w − 1 is exact there).
+template <typename T, typename S>
+BF_HD T lerp_fused(T a, T b, S w) {
+  if (w < S(0.5)) return bf_fma(T(w), b - a, a);
+  return bf_fma(T(w - S(1)), b - a, b);
+}
+
+// One element's step for a kind with moments, in reference.py's op order and torch's roundings:
+// LinBreg (β > 0):  m.mul_(β).add_(g, alpha=(1−β)·τ);  v.sub_(m)
+// AdaBreg:          m.lerp_(g, 1−β1);  s.mul_(β2).addcmul_(g, g, value=1−β2);
+//                   v.addcdiv_(m, √s/√(1−β2^t) + ε, value=−τ/(1−β1^t))
+// Returns the point x = v the proximal map is applied to.
+template <Kind K, typename T, typename S>
+BF_HD T moment_update_fused(T g, T& v, T& m, T& s, const StepParams<S>& hp) {
+  static_assert(K == Kind::LinBreg || K == Kind::AdaBreg, "the kinds with moments");
+  if constexpr (K == Kind::LinBreg) {
+    m = bf_fma(T(hp.mom_scale), g, m * T(hp.beta1));
+    v = v - m;
+  } else {
+    m = lerp_fused(m, g, hp.one_minus_beta1);
+    s = bf_fma(T(hp.one_minus_beta2) * g, g, s * T(hp.beta2));
+    const T denom = bf_sqrt(s) / T(hp.bc2_sqrt) + T(hp.eps);
+    v = v + (T(-hp.step_size) * m) / denom;
+  }
+  return v;
+}
+
 }  // namespace bregman

@@ -38,6 +38,21 @@ bool use_streaming_stores(int64_t theta_bytes) {
   return theta_bytes >= kStreamThresholdBytes;
 }
 
+// Compact moments (csrc/moment_codes.h): the stored tensors, the 8-bit block scales and row length,
+// and the step count that seeds bf16's random bits (the reference's int(step), as uint32).
+template <typename T>
+void set_compact_moments(const StepHyper& hyper, const StepTensors& t, size_t i, double step, TensorWork<T>& tw) {
+  if (!t.exp_avgs.empty()) tw.mq = t.exp_avgs[i].data_ptr();
+  if (!t.exp_avg_sqs.empty()) tw.sq = t.exp_avg_sqs[i].data_ptr();
+  tw.step = static_cast<uint32_t>(static_cast<int64_t>(step));
+  if (hyper.moments == Moments::Int8) {
+    const at::Tensor& p = t.params[i];
+    tw.row_len = p.numel() > 0 ? p.numel() / p.size(0) : 1;
+    if (!t.exp_avg_scales.empty()) tw.m_scale = t.exp_avg_scales[i].data_ptr<float>();
+    if (!t.exp_avg_sq_scales.empty()) tw.s_scale = t.exp_avg_sq_scales[i].data_ptr<float>();
+  }
+}
+
 template <typename scalar_t>
 void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<double>& step_values,
             const std::optional<at::Tensor>& grad_scale, int64_t* counts) {
@@ -61,8 +76,12 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
     tw.theta = t.params[i].data_ptr();
     tw.grad = t.grads[i].data_ptr();
     if (!t.duals.empty()) tw.v = t.duals[i].data_ptr<T>();
-    if (!t.exp_avgs.empty()) tw.m = t.exp_avgs[i].data_ptr<T>();
-    if (!t.exp_avg_sqs.empty()) tw.s = t.exp_avg_sqs[i].data_ptr<T>();
+    if (hyper.moments == Moments::Fp32) {
+      if (!t.exp_avgs.empty()) tw.m = t.exp_avgs[i].data_ptr<T>();
+      if (!t.exp_avg_sqs.empty()) tw.s = t.exp_avg_sqs[i].data_ptr<T>();
+    } else {
+      set_compact_moments(hyper, t, i, step_values[i], tw);
+    }
     tw.numel = t.params[i].numel();
     tw.n = is_row_reg(hyper.reg) ? t.group_sizes[i] : 1;
     tw.hp = make_step_params<T>(hyper, step_values[i], tw.n);
@@ -96,7 +115,6 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
   const StepHyper hyper =
       make_step_hyper(kOp, kind, reg, checked, lr, beta1, beta2, eps, delta, lamda_l1, lamda_group);
   check_step_tensors(kOp, hyper, checked);
-  TORCH_CHECK(hyper.moments == Moments::Fp32, kOp.op, ": compact moments are not implemented on the CPU yet");
   const at::Device cpu(at::kCPU);
   for (size_t i = 0; i < checked.size(); ++i) {
     check_step_count(kOp, i, steps[i], cpu, "the CPU op counts steps on the host");

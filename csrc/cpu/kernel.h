@@ -18,9 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bregman_math.h"
+#include "moment_rows.h"
+#include "moment_sweep.h"
 #include "row_maps.h"
 #include "sweep.h"
 #include "work.h"
@@ -40,16 +43,21 @@ constexpr int64_t kChunkOverhead = 64;
 constexpr int64_t kParallelGrain = 32768;
 
 // One chunk [b, e) of tensor t (whole rows for the row maps); returns the non-zeros written.
-// u, factor, row_f: kScratch elements each of per-thread scratch.
-template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R>
+// u, factor, row_f: kScratch elements each of per-thread scratch. F: how the moments are stored
+// (moment_sweep.h); Fp32 compiles to the kernel as it was before compact moments.
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R, Moments F>
 int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<scalar_t>>& t, int64_t b,
-                  int64_t e, opmath_t<scalar_t>* u, opmath_t<scalar_t>* factor, opmath_t<scalar_t>* row_f) {
+                  int64_t e, opmath_t<scalar_t>* u, opmath_t<scalar_t>* factor, opmath_t<scalar_t>* row_f,
+                  RowBuffers& row_buffers) {
   using T = opmath_t<scalar_t>;
   scalar_t* theta = static_cast<scalar_t*>(t.theta);
   if constexpr (!is_row_reg(R)) {
     ThetaSink<scalar_t, R> sink{theta, t.hp, w.stream};
-    sweep<scalar_t, grad_t, K, MOM>(t, b, e, w.has_scale, w.scale, sink);
+    sweep_any<scalar_t, grad_t, K, MOM, F>(t, b, e, w.has_scale, w.scale, sink);
     return sink.total();
+  } else if constexpr (F == Moments::Int8) {
+    // rows and 8-bit blocks need not line up: block-aligned pieces, θ in a second pass (moment_rows.h)
+    return run_rows_8bit<scalar_t, grad_t, K, MOM, R>(w, t, b, e, kScratch, u, factor, row_f, row_buffers);
   } else {
     const int64_t n = t.n;
     int64_t nnz = 0;
@@ -63,7 +71,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         const int64_t ge = std::min(e, gb + rows_per_group * n);
         const int64_t rows = (ge - gb) / n;
         ScratchSink<scalar_t, R> sink{u, gb, t.hp};
-        sweep<scalar_t, grad_t, K, MOM>(t, gb, ge, w.has_scale, w.scale, sink);
+        sweep_any<scalar_t, grad_t, K, MOM, F>(t, gb, ge, w.has_scale, w.scale, sink);
         row_sums(u, rows, n, row_f);
         row_factors(row_f, rows, t.hp.thr_row);
         const T* f = row_f;
@@ -83,7 +91,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
           recompute_u<scalar_t, grad_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
         } else {
           ScratchSink<scalar_t, R> sink{u, bb, t.hp};
-          sweep<scalar_t, grad_t, K, MOM>(t, bb, be, w.has_scale, w.scale, sink);
+          sweep_any<scalar_t, grad_t, K, MOM, F>(t, bb, be, w.has_scale, w.scale, sink);
         }
         sum_sq += static_cast<double>(sum_squares(u, be - bb));
       }
@@ -105,7 +113,7 @@ struct Chunk {
   int64_t end;
 };
 
-template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R, Moments F>
 void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   using T = opmath_t<scalar_t>;
   // work list: element-wise maps in kChunk pieces, row maps in whole rows of ~kChunk elements
@@ -118,8 +126,13 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     // a row longer than the scratch buffer is a chunk of its own (run_chunk's two-sweep path reduces
     // one norm per chunk); shorter rows are packed whole, ~kChunk elements per chunk
     const int64_t step = !is_row_reg(R) ? kChunk : t.n > kScratch ? t.n : std::max<int64_t>(1, kChunk / t.n) * t.n;
-    for (int64_t b = 0; b < t.numel; b += step) {
-      const int64_t e = std::min(t.numel, b + step);
+    for (int64_t b = 0, e = 0; b < t.numel; b = e) {
+      // 8-bit moments: no block split between chunks (moment_rows.h); kChunk is a multiple of a block
+      if constexpr (F == Moments::Int8) {
+        e = chunk_end_8bit(b, step, t.numel, t.row_len, is_row_reg(R) ? t.n : 1);
+      } else {
+        e = std::min(t.numel, b + step);
+      }
       chunks.push_back({ti, b, e});
       starts.push_back(total);
       total += (e - b) + kChunkOverhead;
@@ -131,10 +144,12 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     auto c = static_cast<int64_t>(std::lower_bound(starts.begin(), starts.end(), lo) - starts.begin());
     std::vector<T> scratch;
     if (is_row_reg(R)) scratch.resize(3 * kScratch);
+    RowBuffers row_buffers;
     for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {
       const Chunk& ch = chunks[c];
-      chunk_nnz[c] = run_chunk<scalar_t, grad_t, K, MOM, R>(w, w.tensors[ch.tensor], ch.begin, ch.end, scratch.data(),
-                                                             scratch.data() + kScratch, scratch.data() + 2 * kScratch);
+      chunk_nnz[c] = run_chunk<scalar_t, grad_t, K, MOM, R, F>(w, w.tensors[ch.tensor], ch.begin, ch.end,
+                                                                scratch.data(), scratch.data() + kScratch,
+                                                                scratch.data() + 2 * kScratch, row_buffers);
     }
 #if defined(CPU_CAPABILITY_AVX2)
     if (w.stream) _mm_sfence();  // order the non-temporal stores before the join
@@ -143,15 +158,30 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   for (size_t c = 0; c < chunks.size(); ++c) counts[w.op_index[chunks[c].tensor]] += chunk_nnz[c];
 }
 
-template <typename scalar_t, typename grad_t, Kind K, bool MOM>
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Moments F = Moments::Fp32>
 void dispatch_reg(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   switch (w.hyper.reg) {
-    case Reg::None: return run_all<scalar_t, grad_t, K, MOM, Reg::None>(w, counts);
-    case Reg::L1: return run_all<scalar_t, grad_t, K, MOM, Reg::L1>(w, counts);
-    case Reg::L1Pos: return run_all<scalar_t, grad_t, K, MOM, Reg::L1Pos>(w, counts);
-    case Reg::Group: return run_all<scalar_t, grad_t, K, MOM, Reg::Group>(w, counts);
-    case Reg::SparseGroup: return run_all<scalar_t, grad_t, K, MOM, Reg::SparseGroup>(w, counts);
+    case Reg::None: return run_all<scalar_t, grad_t, K, MOM, Reg::None, F>(w, counts);
+    case Reg::L1: return run_all<scalar_t, grad_t, K, MOM, Reg::L1, F>(w, counts);
+    case Reg::L1Pos: return run_all<scalar_t, grad_t, K, MOM, Reg::L1Pos, F>(w, counts);
+    case Reg::Group: return run_all<scalar_t, grad_t, K, MOM, Reg::Group, F>(w, counts);
+    case Reg::SparseGroup: return run_all<scalar_t, grad_t, K, MOM, Reg::SparseGroup, F>(w, counts);
   }
+}
+
+// The kinds with moments: one variant per moment format (float64 params only have fp32 moments,
+// csrc/op_checks.h check_compact_moments).
+template <typename scalar_t, typename grad_t, Kind K, bool MOM>
+void dispatch_moments(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
+  if constexpr (std::is_same_v<opmath_t<scalar_t>, float>) {
+    switch (w.hyper.moments) {
+      case Moments::Fp32: break;
+      case Moments::Bf16: return dispatch_reg<scalar_t, grad_t, K, MOM, Moments::Bf16>(w, counts);
+      case Moments::Int8: return dispatch_reg<scalar_t, grad_t, K, MOM, Moments::Int8>(w, counts);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(w.hyper.moments == Moments::Fp32, "compact moments of float64 params");
+  return dispatch_reg<scalar_t, grad_t, K, MOM>(w, counts);
 }
 
 }  // namespace detail
@@ -160,10 +190,10 @@ template <typename scalar_t, typename grad_t>
 void run_fused_step(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
   switch (w.hyper.kind) {
     case Kind::LinBreg:
-      if (w.hyper.momentum) return detail::dispatch_reg<scalar_t, grad_t, Kind::LinBreg, true>(w, counts);
+      if (w.hyper.momentum) return detail::dispatch_moments<scalar_t, grad_t, Kind::LinBreg, true>(w, counts);
       return detail::dispatch_reg<scalar_t, grad_t, Kind::LinBreg, false>(w, counts);
     case Kind::AdaBreg:
-      return detail::dispatch_reg<scalar_t, grad_t, Kind::AdaBreg, false>(w, counts);
+      return detail::dispatch_moments<scalar_t, grad_t, Kind::AdaBreg, false>(w, counts);
     case Kind::ProxSGD:
       return detail::dispatch_reg<scalar_t, grad_t, Kind::ProxSGD, false>(w, counts);
   }

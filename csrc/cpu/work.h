@@ -20,8 +20,15 @@ struct TensorWork {
   void* theta = nullptr;        // param data, in the param dtype
   const void* grad = nullptr;   // grad data, in the grad dtype of the kernel variant (run_fused_step)
   T* v = nullptr;               // dual
-  T* m = nullptr;               // momentum buffer / exp_avg
-  T* s = nullptr;               // exp_avg_sq
+  T* m = nullptr;               // momentum buffer / exp_avg (fp32 moments)
+  T* s = nullptr;               // exp_avg_sq (fp32 moments)
+  // compact moments (StepHyper::moments; csrc/moment_codes.h): m and s as stored, instead of m and s
+  void* mq = nullptr;           // bf16 bits or int8 codes
+  void* sq = nullptr;           // bf16 bits or uint8 codes
+  float* m_scale = nullptr;     // 8-bit: block scales, (rows, blocks per row) row-major
+  float* s_scale = nullptr;
+  int64_t row_len = 0;          // 8-bit: elements per dim-0 row (the blocks follow rows)
+  uint32_t step = 0;            // bf16: the step count that seeds the random bits
   int64_t numel = 0;
   int64_t n = 1;                // row length (row regularizers), 1 otherwise
   StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)

@@ -1,0 +1,207 @@
+// The update sweep of compact moments (moments="bf16" | "8bit"): sweep.h's walk with the moments
+// read and written through a policy, and the 8-bit walk block by block.
+//
+// A step decodes the stored moments to float, runs the float update (moment_codes.h's
+// moment_update_fused: the reference's op order and torch's roundings, [note: torch's roundings]),
+// hands the point x to the same sinks as the fp32 sweep, and encodes the new m and s (the spec:
+// bregman_fused/backends/moments.py). The fp32 sweep (sweep.h) is left as it is, so
+// fp32 moments compile to the same code as before; sweep_any picks the walk at compile time.
+#pragma once
+
+#include "simd_memory.h"  // first: see there
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "bregman_math.h"
+#include "moment_codes.h"
+#include "moment_memory.h"
+#include "sweep.h"
+#include "work.h"
+
+namespace bregman::cpu::detail {
+
+// ---- the walk -------------------------------------------------------------------------------
+// sweep() of sweep.h for the Bregman kinds with moments (v always there), with the moments loaded
+// and stored through `io`: load(i, m0, m1, s0, s1) / store(...) for elements [i, i + 16),
+// load1(i, m, s) / store1(i, m, s) for one. A MomentIO without s leaves s0, s1 untouched.
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename MomentIO, typename Sink>
+inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, MomentIO& io,
+                     Sink& sink) {
+  static_assert(K == Kind::AdaBreg || (K == Kind::LinBreg && MOM), "compact moments: kinds with moments only");
+  using M = Mem<scalar_t>;
+  using G = GradMem<scalar_t, grad_t>;
+  static_assert(M::kStep == kMomStep, "16 elements per vector step");
+  constexpr int64_t kVec = M::kVec;
+  const auto& hp = t.hp;
+  const grad_t* grad = static_cast<const grad_t*>(t.grad);
+  float* v = t.v;
+
+  auto one = [&](int64_t i) {
+    float g = G::load1(grad + i);
+    if (has_scale) g = g / scale;
+    float vv = v[i], mm = 0.0f, ss = 0.0f;
+    io.load1(i, mm, ss);
+    const float x = moment_update_fused<K>(g, vv, mm, ss, hp);
+    v[i] = vv;
+    io.store1(i, mm, ss);
+    sink.one(i, x);
+  };
+
+  int64_t i = b;
+  const int64_t peel_end = b + sink.peel(b, e);
+  for (; i < peel_end; ++i) one(i);
+  const FVec vscale(scale);
+  for (; i + kMomStep <= e; i += kMomStep) {
+    FVec g0, g1;
+    G::load(grad + i, g0, g1);
+    if (has_scale) {
+      g0 = g0 / vscale;
+      g1 = g1 / vscale;
+    }
+    FVec v0 = FVec::loadu(v + i), v1 = FVec::loadu(v + i + kVec), m0, m1, s0(0.0f), s1(0.0f);
+    io.load(i, m0, m1, s0, s1);
+    const FVec x0 = moment_update_fused<K>(g0, v0, m0, s0, hp);
+    const FVec x1 = moment_update_fused<K>(g1, v1, m1, s1, hp);
+    v0.store(v + i);
+    v1.store(v + i + kVec);
+    io.store(i, m0, m1, s0, s1);
+    sink.vec(i, x0, x1);
+  }
+  for (; i < e; ++i) one(i);
+}
+
+// ---- bf16 -----------------------------------------------------------------------------------
+// Widened on load; stochastically rounded on store with the bits of (element index in memory,
+// the tensor's step count, stream 0 for m / 1 for s).
+template <bool HAS_S>
+struct Bf16Moments {
+  uint16_t* m;
+  uint16_t* s;
+  uint32_t step;
+
+  void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
+    load_bf16(m + i, m0, m1);
+    if constexpr (HAS_S) load_bf16(s + i, s0, s1);
+  }
+  void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
+    store_bf16_sr(m + i, i, m0, m1, step, kStreamM);
+    if constexpr (HAS_S) store_bf16_sr(s + i, i, s0, s1, step, kStreamS);
+  }
+  void load1(int64_t i, float& mm, float& ss) const {
+    mm = bf16_bits_to_float(m[i]);
+    if constexpr (HAS_S) ss = bf16_bits_to_float(s[i]);
+  }
+  void store1(int64_t i, float mm, float ss) {
+    m[i] = round_bf16_bits(mm, random_bits(static_cast<uint32_t>(i), step, kStreamM));
+    if constexpr (HAS_S) s[i] = round_bf16_bits(ss, random_bits(static_cast<uint32_t>(i), step, kStreamS));
+  }
+};
+
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
+inline void sweep_bf16(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
+  Bf16Moments<K == Kind::AdaBreg> io{static_cast<uint16_t*>(t.mq), static_cast<uint16_t*>(t.sq), t.step};
+  sweep_io<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, io, sink);
+}
+
+// ---- 8-bit ----------------------------------------------------------------------------------
+// One block: decoded with its old scale on load; the new m and r = √s (AdaBreg's own √s: the
+// compiler folds this sqrt into the update's) go to the buffers, their max to the accumulators. The
+// codes are written by sweep_8bit once the whole block is updated: the new scale is its max.
+template <bool HAS_S>
+struct BlockMoments {
+  const int8_t* mc;
+  const uint8_t* sc;
+  float* mbuf;  // mbuf[i - base]: the block's new m
+  float* rbuf;  // rbuf[i - base]: its new r = √s
+  int64_t base;
+  float m_step, s_step;  // BlockCode::step of the old scales
+  FVec vm_step, vs_step;
+  FVec max_m = FVec(0.0f), max_r = FVec(0.0f);
+  float max_m1 = 0.0f, max_r1 = 0.0f;
+
+  void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
+    decode_m16(mc + i, vm_step, m0, m1);
+    if constexpr (HAS_S) decode_s16(sc + i, vs_step, s0, s1);
+  }
+  void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
+    m0.store(mbuf + (i - base));
+    m1.store(mbuf + (i - base) + FVec::size());
+    max_m = at::vec::maximum(max_m, at::vec::maximum(m0.abs(), m1.abs()));
+    if constexpr (HAS_S) {
+      const FVec r0 = bf_sqrt(s0), r1 = bf_sqrt(s1);
+      r0.store(rbuf + (i - base));
+      r1.store(rbuf + (i - base) + FVec::size());
+      max_r = at::vec::maximum(max_r, at::vec::maximum(r0, r1));
+    }
+  }
+  void load1(int64_t i, float& mm, float& ss) const {
+    mm = decode_m(mc[i], m_step);
+    if constexpr (HAS_S) ss = decode_s(sc[i], s_step);
+  }
+  void store1(int64_t i, float mm, float ss) {
+    mbuf[i - base] = mm;
+    max_m1 = max_abs(max_m1, mm);
+    if constexpr (HAS_S) {
+      const float r = bf_sqrt(ss);
+      rbuf[i - base] = r;
+      max_r1 = max_abs(max_r1, r);
+    }
+  }
+};
+
+// [b, e) of a tensor with 8-bit moments, block by block. b and e must be block boundaries: a row
+// start, or a multiple of kMomentBlock into a row (run_all's chunks and moment_rows.h's pieces are).
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
+inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
+  constexpr bool kHasS = K == Kind::AdaBreg;
+  alignas(64) float mbuf[kMomentBlock];
+  alignas(64) float rbuf[kHasS ? kMomentBlock : 1];
+  const int64_t row_len = t.row_len;
+  const int64_t blocks_per_row = (row_len + kMomentBlock - 1) / kMomentBlock;
+  auto* mc = static_cast<int8_t*>(t.mq);
+  auto* sc = static_cast<uint8_t*>(t.sq);
+  int64_t row = b / row_len;
+  int64_t off = b - row * row_len;  // b's offset into its row
+  TORCH_INTERNAL_ASSERT(off % kMomentBlock == 0, "8-bit moments: a sweep must start at a block boundary");
+  for (int64_t bb = b; bb < e;) {
+    const int64_t len = std::min(kMomentBlock, row_len - off);
+    TORCH_INTERNAL_ASSERT(bb + len <= e, "8-bit moments: a sweep must end at a block boundary");
+    const int64_t k = row * blocks_per_row + off / kMomentBlock;  // the block's scale
+    const BlockCode old_m = block_code(t.m_scale[k], kQSigned);
+    const BlockCode old_s = kHasS ? block_code(t.s_scale[k], kQUnsigned) : BlockCode{0.0f, 0.0f};
+    BlockMoments<kHasS> io{mc, sc, mbuf, rbuf, bb, old_m.step, old_s.step, FVec(old_m.step), FVec(old_s.step)};
+    sweep_io<scalar_t, grad_t, K, MOM>(t, bb, bb + len, has_scale, scale, io, sink);
+    const float scale_m = reduce_max_abs(io.max_m, io.max_m1);
+    encode_block_m(mbuf, len, block_code(scale_m, kQSigned).inv, mc + bb);
+    t.m_scale[k] = scale_m;
+    if constexpr (kHasS) {
+      const float scale_s = reduce_max_abs(io.max_r, io.max_r1);
+      encode_block_s(rbuf, len, block_code(scale_s, kQUnsigned).inv, sc + bb);
+      t.s_scale[k] = scale_s;
+    }
+    bb += len;
+    off += len;
+    if (off == row_len) {
+      off = 0;
+      ++row;
+    }
+  }
+}
+
+// The sweep of moment format F: sweep.h's for fp32 (unchanged), the walks above otherwise.
+template <typename scalar_t, typename grad_t, Kind K, bool MOM, Moments F, typename Sink>
+inline void sweep_any(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, bool has_scale,
+                      opmath_t<scalar_t> scale, Sink& sink) {
+  if constexpr (F == Moments::Fp32) {
+    sweep<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
+  } else if constexpr (F == Moments::Bf16) {
+    sweep_bf16<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
+  } else {
+    sweep_8bit<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
+  }
+}
+
+}  // namespace bregman::cpu::detail
