@@ -16,7 +16,7 @@ from .layout import kernel_views
 __all__ = ["cpu_step", "cuda_step", "CPU_MOMENTS", "CUDA_MOMENTS"]
 
 # the moment formats each op's kernels store (moments.py)
-CPU_MOMENTS = ("fp32",)
+CPU_MOMENTS = ("fp32", "bf16", "8bit")
 CUDA_MOMENTS = ("fp32", "bf16", "8bit")
 
 
