@@ -23,11 +23,19 @@ namespace bregman_cuda {
 
 using bregman::Moments;
 
-// One element's update for moments stored as Mom: the fp32 update of bregman_math.h for every format
-// (the kinds with moments, for which x is the updated dual).
+// One element's update for moments stored as Mom: fp32 moments keep bregman_math.h's update_point
+// (their kernels and results unchanged); compact ones run moment_codes.h's moment_update_fused, the
+// reference's torch roundings (its [note: torch's roundings]: an ulp of difference in the float value
+// can flip a bf16 bit or an 8-bit code, so compact moments match the reference bit for bit). Only the
+// kinds with moments store compact ones, for which x is the updated dual.
 template <Moments Mom, Kind K, bool Momentum, typename T, typename S>
 __device__ __forceinline__ T moment_step_point(T g, T theta, T& v, T& m, T& s, const StepParams<S>& hp) {
-  return bregman::update_point<K, Momentum>(g, theta, v, m, s, hp);
+  if constexpr (Mom == Moments::Fp32) {
+    return bregman::update_point<K, Momentum>(g, theta, v, m, s, hp);
+  } else {
+    static_assert(K == Kind::AdaBreg || (K == Kind::LinBreg && Momentum), "compact moments: kinds with moments");
+    return bregman::moment_update_fused<K>(g, v, m, s, hp);
+  }
 }
 
 // The step count as the random bits take it: the reference's int(t), wrapped to uint32 like its
