@@ -111,11 +111,12 @@ def _run_both(lists: Lists, num_steps=3, **extra):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny blocks and chunks so that short test tensors span several programs, full and partial
-    blocks, several row tiles per entry, and rows longer than the row tile (64)."""
+    blocks, several row tiles per entry, and rows longer than the row tile (64); 8-bit moments:
+    two 256-element blocks per tile and per program, so a row's blocks span programs."""
     if not launcher.interpreting():
         pytest.skip("block sizes are only shrunk for the interpreter")
     cfg = tables.LaunchConfig(block=32, num_warps=1, row_block=64, row_num_warps=1, max_chunk=128,
-                              programs_per_sm=1)
+                              programs_per_sm=1, code_blocks=2)
     monkeypatch.setattr(tables, "INTERPRETER_CONFIG", cfg)
     return cfg
 
@@ -354,6 +355,96 @@ def test_nuclear_and_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
         lists.step("triton")
     assert float(lists.steps[0]) == 0.0
+
+
+# ---- compact moments (backends/moments.py; the whole table against the reference: test_compact_moments.py)
+# lrs that are float32 values: the capturable path's lr is a float32 tensor
+COMPACT_OPTS = {"adabreg": (bf.AdaBreg, dict(lr=2.0**-7, betas=(0.8, 0.95), eps=1e-6)),
+                "linbreg_momentum": (bf.LinBreg, dict(lr=0.125, momentum=0.8))}
+
+
+def _compact_run(kind, fmt, reg, backend, capturable, shapes, channels_last=False):
+    """Four steps of an optimizer with compact moments: a skipped AMP step and a grad scale among them."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(DEVICE)) for s in shapes]
+    if channels_last:  # bf16 random bits follow memory order, not the logical index
+        params[-1].data = params[-1].data.to(memory_format=torch.channels_last)
+    cls, hyper = COMPACT_OPTS[kind]
+    lr = torch.tensor(hyper["lr"], device=DEVICE) if capturable else hyper["lr"]
+    opt = cls(params, **{**hyper, "lr": lr}, reg=reg, moments=fmt, backend=backend, capturable=capturable)
+    counts = []
+    for k in range(4):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * torch.rand(p.shape, generator=gen).pow(4)).to(DEVICE)
+            if k == 3:
+                p.grad.mul_(4.0)
+        if k == 1:
+            opt.found_inf = torch.tensor(1.0)
+        if k == 3:
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+        opt.step()
+        for attr in ("grad_scale", "found_inf"):
+            if hasattr(opt, attr):
+                delattr(opt, attr)
+        counts.append(opt.density())
+    return params, opt, counts
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+@pytest.mark.parametrize("kind", sorted(COMPACT_OPTS))
+@pytest.mark.parametrize("reg", [bf.L1(0.05), bf.SparseGroupL1L2(0.05, 0.02), bf.KernelL1L2(0.05)],
+                         ids=lambda r: type(r).__name__)
+def test_compact_moments_many_programs_capturable_and_amp(kind, fmt, reg, small_blocks):
+    """Rows of 8-bit blocks split between programs and tiles (rows of 3 blocks, the last one short;
+    rows shorter than a block), kernel groups of 9 inside 256-element blocks (the block kernel then
+    the row kernel),
+    channels_last bf16 moments, a skipped step and a grad scale: capturable=True gives exactly the
+    default path's states (step counts of the random bits read on the device), and both the
+    reference's up to its tolerance (tests/test_compact_moments.py [note: compact moments tolerance])."""
+    from test_compact_moments import assert_moments_match
+
+    shapes = [(40, 3, 7, 7), (8, 64, 3, 3)]  # ≥ 4096 elements: 8-bit (rows of 147 and 576 elements)
+    if not isinstance(reg, bf.KernelL1L2):
+        shapes = [(37,), (9, 700)] + shapes  # a 1-D param keeps fp32 moments with "8bit"
+    # channels_last conv weights are walked in memory order, where the bf16 random bits follow
+    # memory; KernelL1L2's groups are not consecutive there, so kernel_views copies them to
+    # row-major order and the bits would follow the copy (a known limitation, launcher.py)
+    cl = fmt == "bf16" and not isinstance(reg, bf.KernelL1L2)
+    got, opt, counts = _compact_run(kind, fmt, reg, "triton", False, shapes, cl)
+    cap, opt_cap, counts_cap = _compact_run(kind, fmt, reg, "triton", True, shapes, cl)
+    ref, opt_ref, counts_ref = _compact_run(kind, fmt, reg, "reference", False, shapes, cl)
+    assert counts == counts_cap
+    for i, (p, q, r) in enumerate(zip(got, cap, ref)):
+        st, st_cap, st_ref = opt.state[p], opt_cap.state[q], opt_ref.state[r]
+        assert torch.equal(p, q), f"param {i}"
+        for key in st:
+            assert torch.equal(st[key].cpu(), st_cap[key].cpu()), f"{key} of param {i}"
+            if key in ("exp_avg", "exp_avg_sq", "momentum_buffer") and st[key].dtype != torch.float32:
+                assert_moments_match(st[key].cpu(), st_ref[key], f"{key} of param {i}")
+            else:
+                torch.testing.assert_close(st[key].cpu().float(), st_ref[key].float(), rtol=1e-4, atol=1e-6,
+                                           msg=f"{key} of param {i}")
+        torch.testing.assert_close(p.detach().cpu(), r.detach(), rtol=1e-4, atol=1e-4)
+    assert float(opt.state[got[1]]["step"]) == 3.0  # the skipped step is not counted
+
+
+@needs_triton
+def test_8bit_moments_launches(count_launches, monkeypatch):
+    """8-bit moments: one block-kernel launch per bucket, which writes θ for the element-wise maps;
+    the row maps take a row-kernel launch after it."""
+    from bregman_fused.backends.triton import moment_kernels
+
+    code = _CountingKernel(moment_kernels.code_block_kernel)
+    monkeypatch.setattr(moment_kernels, "code_block_kernel", code)
+    for reg, row_launches in ((bf.L1(0.1), 0), (bf.GroupL1L2(0.1), 1)):
+        p = torch.nn.Parameter(torch.randn(64, 80, device=DEVICE))
+        p.grad = torch.randn_like(p)
+        bf.AdaBreg([p], lr=1e-3, reg=reg, moments="8bit", backend="triton").step()
+        assert len(code.launches) == 1
+        assert len(count_launches["row_kernel"].launches) == row_launches
+        assert len(count_launches["elementwise_kernel"].launches) == 0
+        code.launches.clear()
 
 
 # ---- GPU only ----------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 ``step`` keeps the backend contract (backends/contract.py; ``reference.step`` is the spec). It runs
 on CUDA tensors, or on CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before
 this package is imported; slow, for tests only). Files: ``bregman_math.py`` (per-element math, codes,
-hyper columns), ``kernels.py`` (the two kernels), ``tables.py`` (launch tables and their caches),
-``launcher.py`` (checks and launch).
+hyper columns), ``kernels.py`` (the two kernels), ``moment_math.py`` and ``moment_kernels.py``
+(compact moments: bf16 and 8-bit codes, the 8-bit block kernel), ``tables.py`` (launch tables and
+their caches), ``launcher.py`` (checks and launch).
 """
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ refills only AdaBreg's two bias-correction columns per step. [note: hyper table]
 
 [note: pointer table] Row t of ``table`` (int64, ``TABLE_COLS`` columns) holds the base addresses
 of param, grad, dual, exp_avg, exp_avg_sq, then numel, row length n, the slot of t in the counts
-output and the row-tile class. Unused states (ProxSGD has no dual, LinBreg β = 0 no momentum) hold
-0 and are never dereferenced. ``entries`` (int64, 3 columns) has one row per program: (tensor t,
+output, the row-tile class, and for 8-bit moments the addresses of the two block-scale tensors and
+the length of a dim-0 row (moment_kernels.py). Unused states (ProxSGD has no dual, LinBreg β = 0 no
+momentum) hold 0 and are never dereferenced. ``entries`` (int64, 3 columns) has one row per program: (tensor t,
 first element / row, end element / row). Every entry's first element is a multiple of BLOCK; with
 ALIGNED (all base addresses 16-byte aligned, checked on the host) the kernel tells the compiler so
 and full blocks are loaded unmasked, which lets it use 128-bit accesses.
@@ -37,6 +38,12 @@ recomputes the point θ − τg from θ and g, which are only overwritten in tha
 ``HYPER_COLUMNS``, computed in double on the host exactly as ``reference.py`` computes them.
 Compute type: float32 for float32 / bfloat16 / float16 parameters (states are float32), float64 for
 float64 parameters.
+
+Compact moments (MOMENTS, moment_math.py): bf16 moments are widened on load and stochastically
+rounded on store, inside these kernels; the random bits take the element's offset, which is its
+index in memory (the kernels walk each tensor in memory order), and the step count from
+``sr_steps`` (float32, one per table row). 8-bit moments are updated by
+moment_kernels.code_block_kernel; the row kernel then only maps the new duals.
 """
 from __future__ import annotations
 
