@@ -7,7 +7,8 @@ of L elements; the last one of a row is shorter; blocks never cross rows). Conse
 memory, so an entry is also one element range. Each loop iteration takes NB blocks as an
 [NB, 256] tile and per block:
 
-    decode m (and s) with the old scale -> the fp32 update of bregman_math.py, on the dual too ->
+    decode m (and s) with the old scale -> the float32 update (moment_math [note: torch's roundings]),
+    on the dual too ->
     new scale = max |m| (r = √s) over the block -> codes and scale stored.
 
 Element-wise maps (none / L1 / L1Pos) write θ in the same pass. The row maps (group /
@@ -22,11 +23,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_EPS, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
-                           HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, KIND_ADABREG,
-                           _sqrt, adabreg_update, elementwise_shrink, linbreg_momentum_update)
+from .bregman_math import HP_PROX_DELTA, HP_THR_L1, KIND_ADABREG, _sqrt, elementwise_shrink
 from .kernels import (COL_CODE_ROW_LEN, COL_COUNT_SLOT, COL_EXP_AVG_SCALE, COL_EXP_AVG_SQ_SCALE, ENTRY_COLS,
-                      TABLE_COLS, _count_current, _load_grad, _load_hyper, _store_theta, _tensor_ptrs)
+                      TABLE_COLS, _adabreg, _count_current, _linbreg_momentum, _load_grad, _load_hyper,
+                      _store_theta, _tensor_ptrs)
 from .moment_math import (CODE_BLOCK, MOMENTS_8BIT, Q_SIGNED, Q_UNSIGNED, block_scale, decode_m, decode_s,
                           decode_step, encode_factor, encode_m, encode_s)
 
@@ -64,12 +64,11 @@ def _code_tile(g_ptr, v_ptr, m_ptr, s_ptr, a_ptr, b_ptr, blk, live, offs, mask, 
     if KIND == KIND_ADABREG:
         b_old = decode_step(tl.load(b_ptr + blk, mask=live, other=0.0), Q_UNSIGNED)[:, None]
         s = decode_s(tl.load(s_ptr + offs, mask=mask, other=0), b_old)
-        v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
-                                 hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
+        v, m, s = _adabreg(v, m, s, g, hyp, True)
         # s is coded by r = √s, the root the update took (the same correctly rounded _sqrt)
         _store_codes(s_ptr, b_ptr, _sqrt(s), blk, live, offs, mask, False)
     else:  # LinBreg with momentum: the only other kind with a moment
-        v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
+        v, m = _linbreg_momentum(v, m, g, hyp, True)
     _store_codes(m_ptr, a_ptr, m, blk, live, offs, mask, True)
     tl.store(v_ptr + offs, v, mask=mask)
     return v
