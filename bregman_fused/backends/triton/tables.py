@@ -15,9 +15,11 @@ AdaBreg's bias corrections filled in per step — changing lr never recompiles.
 thread = two 128-bit accesses per tensor), and a chunk per program of BLOCK·k elements, k chosen
 so that there are about 8 programs per SM, capped at 32 blocks (65536 elements) per program; e.g.
 100 M elements → ~1500 programs of 64 Ki elements. GPU, row kernel: tiles of 4096 elements (R rows
-× C columns, C a power of 4 ≥ n), 8 warps, about ``chunk`` elements per program. Under the
-interpreter (CPU, tests) the blocks are 1024 elements and chunks as large as possible: the
-interpreter pays per program and per op, not per element.
+× C columns, C a power of 4 ≥ n), 8 warps, about ``chunk`` elements per program. GPU, 8-bit
+moments kernel: tiles of ``code_blocks`` = 8 blocks of 256 elements, 8 warps, whole blocks per
+program by the element-wise rule. Under the interpreter (CPU, tests) the blocks are 1024 elements
+(4 blocks of 256 for 8-bit moments) and chunks as large as possible: the interpreter pays per
+program and per op, not per element.
 """
 from __future__ import annotations
 
