@@ -76,7 +76,7 @@ _FUSED = {
                    moments=native.CPU_MOMENTS),
     "cuda": Backend("cuda", native.cuda_step, capturable=True, fused_regs_only=True, compiled_op=True,
                     moments=native.CUDA_MOMENTS),
-    "triton": Backend("triton", _triton_step, capturable=True, fused_regs_only=True, moments=("fp32",)),
+    "triton": Backend("triton", _triton_step, capturable=True, fused_regs_only=True),
 }
 
 CAPTURABLE = tuple(name for name, b in _FUSED.items() if b.capturable)
