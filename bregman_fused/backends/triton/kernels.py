@@ -52,10 +52,9 @@ import triton.language as tl
 
 from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_COLS, HP_EPS, HP_LR, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
                            HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, HP_THR_ROW, KIND_ADABREG,
-                           KIND_PROXSGD, _div, adabreg_update, elementwise_shrink,
-                           linbreg_momentum_update, linbreg_update, proxsgd_point, row_factor)
-from .moment_math import (MOMENTS_8BIT, MOMENTS_BF16, MOMENTS_FP32, STREAM_M, STREAM_S, adabreg_update_fused,
-                          bf16_decode, bf16_round, linbreg_momentum_update_fused)
+                           KIND_PROXSGD, _div, elementwise_shrink, linbreg_update, proxsgd_point, row_factor)
+from .moment_math import (MOMENTS_8BIT, MOMENTS_BF16, MOMENTS_FP32, STREAM_M, STREAM_S, adabreg_step, bf16_decode,
+                          bf16_round, linbreg_momentum_step)
 
 # Columns of the per-tensor pointer table. [note: pointer table]
 COL_PARAM = tl.constexpr(0)
@@ -166,29 +165,6 @@ def _store_moment(ptr, offs, x, mask, sr_step, STREAM: tl.constexpr, MOMENTS: tl
 
 
 @triton.jit
-def _adabreg(v, m, s, g, hyp, FUSED: tl.constexpr):
-    """AdaBreg's update with tensor t's constants: bregman_math's form for fp32 moments, the
-    reference's roundings for compact ones (FUSED, moment_math.py [note: torch's roundings])."""
-    if FUSED:
-        v, m, s = adabreg_update_fused(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
-                                       hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
-    else:
-        v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
-                                 hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
-    return v, m, s
-
-
-@triton.jit
-def _linbreg_momentum(v, m, g, hyp, FUSED: tl.constexpr):
-    """LinBreg's momentum update, as ``_adabreg`` chooses its form."""
-    if FUSED:
-        v, m = linbreg_momentum_update_fused(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
-    else:
-        v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
-    return v, m
-
-
-@triton.jit
 def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
             KIND: tl.constexpr, MOMENTUM: tl.constexpr, S_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
             MOMENTS: tl.constexpr):
@@ -207,12 +183,12 @@ def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
         if KIND == KIND_ADABREG:
             m = _load_moment(m_ptr, offs, mask, MOMENTS)
             s = _load_moment(s_ptr, offs, mask, MOMENTS)
-            v, m, s = _adabreg(v, m, s, g, hyp, MOMENTS != MOMENTS_FP32)
+            v, m, s = adabreg_step(v, m, s, g, hyp, MOMENTS != MOMENTS_FP32)
             _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
             _store_moment(s_ptr, offs, s, mask, sr_step, STREAM_S, MOMENTS)
         elif MOMENTUM:
             m = _load_moment(m_ptr, offs, mask, MOMENTS)
-            v, m = _linbreg_momentum(v, m, g, hyp, MOMENTS != MOMENTS_FP32)
+            v, m = linbreg_momentum_step(v, m, g, hyp, MOMENTS != MOMENTS_FP32)
             _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
         else:
             v = linbreg_update(v, g, hyp[HP_LR])

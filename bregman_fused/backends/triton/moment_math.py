@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from .. import moments
-from .bregman_math import _div, _fma, _sqrt
+from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_EPS, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
+                           HP_ONE_MINUS_BETA2, HP_STEP_SIZE, _div, _fma, _sqrt, adabreg_update, linbreg_momentum_update)
 
 # The format of a call's moments, a compile-time constant of the kernels (launcher: FORMAT_CODES).
 MOMENTS_FP32 = tl.constexpr(0)
@@ -68,6 +69,29 @@ def adabreg_update_fused(v, m, s, g, one_minus_beta1, beta2, one_minus_beta2, ep
     denom = _div(_sqrt(s), bc2_sqrt) + eps
     v = v + _div(-step_size * m, denom)
     return v, m, s
+
+
+@triton.jit
+def adabreg_step(v, m, s, g, hyp, FUSED: tl.constexpr):
+    """AdaBreg's update with a tensor's hyper row ``hyp``: bregman_math's form for fp32 moments (the
+    kernels' results unchanged), the reference's roundings for compact ones (FUSED)."""
+    if FUSED:
+        v, m, s = adabreg_update_fused(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
+                                       hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
+    else:
+        v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
+                                 hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
+    return v, m, s
+
+
+@triton.jit
+def linbreg_momentum_step(v, m, g, hyp, FUSED: tl.constexpr):
+    """LinBreg's momentum update, its form chosen as in ``adabreg_step``."""
+    if FUSED:
+        v, m = linbreg_momentum_update_fused(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
+    else:
+        v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
+    return v, m
 
 
 # ---- bf16 stochastic rounding [note: bf16 rounding] ------------------------------------------
