@@ -91,8 +91,12 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
     w.op_index.push_back(static_cast<int64_t>(i));
   }
   // ProxSGD reads θ before writing it: its lines are in cache already, and a non-temporal store
-  // would only evict them (measured: ~25 % slower on a 64 M-element fp32 list)
-  same.stream = wide.stream = hyper.kind != Kind::ProxSGD && use_streaming_stores(theta_bytes);
+  // would only evict them (measured: ~25 % slower on a 64 M-element fp32 list). 8-bit moments walk
+  // θ block by block, interleaved with the encoding of the block before (csrc/cpu/moment_sweep.h):
+  // there non-temporal stores measured 15-45 % slower, and far slower where rows of a length that
+  // is not a multiple of 8 misalign the blocks (a scalar peel at every block start).
+  same.stream = wide.stream = hyper.kind != Kind::ProxSGD && hyper.moments != Moments::Int8 &&
+                              use_streaming_stores(theta_bytes);
   if (!same.tensors.empty()) run_fused_step<scalar_t, scalar_t>(same, counts);
   if constexpr (!std::is_same_v<scalar_t, T>) {
     if (!wide.tensors.empty()) run_fused_step<scalar_t, T>(wide, counts);

@@ -29,43 +29,30 @@ constexpr int64_t kMomStep = 2 * FVec::size();  // elements per call below: 16
 inline uint32_t sr_key(uint32_t step, uint32_t stream) { return (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du); }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// random_bits of 8 lanes from (index·C1) ^ key: murmur3's finalizer, then the top 16 bits
+// random_bits of 8 lanes from (index·C1) ^ key: murmur3's finalizer, then its top 16 bits. The
+// finalizer's last step, x ^= x >> 16, only changes the low 16 bits, so it is left out.
 inline __m256i sr_mix(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
   x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
   return _mm256_srli_epi32(x, 16);
 }
 
-// index·C1 (mod 2³²) of elements i .. i+15: i·C1 + k·C1, one broadcast and add instead of a multiply
-struct SrIndex {
-  __m256i lo, hi;
-  explicit SrIndex(int64_t i) {
-    constexpr uint32_t c = 0x9E3779B1u;
-    const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i) * c));
-    auto kc = [](uint32_t k) { return static_cast<int>(k * c); };
-    lo = _mm256_add_epi32(base, _mm256_setr_epi32(kc(0), kc(1), kc(2), kc(3), kc(4), kc(5), kc(6), kc(7)));
-    hi = _mm256_add_epi32(lo, _mm256_set1_epi32(static_cast<int>(8u * c)));
-  }
-};
-
-// round_bf16_bits of 8 lanes, in the low 16 bits of each 32-bit lane: (bits + r) >> 16, NaN → 0x7FC0
+// (bits(x) + random bits) >> 16 of 8 lanes, in the low 16 bits of each 32-bit lane (NaN not handled)
 inline __m256i bf16_sr8(__m256 x, __m256i index_mul, __m256i key) {
   const __m256i r = sr_mix(_mm256_xor_si256(index_mul, key));
-  const __m256i bits = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), r), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), r), 16);
 }
 #endif
 
 // 16 bf16 moments from p, widened exactly
 inline void load_bf16(const uint16_t* p, FVec& a, FVec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
-  b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+  // quadwords [0-3, 8-11 | 4-7, 12-15], then each bf16 into the top half of a zeroed 32-bit lane
+  const __m256i h = _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 0xD8);
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
 #else
   float buf[kMomStep];
   for (int64_t k = 0; k < kMomStep; ++k) buf[k] = bf16_bits_to_float(p[k]);
@@ -74,23 +61,58 @@ inline void load_bf16(const uint16_t* p, FVec& a, FVec& b) {
 #endif
 }
 
-// Moment values a, b of elements i .. i+15 stored to p (= moment + i), stochastically rounded with
-// random_bits(i + k, step, stream); key = sr_key(step, stream).
-inline void store_bf16_sr(uint16_t* p, int64_t i, const FVec& a, const FVec& b, uint32_t step, uint32_t stream) {
+// index·C1 (mod 2³²) of elements i .. i+15: i·C1 + k·C1, one broadcast and add instead of a
+// multiply; shared by the moments of one element (their keys differ). Empty without AVX2.
+struct SrIndex {
 #if defined(CPU_CAPABILITY_AVX2)
-  const SrIndex index(i);
-  const __m256i key = _mm256_set1_epi32(static_cast<int>(sr_key(step, stream)));
-  const __m256i lo = bf16_sr8(a, index.lo, key);
-  const __m256i hi = bf16_sr8(b, index.hi, key);
+  __m256i lo, hi;
+  explicit SrIndex(int64_t i) {
+    constexpr uint32_t c = 0x9E3779B1u;
+    const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i) * c));
+    auto kc = [](uint32_t k) { return static_cast<int>(k * c); };
+    lo = _mm256_add_epi32(base, _mm256_setr_epi32(kc(0), kc(1), kc(2), kc(3), kc(4), kc(5), kc(6), kc(7)));
+    hi = _mm256_add_epi32(lo, _mm256_set1_epi32(static_cast<int>(8u * c)));
+  }
+#else
+  explicit SrIndex(int64_t) {}
+#endif
+};
+
+// The stochastic rounding of one moment (key = sr_key(step, stream)), for store_bf16_sr.
+struct SrKey {
+  uint32_t step, stream;
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i key;
+  SrKey(uint32_t step_, uint32_t stream_)
+      : step(step_), stream(stream_), key(_mm256_set1_epi32(static_cast<int>(sr_key(step_, stream_)))) {}
+#else
+  SrKey(uint32_t step_, uint32_t stream_) : step(step_), stream(stream_) {}
+#endif
+};
+
+// Moment values a, b of elements i .. i+15 stored to p (= moment + i), stochastically rounded with
+// random_bits(i + k, step, stream). index: SrIndex(i) (AVX2; computed once for both moments).
+inline void store_bf16_sr(uint16_t* p, int64_t i, const SrIndex& index, const FVec& a, const FVec& b, const SrKey& k) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i lo = bf16_sr8(a, index.lo, k.key);
+  __m256i hi = bf16_sr8(b, index.hi, k.key);
+  // NaN → 0x7FC0 (the canonical NaN, as nearest rounding gives): one test for the 16 lanes
+  const __m256 nan = _mm256_cmp_ps(a, b, _CMP_UNORD_Q);
+  if (__builtin_expect(!_mm256_testz_ps(nan, nan), 0)) {
+    const __m256i canonical = _mm256_set1_epi32(0x7FC0);
+    lo = _mm256_blendv_epi8(lo, canonical, _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+    hi = _mm256_blendv_epi8(hi, canonical, _mm256_castps_si256(_mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+  }
   // packus interleaves the 128-bit halves: [lo 0-3, hi 0-3 | lo 4-7, hi 4-7]; the permute restores order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
 #else
+  (void)index;
   float buf[kMomStep];
   a.store(buf);
   b.store(buf + FVec::size());
-  for (int64_t k = 0; k < kMomStep; ++k) {
-    p[k] = round_bf16_bits(buf[k], random_bits(static_cast<uint32_t>(i + k), step, stream));
+  for (int64_t j = 0; j < kMomStep; ++j) {
+    p[j] = round_bf16_bits(buf[j], random_bits(static_cast<uint32_t>(i + j), k.step, k.stream));
   }
 #endif
 }
@@ -131,23 +153,54 @@ inline void decode_s16(const uint8_t* p, const FVec& step, FVec& a, FVec& b) {
 #endif
 }
 
+// ---- 8-bit codes: the block scale --------------------------------------------------------------
+// max |x| over a block, NaN-propagating as torch.amax (and max_abs). AVX2: a signed integer max of
+// the bits of |x|: for non-negative floats the integer order is the float order, and every NaN
+// (sign cleared) lies above +inf, so a NaN wins. One instruction instead of at::vec::maximum's three.
+struct BlockMax {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256i acc = _mm256_setzero_si256();
+  void add(const FVec& x) {
+    acc = _mm256_max_epi32(acc, _mm256_castps_si256(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+  }
+#else
+  FVec acc = FVec(0.0f);
+  void add(const FVec& x) { acc = at::vec::maximum(acc, x.abs()); }
+#endif
+  float one = 0.0f;  // the scalar tail's
+  void add1(float x) { one = max_abs(one, x); }
+  float value() const {
+#if defined(CPU_CAPABILITY_AVX2)
+    __m128i x = _mm_max_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    x = _mm_max_epi32(x, _mm_shuffle_epi32(x, 0x4E));
+    x = _mm_max_epi32(x, _mm_shuffle_epi32(x, 0xB1));
+    return max_abs(one, _mm_cvtss_f32(_mm_castsi128_ps(x)));
+#else
+    float buf[FVec::size()];
+    acc.store(buf);
+    float m = one;
+    for (int64_t k = 0; k < FVec::size(); ++k) m = max_abs(m, buf[k]);
+    return m;
+#endif
+  }
+};
+
 // ---- 8-bit codes: encode ----------------------------------------------------------------------
-// The block scale: max_abs (NaN-propagating, as torch.amax) over a vector accumulator (at::vec's
-// maximum propagates NaN too) and a scalar one.
-inline float reduce_max_abs(const FVec& acc, float acc1) {
-  float buf[FVec::size()];
-  acc.store(buf);
-  for (int64_t k = 0; k < FVec::size(); ++k) acc1 = max_abs(acc1, buf[k]);
-  return acc1;
+#if defined(CPU_CAPABILITY_AVX2)
+// code_magnitude of y = x·inv ≥ 0 in a usable block (inv > 0; no NaN or inf in it, or its scale
+// would be one): rint(Q·√y) clamped to Q; _mm256_round_ps to nearest is rint's round-half-even.
+inline __m256 exact_codes(__m256 y, __m256 q) {
+  const __m256 c = _mm256_round_ps(_mm256_mul_ps(_mm256_sqrt_ps(y), q), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(c, q);
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-// code_magnitude for x ≥ 0 of a usable block (inv > 0; no NaN or inf in it, or its scale would be
-// one): rint(Q·√(x·inv)) clamped to Q. _mm256_round_ps to nearest is rint's round-half-even.
-inline __m256 code_magnitudes(__m256 x, __m256 inv, __m256 q) {
-  const __m256 c = _mm256_round_ps(_mm256_mul_ps(_mm256_sqrt_ps(_mm256_mul_ps(x, inv)), q),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm256_min_ps(c, q);
+// The codes of ya, yb (16 lanes). The √ per element keeps the divider busy (with AdaBreg's own √s
+// and two divisions), but replacing it by _mm256_rsqrt_ps, a Newton step and a check for lanes
+// near a rounding boundary measured slower (the multiply ports were the tighter limit), so: exact.
+inline void codes16(__m256 ya, __m256 yb, float qs, __m256& ca, __m256& cb) {
+  const __m256 q = _mm256_set1_ps(qs);
+  ca = exact_codes(ya, q);
+  cb = exact_codes(yb, q);
 }
 
 // 16 int32 lanes (two vectors) → 16 int16 in order (packs interleaves the 128-bit halves)
@@ -157,11 +210,14 @@ inline __m256i pack16(__m256i lo, __m256i hi) { return _mm256_permute4x64_epi64(
 // encode_m of x[0 .. 16) with the block's inv > 0, to out
 inline void encode_m16(const float* x, float inv, int8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQSigned), sign = _mm256_set1_ps(-0.0f);
+  const __m256 vinv = _mm256_set1_ps(inv), sign = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
+  __m256 ca, cb;
+  codes16(_mm256_mul_ps(_mm256_andnot_ps(sign, a), vinv), _mm256_mul_ps(_mm256_andnot_ps(sign, b), vinv), kQSigned,
+          ca, cb);
   // the magnitude's code with m's sign: m < 0 ? −c : c (−0.0 → code 0 either way)
-  const __m256 ca = _mm256_xor_ps(code_magnitudes(_mm256_andnot_ps(sign, a), vinv, q), _mm256_and_ps(sign, a));
-  const __m256 cb = _mm256_xor_ps(code_magnitudes(_mm256_andnot_ps(sign, b), vinv, q), _mm256_and_ps(sign, b));
+  ca = _mm256_xor_ps(ca, _mm256_and_ps(sign, a));
+  cb = _mm256_xor_ps(cb, _mm256_and_ps(sign, b));
   const __m256i h = pack16(_mm256_cvtps_epi32(ca), _mm256_cvtps_epi32(cb));
   const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
@@ -173,9 +229,9 @@ inline void encode_m16(const float* x, float inv, int8_t* out) {
 // encode_s of r[0 .. 16) (r = √s ≥ 0) with the block's inv > 0, to out
 inline void encode_s16(const float* r, float inv, uint8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQUnsigned);
-  const __m256 ca = code_magnitudes(_mm256_loadu_ps(r), vinv, q);
-  const __m256 cb = code_magnitudes(_mm256_loadu_ps(r + 8), vinv, q);
+  const __m256 vinv = _mm256_set1_ps(inv);
+  __m256 ca, cb;
+  codes16(_mm256_mul_ps(_mm256_loadu_ps(r), vinv), _mm256_mul_ps(_mm256_loadu_ps(r + 8), vinv), kQUnsigned, ca, cb);
   const __m256i h = pack16(_mm256_cvtps_epi32(ca), _mm256_cvtps_epi32(cb));
   const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
@@ -184,23 +240,24 @@ inline void encode_s16(const float* r, float inv, uint8_t* out) {
 #endif
 }
 
-// The codes of one block's len new values x (m, or r = √s) with scale from BlockCode::inv.
-inline void encode_block_m(const float* x, int64_t len, float inv, int8_t* out) {
-  if (!(inv > 0.0f)) {  // unusable scale (0, inf, NaN): code 0 everywhere
-    std::memset(out, 0, static_cast<size_t>(len));
-    return;
-  }
-  int64_t j = 0;
-  for (; j + kMomStep <= len; j += kMomStep) encode_m16(x + j, inv, out + j);
-  for (; j < len; ++j) out[j] = encode_m(x[j], inv);
-}
-
-inline void encode_block_s(const float* r, int64_t len, float inv, uint8_t* out) {
+// The codes of elements [from, len) of one block's new values x (m, or r = √s), inv its scale's
+// BlockCode::inv. A block with an unusable scale (0, inf, NaN; inv = 0) gets code 0 everywhere.
+inline void encode_block_m(const float* x, int64_t len, int64_t from, float inv, int8_t* out) {
   if (!(inv > 0.0f)) {
     std::memset(out, 0, static_cast<size_t>(len));
     return;
   }
-  int64_t j = 0;
+  int64_t j = from;
+  for (; j + kMomStep <= len; j += kMomStep) encode_m16(x + j, inv, out + j);
+  for (; j < len; ++j) out[j] = encode_m(x[j], inv);
+}
+
+inline void encode_block_s(const float* r, int64_t len, int64_t from, float inv, uint8_t* out) {
+  if (!(inv > 0.0f)) {
+    std::memset(out, 0, static_cast<size_t>(len));
+    return;
+  }
+  int64_t j = from;
   for (; j + kMomStep <= len; j += kMomStep) encode_s16(r + j, inv, out + j);
   for (; j < len; ++j) out[j] = encode_s(r[j], inv);
 }

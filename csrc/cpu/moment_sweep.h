@@ -35,7 +35,9 @@ inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_
   using G = GradMem<scalar_t, grad_t>;
   static_assert(M::kStep == kMomStep, "16 elements per vector step");
   constexpr int64_t kVec = M::kVec;
-  const auto& hp = t.hp;
+  // a copy: stores through v (float*) could alias t.hp's floats, which kept the compiler from
+  // holding the constants in registers across the loop
+  const StepParams<float> hp = t.hp;
   const grad_t* grad = static_cast<const grad_t*>(t.grad);
   float* v = t.v;
 
@@ -80,36 +82,71 @@ template <bool HAS_S>
 struct Bf16Moments {
   uint16_t* m;
   uint16_t* s;
-  uint32_t step;
+  SrKey key_m, key_s;
 
   void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
     load_bf16(m + i, m0, m1);
     if constexpr (HAS_S) load_bf16(s + i, s0, s1);
   }
   void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
-    store_bf16_sr(m + i, i, m0, m1, step, kStreamM);
-    if constexpr (HAS_S) store_bf16_sr(s + i, i, s0, s1, step, kStreamS);
+    const SrIndex index(i);
+    store_bf16_sr(m + i, i, index, m0, m1, key_m);
+    if constexpr (HAS_S) store_bf16_sr(s + i, i, index, s0, s1, key_s);
   }
   void load1(int64_t i, float& mm, float& ss) const {
     mm = bf16_bits_to_float(m[i]);
     if constexpr (HAS_S) ss = bf16_bits_to_float(s[i]);
   }
   void store1(int64_t i, float mm, float ss) {
-    m[i] = round_bf16_bits(mm, random_bits(static_cast<uint32_t>(i), step, kStreamM));
-    if constexpr (HAS_S) s[i] = round_bf16_bits(ss, random_bits(static_cast<uint32_t>(i), step, kStreamS));
+    m[i] = round_bf16_bits(mm, random_bits(static_cast<uint32_t>(i), key_m.step, kStreamM));
+    if constexpr (HAS_S) s[i] = round_bf16_bits(ss, random_bits(static_cast<uint32_t>(i), key_s.step, kStreamS));
   }
 };
 
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
 inline void sweep_bf16(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
-  Bf16Moments<K == Kind::AdaBreg> io{static_cast<uint16_t*>(t.mq), static_cast<uint16_t*>(t.sq), t.step};
+  Bf16Moments<K == Kind::AdaBreg> io{static_cast<uint16_t*>(t.mq), static_cast<uint16_t*>(t.sq),
+                                     SrKey(t.step, kStreamM), SrKey(t.step, kStreamS)};
   sweep_io<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, io, sink);
 }
 
 // ---- 8-bit ----------------------------------------------------------------------------------
-// One block: decoded with its old scale on load; the new m and r = √s (AdaBreg's own √s: the
-// compiler folds this sqrt into the update's) go to the buffers, their max to the accumulators. The
-// codes are written by sweep_8bit once the whole block is updated: the new scale is its max.
+// [note: 8-bit blocks in a pipeline] A block's codes need its new scale, the max of all its new
+// values, so they are written only after the whole block is updated. Encoding each block right
+// after its update left the core waiting on that chain (last update → max → 1/scale → codes), and
+// left the memory streams idle while it encoded (the encoding is pure arithmetic on L1 data: a √
+// per element and moment, as long as the update itself). So the two are interleaved: while block
+// n is updated, 16 elements at a time, each step also encodes 16 elements of block n − 1, whose
+// scale is known by then. The new values wait in two L1-resident buffers (one per block in flight).
+
+// The codes of one updated block, written a vector step at a time (step), the rest by finish.
+template <bool HAS_S>
+struct BlockEncoder {
+  const float* mbuf = nullptr;  // the block's new m and r = √s
+  const float* rbuf = nullptr;
+  int8_t* mc = nullptr;         // its codes (at the block's first element)
+  uint8_t* sc = nullptr;
+  float inv_m = 0.0f, inv_s = 0.0f;  // BlockCode::inv of its new scales
+  int64_t len = 0, done = 0;
+
+  void step() {  // an unusable scale (inv = 0) is left to finish: code 0 for the whole block
+    if (done + kMomStep > len) return;
+    if (inv_m > 0.0f) encode_m16(mbuf + done, inv_m, mc + done);
+    if constexpr (HAS_S) {
+      if (inv_s > 0.0f) encode_s16(rbuf + done, inv_s, sc + done);
+    }
+    done += kMomStep;
+  }
+  void finish() {
+    if (len == 0) return;
+    encode_block_m(mbuf, len, done, inv_m, mc);
+    if constexpr (HAS_S) encode_block_s(rbuf, len, done, inv_s, sc);
+    len = done = 0;
+  }
+};
+
+// One block's update: decoded with its old scale on load; the new m and r = √s (AdaBreg's own √s:
+// the compiler folds this sqrt into the update's) go to the buffers, their max to the accumulators.
 template <bool HAS_S>
 struct BlockMoments {
   const int8_t* mc;
@@ -119,8 +156,8 @@ struct BlockMoments {
   int64_t base;
   float m_step, s_step;  // BlockCode::step of the old scales
   FVec vm_step, vs_step;
-  FVec max_m = FVec(0.0f), max_r = FVec(0.0f);
-  float max_m1 = 0.0f, max_r1 = 0.0f;
+  BlockEncoder<HAS_S>& previous;  // the block before, encoded meanwhile
+  BlockMax max_m, max_r;
 
   void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
     decode_m16(mc + i, vm_step, m0, m1);
@@ -129,13 +166,16 @@ struct BlockMoments {
   void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
     m0.store(mbuf + (i - base));
     m1.store(mbuf + (i - base) + FVec::size());
-    max_m = at::vec::maximum(max_m, at::vec::maximum(m0.abs(), m1.abs()));
+    max_m.add(m0);
+    max_m.add(m1);
     if constexpr (HAS_S) {
       const FVec r0 = bf_sqrt(s0), r1 = bf_sqrt(s1);
       r0.store(rbuf + (i - base));
       r1.store(rbuf + (i - base) + FVec::size());
-      max_r = at::vec::maximum(max_r, at::vec::maximum(r0, r1));
+      max_r.add(r0);
+      max_r.add(r1);
     }
+    previous.step();
   }
   void load1(int64_t i, float& mm, float& ss) const {
     mm = decode_m(mc[i], m_step);
@@ -143,45 +183,56 @@ struct BlockMoments {
   }
   void store1(int64_t i, float mm, float ss) {
     mbuf[i - base] = mm;
-    max_m1 = max_abs(max_m1, mm);
+    max_m.add1(mm);
     if constexpr (HAS_S) {
       const float r = bf_sqrt(ss);
       rbuf[i - base] = r;
-      max_r1 = max_abs(max_r1, r);
+      max_r.add1(r);
     }
   }
 };
 
-// [b, e) of a tensor with 8-bit moments, block by block. b and e must be block boundaries: a row
-// start, or a multiple of kMomentBlock into a row (run_all's chunks and moment_rows.h's pieces are).
+// [b, e) of a tensor with 8-bit moments. b and e must be block boundaries: a row start, or a
+// multiple of kMomentBlock into a row (run_all's chunks and moment_rows.h's pieces are).
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
 inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
   constexpr bool kHasS = K == Kind::AdaBreg;
-  alignas(64) float mbuf[kMomentBlock];
-  alignas(64) float rbuf[kHasS ? kMomentBlock : 1];
+  alignas(64) float mbuf[2][kMomentBlock];
+  alignas(64) float rbuf[2][kHasS ? kMomentBlock : 1];
   const int64_t row_len = t.row_len;
   const int64_t blocks_per_row = (row_len + kMomentBlock - 1) / kMomentBlock;
   auto* mc = static_cast<int8_t*>(t.mq);
   auto* sc = static_cast<uint8_t*>(t.sq);
+  BlockEncoder<kHasS> previous;
   int64_t row = b / row_len;
-  int64_t off = b - row * row_len;  // b's offset into its row
+  int64_t off = b - row * row_len;  // the block's offset into its row
   TORCH_INTERNAL_ASSERT(off % kMomentBlock == 0, "8-bit moments: a sweep must start at a block boundary");
-  for (int64_t bb = b; bb < e;) {
+  for (int64_t bb = b, n = 0; bb < e; ++n) {
     const int64_t len = std::min(kMomentBlock, row_len - off);
     TORCH_INTERNAL_ASSERT(bb + len <= e, "8-bit moments: a sweep must end at a block boundary");
     const int64_t k = row * blocks_per_row + off / kMomentBlock;  // the block's scale
-    const BlockCode old_m = block_code(t.m_scale[k], kQSigned);
-    const BlockCode old_s = kHasS ? block_code(t.s_scale[k], kQUnsigned) : BlockCode{0.0f, 0.0f};
-    BlockMoments<kHasS> io{mc, sc, mbuf, rbuf, bb, old_m.step, old_s.step, FVec(old_m.step), FVec(old_s.step)};
+    const float m_step = block_code(t.m_scale[k], kQSigned).step;  // decode with the old scales
+    const float s_step = kHasS ? block_code(t.s_scale[k], kQUnsigned).step : 0.0f;
+    float* mb = mbuf[n & 1];
+    float* rb = rbuf[kHasS ? n & 1 : 0];
+    BlockMoments<kHasS> io{mc, sc, mb - bb, rb - bb, 0, m_step, s_step, FVec(m_step), FVec(s_step), previous};
     sweep_io<scalar_t, grad_t, K, MOM>(t, bb, bb + len, has_scale, scale, io, sink);
-    const float scale_m = reduce_max_abs(io.max_m, io.max_m1);
-    encode_block_m(mbuf, len, block_code(scale_m, kQSigned).inv, mc + bb);
+    previous.finish();
+    // this block's new scales (its old ones were read above), and its codes during the next block
+    const float scale_m = io.max_m.value();
     t.m_scale[k] = scale_m;
+    previous.mbuf = mb;
+    previous.mc = mc + bb;
+    previous.inv_m = block_code(scale_m, kQSigned).inv;
     if constexpr (kHasS) {
-      const float scale_s = reduce_max_abs(io.max_r, io.max_r1);
-      encode_block_s(rbuf, len, block_code(scale_s, kQUnsigned).inv, sc + bb);
+      const float scale_s = io.max_r.value();
       t.s_scale[k] = scale_s;
+      previous.rbuf = rb;
+      previous.sc = sc + bb;
+      previous.inv_s = block_code(scale_s, kQUnsigned).inv;
     }
+    previous.len = len;
+    previous.done = 0;
     bb += len;
     off += len;
     if (off == row_len) {
@@ -189,6 +240,7 @@ inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool ha
       ++row;
     }
   }
+  previous.finish();
 }
 
 // The sweep of moment format F: sweep.h's for fp32 (unchanged), the walks above otherwise.
