@@ -154,14 +154,21 @@ inline void decode_s16(const uint8_t* p, const FVec& step, FVec& a, FVec& b) {
 }
 
 // ---- 8-bit codes: the block scale --------------------------------------------------------------
-// max |x| over a block, NaN-propagating as torch.amax (and max_abs). AVX2: a signed integer max of
-// the bits of |x|: for non-negative floats the integer order is the float order, and every NaN
-// (sign cleared) lies above +inf, so a NaN wins. One instruction instead of at::vec::maximum's three.
+// max |x| over a block, NaN-propagating as torch.amax (and max_abs). AVX2: an integer max of the
+// bits: for non-negative floats the integer order is the float order, and a NaN lies above +inf,
+// so a NaN wins; one or two instructions instead of at::vec::maximum's three and an abs.
+// kNonNegative: x is +0, positive or NaN (r = √s: s = fma(…) + β2·s is never −0), so an unsigned
+// max of the bits as they are does it (a NaN with its sign bit set is above everything, too).
+template <bool kNonNegative = false>
 struct BlockMax {
 #if defined(CPU_CAPABILITY_AVX2)
   __m256i acc = _mm256_setzero_si256();
   void add(const FVec& x) {
-    acc = _mm256_max_epi32(acc, _mm256_castps_si256(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+    if constexpr (kNonNegative) {
+      acc = _mm256_max_epu32(acc, _mm256_castps_si256(x));
+    } else {
+      acc = _mm256_max_epi32(acc, _mm256_castps_si256(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)));
+    }
   }
 #else
   FVec acc = FVec(0.0f);
@@ -170,57 +177,54 @@ struct BlockMax {
   float one = 0.0f;  // the scalar tail's
   void add1(float x) { one = max_abs(one, x); }
   float value() const {
-#if defined(CPU_CAPABILITY_AVX2)
-    __m128i x = _mm_max_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    x = _mm_max_epi32(x, _mm_shuffle_epi32(x, 0x4E));
-    x = _mm_max_epi32(x, _mm_shuffle_epi32(x, 0xB1));
-    return max_abs(one, _mm_cvtss_f32(_mm_castsi128_ps(x)));
-#else
     float buf[FVec::size()];
+#if defined(CPU_CAPABILITY_AVX2)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf), acc);
+#else
     acc.store(buf);
+#endif
     float m = one;
     for (int64_t k = 0; k < FVec::size(); ++k) m = max_abs(m, buf[k]);
     return m;
-#endif
   }
 };
 
 // ---- 8-bit codes: encode ----------------------------------------------------------------------
 #if defined(CPU_CAPABILITY_AVX2)
-// code_magnitude of y = x·inv ≥ 0 in a usable block (inv > 0; no NaN or inf in it, or its scale
-// would be one): rint(Q·√y) clamped to Q; _mm256_round_ps to nearest is rint's round-half-even.
-inline __m256 exact_codes(__m256 y, __m256 q) {
-  const __m256 c = _mm256_round_ps(_mm256_mul_ps(_mm256_sqrt_ps(y), q), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm256_min_ps(c, q);
-}
+// code_magnitude of y = x·inv ≥ 0 in a usable block (inv > 0: no NaN or inf in it, or its scale
+// would be one), as int32: rint(Q·√y). _mm256_cvtps_epi32 rounds in the current rounding mode, as
+// rintf does (to nearest even; torch never changes it). The clamp to Q is left out: x ≤ scale, so
+// y ≤ scale·RN(1/scale) ≤ 1 + 2⁻²³, √y ≤ 1 + 2⁻²³ and Q·√y rounds to Q at most.
+//
+// The √ per element keeps the divider busy (with AdaBreg's own √s and two divisions), but
+// replacing it by _mm256_rsqrt_ps, a Newton step and a check for the lanes near a rounding boundary
+// measured slower (the multiply ports are as busy), so: exact.
+inline __m256i codes(__m256 y, __m256 q) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sqrt_ps(y), q)); }
 
-// The codes of ya, yb (16 lanes). The √ per element keeps the divider busy (with AdaBreg's own √s
-// and two divisions), but replacing it by _mm256_rsqrt_ps, a Newton step and a check for lanes
-// near a rounding boundary measured slower (the multiply ports were the tighter limit), so: exact.
-inline void codes16(__m256 ya, __m256 yb, float qs, __m256& ca, __m256& cb) {
-  const __m256 q = _mm256_set1_ps(qs);
-  ca = exact_codes(ya, q);
-  cb = exact_codes(yb, q);
+// 16 int32 lanes (two vectors) → 16 bytes in order, saturating as signed or unsigned bytes: the
+// packs interleave 128-bit halves (lane 0: lo 0-3, hi 0-3; lane 1: lo 4-7, hi 4-7), the dword
+// permute restores the order.
+template <bool kUnsigned>
+inline void store_bytes16(__m256i lo, __m256i hi, void* out) {
+  const __m256i w = _mm256_packs_epi32(lo, hi);
+  const __m256i b = kUnsigned ? _mm256_packus_epi16(w, w) : _mm256_packs_epi16(w, w);
+  const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(ordered));
 }
-
-// 16 int32 lanes (two vectors) → 16 int16 in order (packs interleaves the 128-bit halves)
-inline __m256i pack16(__m256i lo, __m256i hi) { return _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8); }
 #endif
 
 // encode_m of x[0 .. 16) with the block's inv > 0, to out
 inline void encode_m16(const float* x, float inv, int8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vinv = _mm256_set1_ps(inv), sign = _mm256_set1_ps(-0.0f);
+  const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQSigned), sign = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
-  __m256 ca, cb;
-  codes16(_mm256_mul_ps(_mm256_andnot_ps(sign, a), vinv), _mm256_mul_ps(_mm256_andnot_ps(sign, b), vinv), kQSigned,
-          ca, cb);
-  // the magnitude's code with m's sign: m < 0 ? −c : c (−0.0 → code 0 either way)
-  ca = _mm256_xor_ps(ca, _mm256_and_ps(sign, a));
-  cb = _mm256_xor_ps(cb, _mm256_and_ps(sign, b));
-  const __m256i h = pack16(_mm256_cvtps_epi32(ca), _mm256_cvtps_epi32(cb));
-  const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  __m256i ca = codes(_mm256_mul_ps(_mm256_andnot_ps(sign, a), vinv), q);
+  __m256i cb = codes(_mm256_mul_ps(_mm256_andnot_ps(sign, b), vinv), q);
+  // m < 0 ? −c : c. _mm256_sign_epi32 negates where m's bits are negative as int32 (−0.0 too,
+  // whose code is 0) and zeroes where they are 0 (+0.0, code 0 as well).
+  ca = _mm256_sign_epi32(ca, _mm256_castps_si256(a));
+  cb = _mm256_sign_epi32(cb, _mm256_castps_si256(b));
+  store_bytes16<false>(ca, cb, out);
 #else
   for (int64_t k = 0; k < kMomStep; ++k) out[k] = encode_m(x[k], inv);
 #endif
@@ -229,12 +233,9 @@ inline void encode_m16(const float* x, float inv, int8_t* out) {
 // encode_s of r[0 .. 16) (r = √s ≥ 0) with the block's inv > 0, to out
 inline void encode_s16(const float* r, float inv, uint8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 vinv = _mm256_set1_ps(inv);
-  __m256 ca, cb;
-  codes16(_mm256_mul_ps(_mm256_loadu_ps(r), vinv), _mm256_mul_ps(_mm256_loadu_ps(r + 8), vinv), kQUnsigned, ca, cb);
-  const __m256i h = pack16(_mm256_cvtps_epi32(ca), _mm256_cvtps_epi32(cb));
-  const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQUnsigned);
+  store_bytes16<true>(codes(_mm256_mul_ps(_mm256_loadu_ps(r), vinv), q),
+                      codes(_mm256_mul_ps(_mm256_loadu_ps(r + 8), vinv), q), out);
 #else
   for (int64_t k = 0; k < kMomStep; ++k) out[k] = encode_s(r[k], inv);
 #endif

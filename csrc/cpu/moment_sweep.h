@@ -157,7 +157,8 @@ struct BlockMoments {
   float m_step, s_step;  // BlockCode::step of the old scales
   FVec vm_step, vs_step;
   BlockEncoder<HAS_S>& previous;  // the block before, encoded meanwhile
-  BlockMax max_m, max_r;
+  BlockMax<> max_m;
+  BlockMax<true> max_r;  // r = √s ≥ +0 or NaN
 
   void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
     decode_m16(mc + i, vm_step, m0, m1);
