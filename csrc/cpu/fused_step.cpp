@@ -40,17 +40,18 @@ bool use_streaming_stores(int64_t theta_bytes) {
 
 // Compact moments (csrc/moment_codes.h): the stored tensors, the 8-bit block scales and row length,
 // and the step count that seeds bf16's random bits (the reference's int(step), as uint32).
-template <typename T>
-void set_compact_moments(const StepHyper& hyper, const StepTensors& t, size_t i, double step, TensorWork<T>& tw) {
-  if (!t.exp_avgs.empty()) tw.mq = t.exp_avgs[i].data_ptr();
-  if (!t.exp_avg_sqs.empty()) tw.sq = t.exp_avg_sqs[i].data_ptr();
-  tw.step = static_cast<uint32_t>(static_cast<int64_t>(step));
+MomentWork compact_moments(const StepHyper& hyper, const StepTensors& t, size_t i, double step) {
+  MomentWork mw;
+  if (!t.exp_avgs.empty()) mw.m = t.exp_avgs[i].data_ptr();
+  if (!t.exp_avg_sqs.empty()) mw.s = t.exp_avg_sqs[i].data_ptr();
+  mw.step = static_cast<uint32_t>(static_cast<int64_t>(step));
   if (hyper.moments == Moments::Int8) {
     const at::Tensor& p = t.params[i];
-    tw.row_len = p.numel() > 0 ? p.numel() / p.size(0) : 1;
-    if (!t.exp_avg_scales.empty()) tw.m_scale = t.exp_avg_scales[i].data_ptr<float>();
-    if (!t.exp_avg_sq_scales.empty()) tw.s_scale = t.exp_avg_sq_scales[i].data_ptr<float>();
+    mw.row_len = p.numel() > 0 ? p.numel() / p.size(0) : 1;
+    if (!t.exp_avg_scales.empty()) mw.m_scale = t.exp_avg_scales[i].data_ptr<float>();
+    if (!t.exp_avg_sq_scales.empty()) mw.s_scale = t.exp_avg_sq_scales[i].data_ptr<float>();
   }
+  return mw;
 }
 
 template <typename scalar_t>
@@ -76,12 +77,9 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
     tw.theta = t.params[i].data_ptr();
     tw.grad = t.grads[i].data_ptr();
     if (!t.duals.empty()) tw.v = t.duals[i].data_ptr<T>();
-    if (hyper.moments == Moments::Fp32) {
-      if (!t.exp_avgs.empty()) tw.m = t.exp_avgs[i].data_ptr<T>();
-      if (!t.exp_avg_sqs.empty()) tw.s = t.exp_avg_sqs[i].data_ptr<T>();
-    } else {
-      set_compact_moments(hyper, t, i, step_values[i], tw);
-    }
+    const bool compact = hyper.moments != Moments::Fp32;
+    if (!compact && !t.exp_avgs.empty()) tw.m = t.exp_avgs[i].data_ptr<T>();
+    if (!compact && !t.exp_avg_sqs.empty()) tw.s = t.exp_avg_sqs[i].data_ptr<T>();
     tw.numel = t.params[i].numel();
     tw.n = is_row_reg(hyper.reg) ? t.group_sizes[i] : 1;
     tw.hp = make_step_params<T>(hyper, step_values[i], tw.n);
@@ -89,6 +87,7 @@ void launch(const StepHyper& hyper, const StepTensors& t, const std::vector<doub
     Work<T>& w = t.grads[i].scalar_type() == param_dtype ? same : wide;
     w.tensors.push_back(tw);
     w.op_index.push_back(static_cast<int64_t>(i));
+    if (compact) w.moments.push_back(compact_moments(hyper, t, i, step_values[i]));
   }
   // ProxSGD reads θ before writing it: its lines are in cache already, and a non-temporal store
   // would only evict them (measured: ~25 % slower on a 64 M-element fp32 list). 8-bit moments walk

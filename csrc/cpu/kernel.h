@@ -46,18 +46,18 @@ constexpr int64_t kParallelGrain = 32768;
 // u, factor, row_f: kScratch elements each of per-thread scratch. F: how the moments are stored
 // (moment_sweep.h); Fp32 compiles to the kernel as it was before compact moments.
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R, Moments F>
-int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<scalar_t>>& t, int64_t b,
-                  int64_t e, opmath_t<scalar_t>* u, opmath_t<scalar_t>* factor, opmath_t<scalar_t>* row_f,
-                  RowBuffers& row_buffers) {
+int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<scalar_t>>& t, const MomentWork& mw,
+                  int64_t b, int64_t e, opmath_t<scalar_t>* u, opmath_t<scalar_t>* factor, opmath_t<scalar_t>* row_f,
+                  RowBuffersOf<F, R>& row_buffers) {
   using T = opmath_t<scalar_t>;
   scalar_t* theta = static_cast<scalar_t*>(t.theta);
   if constexpr (!is_row_reg(R)) {
     ThetaSink<scalar_t, R> sink{theta, t.hp, w.stream};
-    sweep_any<scalar_t, grad_t, K, MOM, F>(t, b, e, w.has_scale, w.scale, sink);
+    sweep_any<scalar_t, grad_t, K, MOM, F>(t, mw, b, e, w.has_scale, w.scale, sink);
     return sink.total();
   } else if constexpr (F == Moments::Int8) {
     // rows and 8-bit blocks need not line up: block-aligned pieces, θ in a second pass (moment_rows.h)
-    return run_rows_8bit<scalar_t, grad_t, K, MOM, R>(w, t, b, e, kScratch, u, factor, row_f, row_buffers);
+    return run_rows_8bit<scalar_t, grad_t, K, MOM, R>(w, t, mw, b, e, kScratch, u, factor, row_f, row_buffers);
   } else {
     const int64_t n = t.n;
     int64_t nnz = 0;
@@ -71,7 +71,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         const int64_t ge = std::min(e, gb + rows_per_group * n);
         const int64_t rows = (ge - gb) / n;
         ScratchSink<scalar_t, R> sink{u, gb, t.hp};
-        sweep_any<scalar_t, grad_t, K, MOM, F>(t, gb, ge, w.has_scale, w.scale, sink);
+        sweep_any<scalar_t, grad_t, K, MOM, F>(t, mw, gb, ge, w.has_scale, w.scale, sink);
         row_sums(u, rows, n, row_f);
         row_factors(row_f, rows, t.hp.thr_row);
         const T* f = row_f;
@@ -91,7 +91,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
           recompute_u<scalar_t, grad_t, K, R>(t, bb, be, w.has_scale, w.scale, u);
         } else {
           ScratchSink<scalar_t, R> sink{u, bb, t.hp};
-          sweep_any<scalar_t, grad_t, K, MOM, F>(t, bb, be, w.has_scale, w.scale, sink);
+          sweep_any<scalar_t, grad_t, K, MOM, F>(t, mw, bb, be, w.has_scale, w.scale, sink);
         }
         sum_sq += static_cast<double>(sum_squares(u, be - bb));
       }
@@ -126,13 +126,18 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     // a row longer than the scratch buffer is a chunk of its own (run_chunk's two-sweep path reduces
     // one norm per chunk); shorter rows are packed whole, ~kChunk elements per chunk
     const int64_t step = !is_row_reg(R) ? kChunk : t.n > kScratch ? t.n : std::max<int64_t>(1, kChunk / t.n) * t.n;
-    for (int64_t b = 0, e = 0; b < t.numel; b = e) {
-      // 8-bit moments: no block split between chunks (moment_rows.h); kChunk is a multiple of a block
-      if constexpr (F == Moments::Int8) {
-        e = chunk_end_8bit(b, step, t.numel, t.row_len, is_row_reg(R) ? t.n : 1);
-      } else {
-        e = std::min(t.numel, b + step);
+    if constexpr (F == Moments::Int8) {
+      // no 8-bit block split between chunks (moment_rows.h); kChunk is a multiple of a block
+      for (int64_t b = 0, e = 0; b < t.numel; b = e) {
+        e = chunk_end_8bit(b, step, t.numel, w.moments[ti].row_len, is_row_reg(R) ? t.n : 1);
+        chunks.push_back({ti, b, e});
+        starts.push_back(total);
+        total += (e - b) + kChunkOverhead;
       }
+      continue;
+    }
+    for (int64_t b = 0; b < t.numel; b += step) {
+      const int64_t e = std::min(t.numel, b + step);
       chunks.push_back({ti, b, e});
       starts.push_back(total);
       total += (e - b) + kChunkOverhead;
@@ -144,11 +149,11 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
     auto c = static_cast<int64_t>(std::lower_bound(starts.begin(), starts.end(), lo) - starts.begin());
     std::vector<T> scratch;
     if (is_row_reg(R)) scratch.resize(3 * kScratch);
-    RowBuffers row_buffers;
+    RowBuffersOf<F, R> row_buffers;
     for (; c < static_cast<int64_t>(chunks.size()) && starts[c] < hi; ++c) {
       const Chunk& ch = chunks[c];
-      chunk_nnz[c] = run_chunk<scalar_t, grad_t, K, MOM, R, F>(w, w.tensors[ch.tensor], ch.begin, ch.end,
-                                                                scratch.data(), scratch.data() + kScratch,
+      chunk_nnz[c] = run_chunk<scalar_t, grad_t, K, MOM, R, F>(w, w.tensors[ch.tensor], moment_work<F>(w, ch.tensor),
+                                                                ch.begin, ch.end, scratch.data(), scratch.data() + kScratch,
                                                                 scratch.data() + 2 * kScratch, row_buffers);
     }
 #if defined(CPU_CAPABILITY_AVX2)

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bregman_math.h"
@@ -92,26 +93,29 @@ const T* element_factors(const T* f, int64_t off, int64_t len, int64_t n, T* out
   return out;
 }
 
-// Per-thread buffers of run_rows_8bit (one chunk's rows).
+// Per-thread buffers of run_rows_8bit (one chunk's rows); nothing for the other variants.
 struct RowBuffers {
   std::vector<double> sums;
   std::vector<float> factors;
 };
+struct NoRowBuffers {};
+template <Moments F, Reg R>
+using RowBuffersOf = std::conditional_t<F == Moments::Int8 && is_row_reg(R), RowBuffers, NoRowBuffers>;
 
 // A row-map chunk [b, e) (whole rows, block boundaries at both ends) of a tensor with 8-bit
 // moments; returns the non-zeros written. u, factor, row_f: `scratch` floats each.
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, Reg R>
-int64_t run_rows_8bit(const Work<float>& w, const TensorWork<float>& t, int64_t b, int64_t e, int64_t scratch,
-                      float* u, float* factor, float* row_f, RowBuffers& buf) {
+int64_t run_rows_8bit(const Work<float>& w, const TensorWork<float>& t, const MomentWork& mw, int64_t b, int64_t e,
+                      int64_t scratch, float* u, float* factor, float* row_f, RowBuffers& buf) {
   static_assert(is_row_reg(R) && K != Kind::ProxSGD, "the Bregman row maps");
   const int64_t n = t.n;
   const int64_t rows = (e - b) / n;
   buf.sums.assign(static_cast<size_t>(rows), 0.0);
   // pass 1: the states, in pieces of whole blocks that fit the scratch buffer; Σu² per row
   for (int64_t pb = b; pb < e;) {
-    const int64_t pe = block_floor(std::min(e, pb + scratch), t.row_len);
+    const int64_t pe = block_floor(std::min(e, pb + scratch), mw.row_len);
     ScratchSink<scalar_t, R> sink{u, pb, t.hp};
-    sweep_8bit<scalar_t, grad_t, K, MOM>(t, pb, pe, w.has_scale, w.scale, sink);
+    sweep_8bit<scalar_t, grad_t, K, MOM>(t, mw, pb, pe, w.has_scale, w.scale, sink);
     add_row_sums(u, pb - b, pe - pb, n, buf.sums.data(), row_f);
     pb = pe;
   }

@@ -104,9 +104,10 @@ struct Bf16Moments {
 };
 
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
-inline void sweep_bf16(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
-  Bf16Moments<K == Kind::AdaBreg> io{static_cast<uint16_t*>(t.mq), static_cast<uint16_t*>(t.sq),
-                                     SrKey(t.step, kStreamM), SrKey(t.step, kStreamS)};
+inline void sweep_bf16(const TensorWork<float>& t, const MomentWork& mw, int64_t b, int64_t e, bool has_scale,
+                       float scale, Sink& sink) {
+  Bf16Moments<K == Kind::AdaBreg> io{static_cast<uint16_t*>(mw.m), static_cast<uint16_t*>(mw.s),
+                                     SrKey(mw.step, kStreamM), SrKey(mw.step, kStreamS)};
   sweep_io<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, io, sink);
 }
 
@@ -196,14 +197,15 @@ struct BlockMoments {
 // [b, e) of a tensor with 8-bit moments. b and e must be block boundaries: a row start, or a
 // multiple of kMomentBlock into a row (run_all's chunks and moment_rows.h's pieces are).
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename Sink>
-inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, Sink& sink) {
+inline void sweep_8bit(const TensorWork<float>& t, const MomentWork& mw, int64_t b, int64_t e, bool has_scale,
+                       float scale, Sink& sink) {
   constexpr bool kHasS = K == Kind::AdaBreg;
   alignas(64) float mbuf[2][kMomentBlock];
   alignas(64) float rbuf[2][kHasS ? kMomentBlock : 1];
-  const int64_t row_len = t.row_len;
+  const int64_t row_len = mw.row_len;
   const int64_t blocks_per_row = (row_len + kMomentBlock - 1) / kMomentBlock;
-  auto* mc = static_cast<int8_t*>(t.mq);
-  auto* sc = static_cast<uint8_t*>(t.sq);
+  auto* mc = static_cast<int8_t*>(mw.m);
+  auto* sc = static_cast<uint8_t*>(mw.s);
   BlockEncoder<kHasS> previous;
   int64_t row = b / row_len;
   int64_t off = b - row * row_len;  // the block's offset into its row
@@ -212,22 +214,22 @@ inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool ha
     const int64_t len = std::min(kMomentBlock, row_len - off);
     TORCH_INTERNAL_ASSERT(bb + len <= e, "8-bit moments: a sweep must end at a block boundary");
     const int64_t k = row * blocks_per_row + off / kMomentBlock;  // the block's scale
-    const float m_step = block_code(t.m_scale[k], kQSigned).step;  // decode with the old scales
-    const float s_step = kHasS ? block_code(t.s_scale[k], kQUnsigned).step : 0.0f;
+    const float m_step = block_code(mw.m_scale[k], kQSigned).step;  // decode with the old scales
+    const float s_step = kHasS ? block_code(mw.s_scale[k], kQUnsigned).step : 0.0f;
     float* mb = mbuf[n & 1];
     float* rb = rbuf[kHasS ? n & 1 : 0];
-    BlockMoments<kHasS> io{mc, sc, mb - bb, rb - bb, 0, m_step, s_step, FVec(m_step), FVec(s_step), previous};
+    BlockMoments<kHasS> io{mc, sc, mb, rb, bb, m_step, s_step, FVec(m_step), FVec(s_step), previous};
     sweep_io<scalar_t, grad_t, K, MOM>(t, bb, bb + len, has_scale, scale, io, sink);
     previous.finish();
     // this block's new scales (its old ones were read above), and its codes during the next block
     const float scale_m = io.max_m.value();
-    t.m_scale[k] = scale_m;
+    mw.m_scale[k] = scale_m;
     previous.mbuf = mb;
     previous.mc = mc + bb;
     previous.inv_m = block_code(scale_m, kQSigned).inv;
     if constexpr (kHasS) {
       const float scale_s = io.max_r.value();
-      t.s_scale[k] = scale_s;
+      mw.s_scale[k] = scale_s;
       previous.rbuf = rb;
       previous.sc = sc + bb;
       previous.inv_s = block_code(scale_s, kQUnsigned).inv;
@@ -246,14 +248,25 @@ inline void sweep_8bit(const TensorWork<float>& t, int64_t b, int64_t e, bool ha
 
 // The sweep of moment format F: sweep.h's for fp32 (unchanged), the walks above otherwise.
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, Moments F, typename Sink>
-inline void sweep_any(const TensorWork<opmath_t<scalar_t>>& t, int64_t b, int64_t e, bool has_scale,
-                      opmath_t<scalar_t> scale, Sink& sink) {
+inline void sweep_any(const TensorWork<opmath_t<scalar_t>>& t, const MomentWork& mw, int64_t b, int64_t e,
+                      bool has_scale, opmath_t<scalar_t> scale, Sink& sink) {
   if constexpr (F == Moments::Fp32) {
     sweep<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
   } else if constexpr (F == Moments::Bf16) {
-    sweep_bf16<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
+    sweep_bf16<scalar_t, grad_t, K, MOM>(t, mw, b, e, has_scale, scale, sink);
   } else {
-    sweep_8bit<scalar_t, grad_t, K, MOM>(t, b, e, has_scale, scale, sink);
+    sweep_8bit<scalar_t, grad_t, K, MOM>(t, mw, b, e, has_scale, scale, sink);
+  }
+}
+
+// Tensor ti's compact moments; a dummy for fp32 moments (Work::moments is empty then).
+template <Moments F, typename T>
+inline const MomentWork& moment_work(const Work<T>& w, int64_t ti) {
+  static const MomentWork none;
+  if constexpr (F == Moments::Fp32) {
+    return none;
+  } else {
+    return w.moments[ti];
   }
 }
 

@@ -20,18 +20,23 @@ struct TensorWork {
   void* theta = nullptr;        // param data, in the param dtype
   const void* grad = nullptr;   // grad data, in the grad dtype of the kernel variant (run_fused_step)
   T* v = nullptr;               // dual
-  T* m = nullptr;               // momentum buffer / exp_avg (fp32 moments)
-  T* s = nullptr;               // exp_avg_sq (fp32 moments)
-  // compact moments (StepHyper::moments; csrc/moment_codes.h): m and s as stored, instead of m and s
-  void* mq = nullptr;           // bf16 bits or int8 codes
-  void* sq = nullptr;           // bf16 bits or uint8 codes
+  T* m = nullptr;               // momentum buffer / exp_avg
+  T* s = nullptr;               // exp_avg_sq
+  int64_t numel = 0;
+  int64_t n = 1;                // row length (row regularizers), 1 otherwise
+  StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)
+};
+
+// A tensor's compact moments (StepHyper::moments bf16 or 8bit; csrc/moment_codes.h), as stored: in
+// Work::moments, beside its TensorWork rather than in it, so that TensorWork keeps its layout and
+// the fp32 kernels compile to the same instructions.
+struct MomentWork {
+  void* m = nullptr;            // bf16 bits or int8 codes of exp_avg / the momentum buffer
+  void* s = nullptr;            // bf16 bits or uint8 codes of exp_avg_sq
   float* m_scale = nullptr;     // 8-bit: block scales, (rows, blocks per row) row-major
   float* s_scale = nullptr;
   int64_t row_len = 0;          // 8-bit: elements per dim-0 row (the blocks follow rows)
   uint32_t step = 0;            // bf16: the step count that seeds the random bits
-  int64_t numel = 0;
-  int64_t n = 1;                // row length (row regularizers), 1 otherwise
-  StepParams<T> hp{};           // this tensor's constants (its step count, its row threshold)
 };
 
 template <typename T>
@@ -42,6 +47,7 @@ struct Work {
   T scale = T(1);
   std::vector<TensorWork<T>> tensors;
   std::vector<int64_t> op_index;  // op_index[k]: tensor k's position in the op's lists (its count)
+  std::vector<MomentWork> moments;  // moments[k]: tensor k's compact moments (empty for fp32 moments)
 };
 
 // Runs the step on every tensor of `w`, whose grads are all of grad_t: the param dtype, or the
