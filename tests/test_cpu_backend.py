@@ -389,8 +389,21 @@ def test_cuda_reports_unavailable_with_a_reason():
 # then end inside a row, on block boundaries), a row longer than the row maps' scratch buffer, rows
 # of a few blocks with a short last one, and conv weights whose KernelL1L2 rows (kh·kw) split blocks.
 COMPACT_SHAPES = [(3, 40_000), (5, 9000), (33, 300), (20, 30, 5, 7)]
+
+
+class _RowsAcrossBlocks(bf.GroupL1L2):
+    """Rows of 400 elements in tensors of (·, 300): neither a multiple nor a divisor of the 8-bit
+    blocks' rows, so the CPU kernel's two-pass row path (moment_rows.h run_rows_8bit) runs."""
+
+    keeps_builtin_map = True  # only the row length differs: the fused group map applies
+
+    def group_size(self, shape):
+        return 400
+
+
 COMPACT_REGS = {"none": bf.NoReg, "l1": lambda: bf.L1(0.02), "group": lambda: bf.GroupL1L2(0.02),
-                "sparse_group": lambda: bf.SparseGroupL1L2(0.01, 0.02), "kernel": lambda: bf.KernelL1L2(0.02)}
+                "sparse_group": lambda: bf.SparseGroupL1L2(0.01, 0.02), "kernel": lambda: bf.KernelL1L2(0.02),
+                "rows_across_blocks": lambda: _RowsAcrossBlocks(0.02)}
 
 
 def _compact_run(backend, kind, fmt, reg, shapes, steps=3, dtype=torch.float32, grad_dtype=None, nonfinite=False):
@@ -442,9 +455,8 @@ def _assert_compact_like_reference(got, ref, dtype=torch.float32):
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])
 @pytest.mark.parametrize("kind", ["adabreg", "linbreg-momentum"])
 def test_compact_moments_chunks_rows_and_groups_like_reference(kind, fmt, reg):
-    shapes = [s for s in COMPACT_SHAPES if len(s) > 2] if reg == "kernel" else COMPACT_SHAPES
-    if reg == "kernel":
-        shapes = shapes + [(128, 64, 3, 3)]
+    shapes = {"kernel": [(20, 30, 5, 7), (128, 64, 3, 3)], "rows_across_blocks": [(24, 300), (40, 300)]}.get(
+        reg, COMPACT_SHAPES)
     _assert_compact_like_reference(_compact_run("cpu", kind, fmt, reg, shapes),
                                    _compact_run("reference", kind, fmt, reg, shapes))
 

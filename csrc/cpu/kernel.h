@@ -55,10 +55,14 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
     ThetaSink<scalar_t, R> sink{theta, t.hp, w.stream};
     sweep_any<scalar_t, grad_t, K, MOM, F>(t, mw, b, e, w.has_scale, w.scale, sink);
     return sink.total();
-  } else if constexpr (F == Moments::Int8) {
-    // rows and 8-bit blocks need not line up: block-aligned pieces, θ in a second pass (moment_rows.h)
-    return run_rows_8bit<scalar_t, grad_t, K, MOM, R>(w, t, mw, b, e, kScratch, u, factor, row_f, row_buffers);
   } else {
+    if constexpr (F == Moments::Int8) {
+      // rows whose groups cannot end on 8-bit block boundaries: block-aligned pieces, θ in a
+      // second pass (moment_rows.h)
+      if (block_aligned_rows_per_group(t.n, mw.row_len, kScratch) == 0) {
+        return run_rows_8bit<scalar_t, grad_t, K, MOM, R>(w, t, mw, b, e, kScratch, u, factor, row_f, row_buffers);
+      }
+    }
     const int64_t n = t.n;
     int64_t nnz = 0;
     if (n <= kScratch) {
@@ -66,7 +70,8 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
       // s read and written once), reduce each row's Σu² from the cache-resident scratch, compute
       // the row factors 8 rows at a time (a scalar sqrt + divide per row would dominate short
       // rows such as 3×3 kernels), broadcast them per element, then write θ in one vector sweep.
-      const int64_t rows_per_group = kScratch / n;
+      int64_t rows_per_group = kScratch / n;
+      if constexpr (F == Moments::Int8) rows_per_group = block_aligned_rows_per_group(n, mw.row_len, kScratch);
       for (int64_t gb = b; gb < e; gb += rows_per_group * n) {
         const int64_t ge = std::min(e, gb + rows_per_group * n);
         const int64_t rows = (ge - gb) / n;

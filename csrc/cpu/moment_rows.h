@@ -3,11 +3,12 @@
 // An 8-bit block (kMomentBlock elements of a dim-0 row, csrc/moment_codes.h) is encoded from the
 // new values of all its elements at once, so no block may be split: not between chunks (threads),
 // not between the pieces a row map updates into its scratch buffer. Chunks of 8-bit tensors end
-// on block boundaries (chunk_end_8bit), and the row maps take a path of their own
-// (run_rows_8bit): their rows (n elements, StepHyper's group size) need not line up with the
-// blocks (KernelL1L2's n = kh·kw splits a block into many rows, a row of n > kScratch spans many
-// blocks), so it updates block-aligned pieces, sums each row's Σu² across pieces, and writes θ in a
-// second pass that recomputes u from the updated dual (like run_chunk's path for long rows).
+// on block boundaries (chunk_end_8bit). The row maps update whole groups of rows into a scratch
+// buffer; where groups of whole dim-0 rows are whole map rows and fit the buffer, run_chunk's
+// one-pass path does it (block_aligned_rows_per_group). Otherwise the map rows (n elements) do not
+// line up with the blocks (n > kScratch, or n neither a multiple nor a divisor of the row length),
+// and run_rows_8bit updates block-aligned pieces, sums each row's Σu² across pieces, and writes θ
+// in a second pass that recomputes u from the updated dual (like run_chunk's path for long rows).
 #pragma once
 
 #include "simd_memory.h"  // first: see there
@@ -48,6 +49,18 @@ inline int64_t chunk_end_8bit(int64_t b, int64_t len, int64_t numel, int64_t row
   p = (p + n - 1) / n * n;
   while (p < numel && !is_block_boundary(p, row_len)) p += n;  // at most a few rows in practice
   return std::min(p, numel);
+}
+
+// The rows per scratch group of run_chunk's one-pass row maps (kernel.h) for a tensor with 8-bit
+// moments, such that every group (from a chunk start, which is a block boundary) ends on a block
+// boundary: groups of whole dim-0 rows, which hold whole blocks. That works when a map row is whole
+// dim-0 rows (GroupL1L2: n = row_len) or a dim-0 row is whole map rows (KernelL1L2: n = kh·kw) that
+// fit the scratch buffer; 0 otherwise (run_rows_8bit's two passes).
+inline int64_t block_aligned_rows_per_group(int64_t n, int64_t row_len, int64_t scratch) {
+  if (n > scratch) return 0;
+  if (n % row_len == 0) return scratch / n;
+  if (row_len % n == 0 && row_len <= scratch) return scratch / row_len * (row_len / n);
+  return 0;
 }
 
 // sums[r] += Σu² of the part of row r in a piece: u holds the chunk's elements [off, off + len),
