@@ -6,7 +6,7 @@
 // bregman_math.h, uses the new float m and s for the dual, and encodes them for storage.
 //
 // bf16: stochastic rounding, bits(x) + 16 random bits truncated to the top 16 bits; the random
-// bits are random_bits(element index in memory, step count, stream). NaN stays the canonical NaN.
+// bits are random_bits(the value's top 16 bits, step count, stream). NaN stays the canonical NaN.
 //
 // 8-bit: blocks of kMomentBlock elements along each dim-0 row (the last block of a row shorter),
 // one float scale per block. m: scale a = max|m|, code c = sign(m)·rint(127·√(|m|·(1/a))) (int8),
@@ -39,10 +39,11 @@ constexpr uint32_t kStreamM = 0;           // moments.SR_STREAM_M
 constexpr uint32_t kStreamS = 1;           // moments.SR_STREAM_S
 
 // ---- bf16 stochastic rounding ------------------------------------------------------------------
-// 16 random bits of (element index, step, stream): murmur3's 32-bit finalizer over a mix of the three
-// (moments.random_bits). All arithmetic is on uint32, wrapping, as in every backend.
-BF_HD uint32_t random_bits(uint32_t index, uint32_t step, uint32_t stream) {
-  uint32_t x = (index * 0x9E3779B1u) ^ (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du);
+// 16 random bits of (key, step, stream): murmur3's 32-bit finalizer over a mix of the three
+// (moments.random_bits); the key is the top 16 bits of the float being rounded. All arithmetic is
+// on uint32, wrapping, as in every backend.
+BF_HD uint32_t random_bits(uint32_t key, uint32_t step, uint32_t stream) {
+  uint32_t x = (key * 0x9E3779B1u) ^ (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du);
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;
   x ^= x >> 13;
@@ -61,6 +62,19 @@ BF_HD uint16_t round_bf16_bits(float x, uint32_t r) {
   std::memcpy(&bits, &x, sizeof(bits));
 #endif
   return static_cast<uint16_t>((bits + r) >> 16);
+}
+
+// float x stochastically rounded to bf16 bits with the spec's random bits (moments.round_bf16): the
+// key of the hash is x's top 16 bits, so the draw depends neither on the element's position (shard,
+// memory layout) nor on x's last bits (moments.py [note: bf16 rounding]).
+BF_HD uint16_t round_bf16_sr(float x, uint32_t step, uint32_t stream) {
+  uint32_t bits;
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  bits = __float_as_uint(x);
+#else
+  std::memcpy(&bits, &x, sizeof(bits));
+#endif
+  return round_bf16_bits(x, random_bits(bits >> 16, step, stream));
 }
 
 BF_HD float bf16_bits_to_float(uint16_t h) {

@@ -34,15 +34,39 @@ def test_random_bits_are_the_uint32_hash():
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
-    x = torch.full((200_000,), 1.0 + 2**-10, dtype=torch.float32)  # a quarter of the way to the next bf16
-    r = bf.backends.moments.round_bf16(x, step=7, stream=0).to(torch.float32)
+    # one value an eighth of the way to the next bf16, rounded at 20,000 steps: up an eighth of the time
+    x = torch.tensor([1.0 + 2**-10])
+    r = torch.cat([moments.round_bf16(x, step, 0) for step in range(1, 20_001)]).to(torch.float32)
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
-    assert r.mean().item() == pytest.approx(x[0].item(), rel=2e-5)
-    # different steps and streams draw different bits
-    assert not torch.equal(moments.round_bf16(x[:64], 1, 0), moments.round_bf16(x[:64], 2, 0))
-    assert not torch.equal(moments.round_bf16(x[:64], 1, 0), moments.round_bf16(x[:64], 1, 1))
+    # the fraction rounded up is 1/8 ± 0.0023 (binomial std over 20,000 draws): 4 std on the mean
+    assert r.mean().item() == pytest.approx(x.item(), abs=4 * 0.0023 * 2**-7)
+    # values spread over many bf16 intervals and binades: each rounds to a neighbour, and each one's
+    # mean over 4,000 steps is itself (4 binomial std)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 64)
+    ulp = (v.abs().to(torch.bfloat16).float() * 2**-7)
+    total = torch.zeros(64, dtype=torch.float64)
+    for step in range(1, 4001):
+        rv = moments.round_bf16(v, step, 0).to(torch.float32)
+        assert ((rv - v).abs() <= ulp * 2).all()
+        total += rv.double()
+    assert ((total / 4000 - v.double()).abs() <= 4 * 0.5 * ulp.double() / 4000**0.5).all()
+    # the streams draw different bits; NaN becomes the canonical bf16 NaN
+    assert not torch.equal(moments.round_bf16(v[:64], 7, 0), moments.round_bf16(v[:64], 7, 1))
     nan = moments.round_bf16(torch.tensor([float("nan"), -float("nan")]), 1, 0)
-    assert torch.isnan(nan).all()
+    assert nan.view(torch.int16).tolist() == [0x7FC0, 0x7FC0]
+
+
+def test_stochastic_rounding_does_not_depend_on_where_a_value_is_stored():
+    """The random bits are keyed by the value's top 16 bits: a permuted, sliced or sharded tensor
+    rounds each value as the whole tensor does (what makes FSDP2 shards and copied layouts agree),
+    and a value one ulp away rounds alike unless it crosses the threshold."""
+    v = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    whole = moments.round_bf16(v, 3, 1)
+    perm = torch.randperm(4096, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(moments.round_bf16(v[perm], 3, 1), whole[perm])
+    assert torch.equal(moments.round_bf16(v[2048:], 3, 1), whole[2048:])
+    nudged = moments.round_bf16(torch.nextafter(v, torch.full_like(v, float("inf"))), 3, 1)
+    assert (nudged != whole).float().mean().item() < 0.005
 
 
 def test_8bit_round_trip_error_is_within_half_a_code():

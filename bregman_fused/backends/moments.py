@@ -21,9 +21,16 @@ m is within 0.3–0.9 % either way for β1 = 0.9 or noisy gradients, but with β
 gradients nearest rounding leaves m 25 % off (stochastic: 1.2 %). So both moments are rounded
 stochastically (the digits runs cannot tell the two apart: 400 steps are too few for s to
 drift). Stochastic rounding keeps each increment in expectation: the fp32 bits plus 16
-random bits, truncated to the top 16 bits. The random bits are a hash of (element index in
-memory, step count, which moment) (``random_bits``), so every backend draws the same bits and a
-run is reproducible. NaN stays NaN (the canonical bf16 NaN, as nearest rounding gives).
+random bits, truncated to the top 16 bits. The random bits are a hash of (the value's top 16
+bits, i.e. the bf16 interval it lies in, the step count, which moment) (``random_bits``), so
+every backend draws the same bits, a run is reproducible, and the draw depends neither on where
+the element is stored (its index, the memory layout, the FSDP2 shard that holds it) nor on the
+value's last bits: two backends whose values differ by an ulp before rounding (a fused
+multiply-add, another reduction order of the grads) still round alike unless the ulp crosses the
+threshold (a chance of 2⁻¹⁶), where a hash of all 32 bits would redraw the coin. The price: at
+one step, the values in one bf16 interval share the draw (a threshold, as a dither shared by the
+interval); each value is still rounded up with probability equal to its distance to the lower
+neighbour over the steps. NaN becomes the canonical bf16 NaN (0x7FC0).
 
 [note: 8-bit code] The blocks follow dim-0 rows, so that a row-wise shard (FSDP2's dim-0 shards)
 never splits one: a row of L = numel/shape[0] elements holds ceil(L/BLOCK) blocks, the last one
@@ -63,6 +70,7 @@ SR_STREAM_M, SR_STREAM_S = 0, 1  # which moment a random bit stream belongs to
 
 _MASK32 = 0xFFFFFFFF
 _FLOAT_TINY = torch.finfo(torch.float32).tiny
+_CANONICAL_NAN_BITS = 0x7FC0  # the bf16 NaN every backend writes (torch's CPU conversion gives 0xFFFF)
 
 
 def check_moments(moments) -> str:
@@ -151,19 +159,12 @@ def encode_s(r: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 # ---- bf16 stochastic rounding ----------------------------------------------------------------
-def _memory_index(t: torch.Tensor) -> torch.Tensor:
-    """Each element's offset in t's (dense) memory, int64, in t's shape."""
-    idx = torch.empty_like(t, dtype=torch.int64)
-    flat = idx.as_strided((t.numel(),), (1,), idx.storage_offset())
-    flat.copy_(torch.arange(t.numel(), dtype=torch.int64, device=t.device))
-    return idx
-
-
-def random_bits(index: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """16 random bits per element (int64 in [0, 2¹⁶)): a 32-bit integer hash of the element's
-    index, the step count and the moment (csrc/moment_codes.h ``random_bits``; every backend
-    computes the same bits). The mix is murmur3's 32-bit finalizer."""
-    x = ((index * 0x9E3779B1) ^ ((step * 0x85EBCA77) & _MASK32) ^ (stream * 0xC2B2AE3D)) & _MASK32
+def random_bits(key: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+    """16 random bits per element (int64 in [0, 2¹⁶)): a 32-bit integer hash of the key (the top 16
+    bits of the float to round, as int64), the step count and the moment
+    (csrc/moment_codes.h ``random_bits``; every backend computes the same bits). The mix is
+    murmur3's 32-bit finalizer."""
+    x = (((key & _MASK32) * 0x9E3779B1) ^ ((step * 0x85EBCA77) & _MASK32) ^ (stream * 0xC2B2AE3D)) & _MASK32
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _MASK32
     x = x ^ (x >> 13)
@@ -173,12 +174,12 @@ def random_bits(index: torch.Tensor, step: int, stream: int) -> torch.Tensor:
 
 
 def round_bf16(x: torch.Tensor, step: int, stream: int) -> torch.Tensor:
-    """float32 x stochastically rounded to bfloat16: (bits(x) + 16 random bits) >> 16; NaN stays NaN."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    noisy = ((bits + random_bits(_memory_index(x).contiguous(), step, stream).reshape(x.shape)) & _MASK32) >> 16
+    """float32 x stochastically rounded to bfloat16: (bits(x) + 16 random bits) >> 16, the random
+    bits keyed by the top 16 bits of x; NaN becomes the canonical NaN (0x7FC0)."""
+    bits = x.view(torch.int32).to(torch.int64) & _MASK32
+    noisy = ((bits + random_bits(bits >> 16, step, stream)) & _MASK32) >> 16
     noisy = torch.where(noisy >= 0x8000, noisy - 0x10000, noisy).to(torch.int16)  # two's complement view
-    out = noisy.view(torch.bfloat16)
-    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+    return torch.where(torch.isnan(x), _CANONICAL_NAN_BITS, noisy).view(torch.bfloat16)
 
 
 # ---- conversions between formats (checkpoints) ------------------------------------------------

@@ -24,12 +24,12 @@ using FVec = Vectorized<float>;
 constexpr int64_t kMomStep = 2 * FVec::size();  // elements per call below: 16
 
 // ---- bf16: stochastic rounding ------------------------------------------------------------------
-// random_bits(index, step, stream) mixes (index·C1) ^ (step·C2) ^ (stream·C3); the last two are one
-// per tensor and moment: the key. XOR is associative, so (index·C1) ^ key is the same value.
+// random_bits(top16(x), step, stream) mixes (top16(x)·C1) ^ (step·C2) ^ (stream·C3); the last two
+// are one per tensor and moment: the key. XOR is associative, so (top16(x)·C1) ^ key is the same.
 inline uint32_t sr_key(uint32_t step, uint32_t stream) { return (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du); }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// random_bits of 8 lanes from (index·C1) ^ key: murmur3's finalizer, then its top 16 bits. The
+// random_bits of 8 lanes from (top16(x)·C1) ^ key: murmur3's finalizer, then its top 16 bits. The
 // finalizer's last step, x ^= x >> 16, only changes the low 16 bits, so it is left out.
 inline __m256i sr_mix(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
@@ -40,9 +40,11 @@ inline __m256i sr_mix(__m256i x) {
 }
 
 // (bits(x) + random bits) >> 16 of 8 lanes, in the low 16 bits of each 32-bit lane (NaN not handled)
-inline __m256i bf16_sr8(__m256 x, __m256i index_mul, __m256i key) {
-  const __m256i r = sr_mix(_mm256_xor_si256(index_mul, key));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), r), 16);
+inline __m256i bf16_sr8(__m256 x, __m256i key) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i top = _mm256_srli_epi32(bits, 16);
+  const __m256i r = sr_mix(_mm256_xor_si256(_mm256_mullo_epi32(top, _mm256_set1_epi32(static_cast<int>(0x9E3779B1u))), key));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, r), 16);
 }
 #endif
 
@@ -61,23 +63,6 @@ inline void load_bf16(const uint16_t* p, FVec& a, FVec& b) {
 #endif
 }
 
-// index·C1 (mod 2³²) of elements i .. i+15: i·C1 + k·C1, one broadcast and add instead of a
-// multiply; shared by the moments of one element (their keys differ). Empty without AVX2.
-struct SrIndex {
-#if defined(CPU_CAPABILITY_AVX2)
-  __m256i lo, hi;
-  explicit SrIndex(int64_t i) {
-    constexpr uint32_t c = 0x9E3779B1u;
-    const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i) * c));
-    auto kc = [](uint32_t k) { return static_cast<int>(k * c); };
-    lo = _mm256_add_epi32(base, _mm256_setr_epi32(kc(0), kc(1), kc(2), kc(3), kc(4), kc(5), kc(6), kc(7)));
-    hi = _mm256_add_epi32(lo, _mm256_set1_epi32(static_cast<int>(8u * c)));
-  }
-#else
-  explicit SrIndex(int64_t) {}
-#endif
-};
-
 // The stochastic rounding of one moment (key = sr_key(step, stream)), for store_bf16_sr.
 struct SrKey {
   uint32_t step, stream;
@@ -90,12 +75,11 @@ struct SrKey {
 #endif
 };
 
-// Moment values a, b of elements i .. i+15 stored to p (= moment + i), stochastically rounded with
-// random_bits(i + k, step, stream). index: SrIndex(i) (AVX2; computed once for both moments).
-inline void store_bf16_sr(uint16_t* p, int64_t i, const SrIndex& index, const FVec& a, const FVec& b, const SrKey& k) {
+// 16 moment values a, b stored to p, stochastically rounded with random_bits(top16(value), step, stream).
+inline void store_bf16_sr(uint16_t* p, const FVec& a, const FVec& b, const SrKey& k) {
 #if defined(CPU_CAPABILITY_AVX2)
-  __m256i lo = bf16_sr8(a, index.lo, k.key);
-  __m256i hi = bf16_sr8(b, index.hi, k.key);
+  __m256i lo = bf16_sr8(a, k.key);
+  __m256i hi = bf16_sr8(b, k.key);
   // NaN → 0x7FC0 (the canonical NaN, as nearest rounding gives): one test for the 16 lanes
   const __m256 nan = _mm256_cmp_ps(a, b, _CMP_UNORD_Q);
   if (__builtin_expect(!_mm256_testz_ps(nan, nan), 0)) {
@@ -107,13 +91,10 @@ inline void store_bf16_sr(uint16_t* p, int64_t i, const SrIndex& index, const FV
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
 #else
-  (void)index;
   float buf[kMomStep];
   a.store(buf);
   b.store(buf + FVec::size());
-  for (int64_t j = 0; j < kMomStep; ++j) {
-    p[j] = round_bf16_bits(buf[j], random_bits(static_cast<uint32_t>(i + j), k.step, k.stream));
-  }
+  for (int64_t j = 0; j < kMomStep; ++j) p[j] = round_bf16_sr(buf[j], k.step, k.stream);
 #endif
 }
 

@@ -89,17 +89,16 @@ struct Bf16Moments {
     if constexpr (HAS_S) load_bf16(s + i, s0, s1);
   }
   void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
-    const SrIndex index(i);
-    store_bf16_sr(m + i, i, index, m0, m1, key_m);
-    if constexpr (HAS_S) store_bf16_sr(s + i, i, index, s0, s1, key_s);
+    store_bf16_sr(m + i, m0, m1, key_m);
+    if constexpr (HAS_S) store_bf16_sr(s + i, s0, s1, key_s);
   }
   void load1(int64_t i, float& mm, float& ss) const {
     mm = bf16_bits_to_float(m[i]);
     if constexpr (HAS_S) ss = bf16_bits_to_float(s[i]);
   }
   void store1(int64_t i, float mm, float ss) {
-    m[i] = round_bf16_bits(mm, random_bits(static_cast<uint32_t>(i), key_m.step, kStreamM));
-    if constexpr (HAS_S) s[i] = round_bf16_bits(ss, random_bits(static_cast<uint32_t>(i), key_s.step, kStreamS));
+    m[i] = round_bf16_sr(mm, key_m.step, kStreamM);
+    if constexpr (HAS_S) s[i] = round_bf16_sr(ss, key_s.step, kStreamS);
   }
 };
 

@@ -63,10 +63,9 @@ template <>
 struct MomentCodec<Moments::Bf16, float> {
   using stored_t = uint16_t;  // the raw bf16 bits
   static __device__ __forceinline__ float decode(stored_t h) { return bregman::bf16_bits_to_float(h); }
-  // `index`: the element's offset from the tensor's data pointer (its memory index, int64; the hash
-  // takes it as uint32, like the reference's mask)
-  static __device__ __forceinline__ stored_t encode(float x, int64_t index, uint32_t step, uint32_t stream) {
-    return bregman::round_bf16_bits(x, bregman::random_bits(static_cast<uint32_t>(index), step, stream));
+  // the random bits are keyed by x's top 16 bits (moments.py [note: bf16 rounding]); the index is unused
+  static __device__ __forceinline__ stored_t encode(float x, int64_t, uint32_t step, uint32_t stream) {
+    return bregman::round_bf16_sr(x, step, stream);
   }
 };
 

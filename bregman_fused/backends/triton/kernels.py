@@ -40,9 +40,8 @@ Compute type: float32 for float32 / bfloat16 / float16 parameters (states are fl
 float64 parameters.
 
 Compact moments (MOMENTS, moment_math.py): bf16 moments are widened on load and stochastically
-rounded on store, inside these kernels; the random bits take the element's offset, which is its
-index in memory (the kernels walk each tensor in memory order), and the step count from
-``sr_steps`` (float32, one per table row). 8-bit moments are updated by
+rounded on store, inside these kernels; the random bits are keyed by the value's top 16 bits and
+the step count from ``sr_steps`` (float32, one per table row). 8-bit moments are updated by
 moment_kernels.code_block_kernel; the row kernel then only maps the new duals.
 """
 from __future__ import annotations
@@ -156,10 +155,10 @@ def _load_moment(ptr, offs, mask, MOMENTS: tl.constexpr):
 
 @triton.jit
 def _store_moment(ptr, offs, x, mask, sr_step, STREAM: tl.constexpr, MOMENTS: tl.constexpr):
-    """Store a new moment: as it is, or stochastically rounded to bf16 with the bits of (its index
-    in memory, which is ``offs``, the step count, the moment's stream)."""
+    """Store a new moment: as it is, or stochastically rounded to bf16 with the random bits of (its
+    value's top 16 bits, the step count, the moment's stream)."""
     if MOMENTS == MOMENTS_BF16:
-        tl.store(ptr + offs, bf16_round(x, offs, sr_step, STREAM), mask=mask)
+        tl.store(ptr + offs, bf16_round(x, sr_step, STREAM), mask=mask)
     else:
         tl.store(ptr + offs, x, mask=mask)
 

@@ -145,10 +145,8 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
                     num_warps=cfg.num_warps, **options)
             if not row_kernel:
                 continue
-        # bf16 moments: the step counts of their random bits (hp stands in for an unused pointer).
-        # Their element index is the offset the kernel walks: the index in memory, except for a
-        # moment kernel_views had to copy (groups not consecutive in memory, e.g. KernelL1L2 on a
-        # channels_last weight, or states laid out unlike their param): its bits follow the copy.
+        # bf16 moments: the step counts of their random bits (hp stands in for an unused pointer);
+        # the bits are keyed by each value's top 16 bits, so copies made by kernel_views round alike.
         sr_steps = hp if fmt != "bf16" else tables.sr_steps(
             [steps[i] for i in idx], None if capturable else [step_counts[i] for i in idx], capturable, device)
         meta.update(MOMENTUM=hyper.momentum, S_DTYPE=_TL_DTYPES[state_dtype(p_dtype)], MOMENTS=FORMAT_CODES[fmt])

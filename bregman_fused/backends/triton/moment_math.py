@@ -96,11 +96,11 @@ def linbreg_momentum_step(v, m, g, hyp, FUSED: tl.constexpr):
 
 # ---- bf16 stochastic rounding [note: bf16 rounding] ------------------------------------------
 @triton.jit
-def random_bits(index, step, STREAM: tl.constexpr):
-    """16 random bits (uint32 in [0, 2¹⁶)) of (element index in memory, step count, stream):
-    moments.random_bits, murmur3's 32-bit finalizer. uint32 throughout: multiplies wrap and the
-    shifts are logical, as in the spec's ``& 0xFFFFFFFF`` arithmetic."""
-    x = (index.to(tl.uint32) * 0x9E3779B1) ^ (step.to(tl.uint32) * 0x85EBCA77)
+def random_bits(key, step, STREAM: tl.constexpr):
+    """16 random bits (uint32 in [0, 2¹⁶)) of (key, step count, stream), the key being the top 16
+    bits of the float to round: moments.random_bits, murmur3's 32-bit finalizer. uint32 throughout:
+    multiplies wrap and the shifts are logical, as in the spec's ``& 0xFFFFFFFF`` arithmetic."""
+    x = (key.to(tl.uint32) * 0x9E3779B1) ^ (step.to(tl.uint32) * 0x85EBCA77)
     if STREAM != 0:
         x = x ^ ((STREAM * 0xC2B2AE3D) & 0xFFFFFFFF)
     x = x ^ (x >> 16)
@@ -118,11 +118,11 @@ def bf16_decode(bits):
 
 
 @triton.jit
-def bf16_round(x, index, step, STREAM: tl.constexpr):
+def bf16_round(x, step, STREAM: tl.constexpr):
     """float32 x stochastically rounded to bf16, as its 16 bits (uint16): (bits(x) + 16 random
     bits) >> 16; NaN gives the canonical NaN (the carry could turn a NaN's payload into ±inf)."""
     bits = x.to(tl.uint32, bitcast=True)
-    top = ((bits + random_bits(index, step, STREAM)) >> 16).to(tl.uint16)
+    top = ((bits + random_bits(bits >> 16, step, STREAM)) >> 16).to(tl.uint16)
     return tl.where(x != x, tl.full(x.shape, _BF16_NAN, tl.uint16), top)
 
 
