@@ -83,21 +83,28 @@ def exit_now():
     os._exit(0)
 
 
-def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+def _worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, run_one) -> None:
+    """The life of one worker: join the group, ``run_one(a, b)`` for every combo (rank 0 saves the
+    results by "a-b"), tear down together, and end without the interpreter's shutdown."""
     _init(rank, world, init_file)
     try:
-        results = {}
-        for name, reg in combos:
-            m = torch.nn.parallel.DistributedDataParallel(model())
-            opt = optimizer(m.module, name, reg, backend)
-            train(m, opt, batches(), rank, world)
-            results[f"{name}-{reg}"] = {"params": full_params(m.module), "density": opt.density()}
+        results = {f"{a}-{b}": run_one(a, b) for a, b in combos}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         _finish()
     finally:
         dist.destroy_process_group()
     exit_now()
+
+
+def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+    def run_one(name, reg):
+        m = torch.nn.parallel.DistributedDataParallel(model())
+        opt = optimizer(m.module, name, reg, backend)
+        train(m, opt, batches(), rank, world)
+        return {"params": full_params(m.module), "density": opt.density()}
+
+    _worker(rank, world, init_file, out_dir, combos, run_one)
 
 
 def _shard(m):
@@ -115,17 +122,8 @@ def _shard(m):
 
 def fsdp_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str,
                 checkpoint_after: int = -1):
-    _init(rank, world, init_file)
-    try:
-        results = {}
-        for name, reg in combos:
-            results[f"{name}-{reg}"] = _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "result.pt"))
-        _finish()
-    finally:
-        dist.destroy_process_group()
-    exit_now()
+    _worker(rank, world, init_file, out_dir, combos,
+            lambda name, reg: _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after))
 
 
 def _fsdp_run(rank, world, out_dir, name, reg, backend, checkpoint_after):
@@ -163,23 +161,15 @@ def moments_optimizer(m: torch.nn.Module, name: str, moments: str, backend: str)
 
 def fsdp_moments_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
     """Compact moments on FSDP2 shards: the params and the stored moments (codes and scales)."""
-    _init(rank, world, init_file)
-    try:
-        results = {}
-        for name, fmt in combos:
-            m = _shard(moments_model())
-            opt = moments_optimizer(m, name, fmt, backend)
-            train(m, opt, batches(), rank, world)
-            states = {key: (t.full_tensor() if hasattr(t, "full_tensor") else t.clone())
-                      for i, w in enumerate([m[1].weight, m[3].weight]) for k, t in opt.state[w].items()
-                      for key in [f"{i}.{k}"]}
-            results[f"{name}-{fmt}"] = {"params": full_params(m), "states": states}
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "result.pt"))
-        _finish()
-    finally:
-        dist.destroy_process_group()
-    exit_now()
+    def run_one(name, fmt):
+        m = _shard(moments_model())
+        opt = moments_optimizer(m, name, fmt, backend)
+        train(m, opt, batches(), rank, world)
+        states = {f"{i}.{k}": (t.full_tensor() if hasattr(t, "full_tensor") else t.clone())
+                  for i, w in enumerate([m[1].weight, m[3].weight]) for k, t in opt.state[w].items()}
+        return {"params": full_params(m), "states": states}
+
+    _worker(rank, world, init_file, out_dir, combos, run_one)
 
 
 def resume_single_process(ckpt_dir: str, name: str, reg: str, backend: str, checkpoint_after: int):
