@@ -3,7 +3,7 @@ from .optim import AdaBreg, LinBreg, ProxSGD
 from .regularizers import GroupL1L2, KernelL1L2, L1, L1Pos, NoReg, Nuclear, Regularizer, SparseGroupL1L2
 from . import functional, init, metrics, schedulers
 from .groups import param_groups
-from .state_bytes import state_bytes
+from .memory import state_bytes
 from .init import sparsify_
 from .schedulers import LamdaScheduler
 

@@ -30,7 +30,7 @@ def fused_step(backend: str | Backend, tensors: StepTensors, hyper: Hyper, reg: 
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     if not isinstance(backend, Backend):
-        backend = select(backend, params[0].device, reg)
+        backend = select(backend, params[0].device, reg, tensors.moments)
     if not backend.checks_before_writes:  # the reference: checked here, before any count moves
         backend.check(tensors, hyper, grad_scale, found_inf)
     advanced = contract.begin_step(tensors.steps, found_inf, capturable, backend.compiled_op)
@@ -81,6 +81,13 @@ def _zero_moments(params: list[torch.Tensor], name: str, signed: bool, fmt: str)
     check_moments(fmt)
     if fmt == "fp32":
         return {name: [zeros_state(p) for p in params]}
+    if fmt == "bf16":
+        return {name: [in_layout_of(torch.zeros((), dtype=torch.bfloat16, device=p.device).expand(p.shape), p)
+                       for p in params]}
+    for i, p in enumerate(params):
+        if p.dim() == 0 or not p.is_contiguous():
+            raise ValueError(f"params[{i}]: 8-bit moments need a contiguous param of at least one dim (their blocks "
+                             f"follow dim-0 rows); got shape {list(p.shape)}, strides {list(p.stride())}")
     stored = [moments_to_storage(torch.zeros(p.shape, device=p.device), fmt, signed) for p in params]
     out = {name: [s for s, _ in stored]}
     if fmt == "8bit":

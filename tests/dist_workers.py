@@ -172,6 +172,28 @@ def fsdp_moments_worker(rank: int, world: int, init_file: str, out_dir: str, com
     _worker(rank, world, init_file, out_dir, combos, run_one)
 
 
+def fsdp_moments_reload_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+    """Sharded states through opt.state_dict() / load_state_dict() (the path of
+    torch.distributed.checkpoint's set_state_dict): saved in format ``src``, loaded into an optimizer
+    of format ``dst``; both then take the remaining steps. Returns the params of both runs."""
+    def run_one(name, formats):
+        src, dst = formats.split(">")
+        data = batches()
+        m = _shard(moments_model())
+        opt = moments_optimizer(m, name, src, backend)
+        train(m, opt, data[:2], rank, world)
+        m2 = _shard(moments_model(seed=5))
+        m2.load_state_dict(m.state_dict())
+        opt2 = moments_optimizer(m2, name, dst, backend)
+        opt2.load_state_dict(opt.state_dict())
+        train(m, opt, data[2:], rank, world)
+        train(m2, opt2, data[2:], rank, world)
+        fmt_of = {k: str(v.dtype) for k, v in opt2.state[m2[3].weight].items()}
+        return {"params": full_params(m), "reloaded": full_params(m2), "state_dtypes": fmt_of}
+
+    _worker(rank, world, init_file, out_dir, combos, run_one)
+
+
 def resume_single_process(ckpt_dir: str, name: str, reg: str, backend: str, checkpoint_after: int):
     """Load a checkpoint written by 2 FSDP2 ranks into an unsharded model in this process."""
     import torch.distributed.checkpoint as dcp

@@ -368,3 +368,53 @@ def test_functional_api_takes_compact_states(fmt):
     assert torch.equal(opt.state[p]["exp_avg"], states["exp_avgs"][0])
     if fmt == "8bit":
         assert torch.equal(opt.state[p]["exp_avg_sq_scale"], states["exp_avg_sq_scales"][0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_param_made_channels_last_leaves_8bit_for_fp32(backend):
+    """8-bit blocks follow dim-0 rows of contiguous memory: a param converted to channels_last after
+    its first step moves to the fp32 bucket (its moments decoded), on every backend alike."""
+    if backend == "cpu":
+        _skip_unless("cpu", "cpu", "8bit")
+    results = []
+    for b in (backend, "reference"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(16, 8, 6, 6))
+        opt = bf.AdaBreg([p], lr=1e-2, moments="8bit", backend=b)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == torch.int8
+        p.data = p.data.contiguous(memory_format=torch.channels_last)
+        p.grad = torch.randn_like(p).contiguous(memory_format=torch.channels_last)
+        opt.step()
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in opt.state[p]
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_density_follows_the_bucket_that_ran_last():
+    """A param moves between buckets when LinBreg's momentum switches (moments kept or not): the
+    density is that of the step that ran last."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    opt = bf.LinBreg([p], lr=0.5, momentum=0.9, moments="8bit", reg=bf.L1(1.0), backend="reference")
+    for momentum in (0.9, 0.0, 0.9, 0.9):
+        opt.param_groups[0]["momentum"] = momentum
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert opt.density() == pytest.approx(p.detach().count_nonzero().item() / p.numel())
+
+
+def test_a_moment_of_another_float_dtype_in_opt_state_is_refused_by_name():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = bf.AdaBreg([p], backend="reference")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].half()
+    with pytest.raises(ValueError, match=r"state 'exp_avg' is torch.float16; expected torch.float32"):
+        opt.step()
+
+
+def test_proxsgd_warns_about_a_moments_key():
+    with pytest.warns(UserWarning, match="ProxSGD keeps no moments"):
+        bf.ProxSGD([{"params": [torch.nn.Parameter(torch.randn(3))], "moments": "8bit"}])

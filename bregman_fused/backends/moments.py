@@ -42,7 +42,7 @@ non-linear "quadratic" map, closed-form both ways (no table lookup, no search):
     s (≥ 0):      the coded value is r = √s (Adam's own √s);  scale b = max r over the block;
                   code q = rint(255·√(r/b))  (uint8);  decode r = q²·(b/255²), s = r²
 
-so the relative resolution is finest at the top of a block and values down to ~1e-5·a (m) and
+so the relative resolution is finest at the top of a block and values down to ~1.5e-5·a (m) and
 ~1.5e-11·b² (s) stay non-zero: s reaches zero only far below where m does, so m/(√s + ε) cannot
 blow up from an s rounded to zero while m is not. Exactly: x/a is computed as x·(1/a), with 1/a
 rounded once per block; a block whose scale is below the smallest normal float (so that 1/scale
@@ -56,8 +56,7 @@ import math
 import torch
 
 __all__ = ["FORMATS", "BLOCK", "MIN_8BIT_NUMEL", "storage", "format_of", "scale_shape", "check_moments",
-           "decode_m", "decode_s", "encode_m", "encode_s", "to_storage", "random_bits", "round_bf16",
-           "state_bytes"]
+           "decode_m", "decode_s", "encode_m", "encode_s", "to_storage", "random_bits", "round_bf16"]
 
 FORMATS = ("fp32", "bf16", "8bit")
 BLOCK = 256
@@ -207,8 +206,3 @@ def to_float(stored: torch.Tensor, scale: torch.Tensor | None, signed: bool) -> 
     if format_of(stored) == "8bit":
         return decode_m(stored, scale) if signed else decode_s(stored, scale)
     return stored.to(torch.float32)
-
-
-def state_bytes(state: dict) -> int:
-    """Bytes of one param's optimizer state (every tensor in it, the step count included)."""
-    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))

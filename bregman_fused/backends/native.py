@@ -27,6 +27,13 @@ def _run_op(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale=
     (reference.py [note: capturable])."""
     params, grads, duals, exp_avgs, exp_avg_sqs, steps = tensors[:6]
     scales = (list(tensors.exp_avg_scales), list(tensors.exp_avg_sq_scales))  # 8-bit moments: contiguous, as they are
+    if scales[0]:
+        # kernel_views would hand a non-contiguous param over permuted, its codes with it, and the
+        # blocks would follow that order instead of dim-0 rows (the checks of contract.py, before it)
+        for i, (p, m) in enumerate(zip(params, exp_avgs)):
+            if not (p.is_contiguous() and m.is_contiguous()):
+                raise ValueError(f"exp_avgs[{i}]: 8-bit moments need a contiguous param and codes (their blocks "
+                                 "follow dim-0 rows in memory); call .contiguous() on the param")
     code = fused_code(reg)
     if code is None:
         raise ValueError(f"the fused backends do not implement the {type(reg).__name__} regularizer "

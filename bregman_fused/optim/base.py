@@ -244,8 +244,9 @@ class BregmanOptimizer(Optimizer):
         return group["lr"]
 
     # -- metrics --------------------------------------------------------------------------------
-    def backends(self) -> list[dict[tuple[torch.device, torch.dtype], str]]:
-        """Which backend updates each bucket: per param group, {(device, dtype): backend name}.
+    def backends(self) -> list[dict[tuple, str]]:
+        """Which backend updates each bucket: per param group, {(device, dtype): backend name}, the
+        key being (device, dtype, format) for a bucket of compact moments ("bf16", "8bit").
 
         ``self.backend`` is what was asked for (e.g. ``"auto"``); this is what runs, as chosen at the
         group's latest step (``{}`` for a group not stepped yet, and after ``load_state_dict`` until

@@ -157,6 +157,9 @@ def check_states(owner: str, group_index: int, params: list[torch.Tensor], state
                 continue  # checked with its moment
             if key in moment_keys:
                 problem = moment_states.check_stored(key, value, s.get(key + moment_states.SCALE_SUFFIX), p.shape)
+                if problem is None and value.is_floating_point() and value.dtype not in (state_dtype(p), torch.bfloat16):
+                    problem = (f"state {key!r} is {value.dtype}; expected {state_dtype(p)} (or a compact format: "
+                               "bfloat16, 8-bit codes)")
                 if problem is None and dist_utils.local(value).device != dist_utils.local(p).device:
                     problem = f"state {key!r} is on {dist_utils.local(value).device}, its param on {dist_utils.local(p).device}"
                 if problem is not None:

@@ -73,7 +73,15 @@ def restore(state: dict[str, Any], saved: dict[str, Any], key: str, p: torch.Ten
     the checkpoint has that format, converted otherwise."""
     stored, scale = saved[key], saved.get(key + SCALE_SUFFIX)
     local_p = dist_utils.local(p)
-    if moments.format_of(stored) == fmt:
+    same = moments.format_of(dist_utils.local(stored)) == fmt
+    if same and (dist_utils.is_dtensor(stored) or dist_utils.is_dtensor(p)):
+        # a sharded checkpoint (torch.distributed.checkpoint lays it out like the param): kept as is
+        dtype = stored.dtype if fmt != "fp32" else moments_state_dtype(local_p)
+        state[key] = stored.to(dtype=dtype).clone()
+        if fmt == "8bit":
+            state[key + SCALE_SUFFIX] = scale.clone()
+        return
+    if same:
         if fmt == "8bit":
             state[key] = dist_utils.like_param(stored.to(local_p.device).contiguous().clone(), p)
             state[key + SCALE_SUFFIX] = dist_utils.like_rows(scale.to(local_p.device, torch.float32).contiguous().clone(), p)
@@ -81,9 +89,9 @@ def restore(state: dict[str, Any], saved: dict[str, Any], key: str, p: torch.Ten
             dtype = torch.bfloat16 if fmt == "bf16" else moments_state_dtype(local_p)
             state[key] = dist_utils.like_param(in_layout_of(stored.to(local_p.device, dtype), local_p), p)
         return
-    state[key] = stored.to(local_p.device)
+    state[key] = dist_utils.local(stored).to(local_p.device)
     if scale is not None:
-        state[key + SCALE_SUFFIX] = scale.to(local_p.device)
+        state[key + SCALE_SUFFIX] = dist_utils.local(scale).to(local_p.device)
     ensure(state, key, p, fmt)
 
 
@@ -96,6 +104,8 @@ def check_stored(key: str, value: Any, scale: Any, shape) -> str | None:
         return f"state {key!r} is {got}; expected a float tensor or 8-bit codes"
     if value.shape != shape:
         return f"state {key!r} has shape {tuple(value.shape)}, but its param has shape {tuple(shape)}"
+    if moments.format_of(value) == "8bit" and len(shape) == 0:
+        return f"state {key!r} holds 8-bit codes, but its param has no dims (8-bit blocks follow dim-0 rows)"
     if moments.format_of(value) == "8bit":
         want = torch.int8 if is_signed(key) else torch.uint8
         if value.dtype != want:

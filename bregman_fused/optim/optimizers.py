@@ -167,5 +167,10 @@ class ProxSGD(BregmanOptimizer):
     def _state_lists(self, group, params, states, fmt):
         return {}
 
+    def _warn_pitfalls(self, group):
+        if group.get("moments", "fp32") != "fp32":
+            warnings.warn(f"ProxSGD keeps no moments: moments={group['moments']!r} in a param group has no effect",
+                          UserWarning, stacklevel=4)
+
     def _hyper(self, group):
         return Hyper.proxsgd(self._step_lr(group))

@@ -65,7 +65,7 @@ class Plans:
         signature = (backend, type(group["reg"]), group["capturable"], state_signature)
         cached = self._plans.get(group_index)
         if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
-                and all(map(operator.is_, cached[1], params))):
+                and all(map(operator.is_, cached[1], params)) and not _format_changed(cached[2], moments_format)):
             return cached[2]
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
@@ -75,6 +75,14 @@ class Plans:
                    for (device, dtype, fmt), members in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
         return buckets
+
+
+def _format_changed(buckets: list[Bucket], moments_format) -> bool:
+    """Whether a param of an 8-bit bucket no longer stores 8 bits (e.g. made channels_last by
+    ``model.to(memory_format=...)``): its moments then go back to fp32 (moments.storage). Only
+    8-bit buckets are looked at, so fp32 and bf16 groups pay nothing per step."""
+    return any(moments_format(p) != bucket.moments for bucket in buckets if bucket.moments == "8bit"
+               for p in bucket.params)
 
 
 class CountsBuffers:
@@ -102,7 +110,11 @@ class CountsBuffers:
             bucket.counts = self._buffer(group_index, capturable, bucket, counts)
         else:
             bucket.counts.copy_(counts)
-        self.latest[(group_index, bucket.key)] = (bucket.params, bucket.counts)
+        key = (group_index, bucket.key)
+        # re-inserted, not updated in place: nonzeros() lets the latest entry win for a param, and a
+        # param can move between keys (a group's moments format or LinBreg's momentum changed)
+        self.latest.pop(key, None)
+        self.latest[key] = (bucket.params, bucket.counts)
 
     def _buffer(self, group_index: int, capturable: bool, bucket: Bucket, counts: torch.Tensor) -> torch.Tensor:
         if not capturable:  # never written by a graph: the bucket's own copy will do

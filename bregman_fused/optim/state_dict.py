@@ -115,18 +115,22 @@ def load_state_dict(opt, sd: dict[str, Any], torch_load: Callable[[dict[str, Any
     saved_ids = [i for g in groups for i in g["params"]]
     params = [p for g in opt.param_groups for p in g["params"]]
     group_of = {i: g for g in groups for i in g["params"]}
-    torch_load({k: v for k, v in sd.items() if k != FORMAT_KEY} | {"param_groups": groups})
     # torch casts floating state to the param dtype; our states keep their own dtype (fp32 dual
-    # for bf16 params), so restore them from the saved tensors bit for bit
-    # moments go into this optimizer's format (moment_states.restore: bit for bit when it is the
-    # checkpoint's, converted otherwise)
+    # for bf16 params), so they are restored from the saved tensors bit for bit, and the moments go
+    # into this optimizer's format (moment_states.restore: bit for bit when it is the checkpoint's,
+    # converted otherwise). All of it is made before anything is written: a failure loads nothing.
+    restored = []
     for pid, p in zip(saved_ids, params):
-        saved = saved_state.get(pid, {})
-        state = opt.state[p]
-        for key in [k for k in state if k.endswith(moment_states.SCALE_SUFFIX)]:
-            del state[key]  # torch's load copied them; restore() puts back the ones that are still needed
+        saved, new = saved_state.get(pid, {}), {}
         for key, value in saved.items():
             if key in opt._moment_keys:
-                moment_states.restore(state, saved, key, p, opt._moments_format(group_of[pid], p))
+                moment_states.restore(new, saved, key, p, opt._moments_format(group_of[pid], p))
             elif not key.endswith(moment_states.SCALE_SUFFIX):
-                state[key] = opt._place_state(key, value, p, group_of[pid])
+                new[key] = opt._place_state(key, value, p, group_of[pid])
+        restored.append((p, new))
+    torch_load({k: v for k, v in sd.items() if k != FORMAT_KEY} | {"param_groups": groups})
+    for p, new in restored:
+        state = opt.state[p]
+        for key in [k for k in state if k.endswith(moment_states.SCALE_SUFFIX) and k not in new]:
+            del state[key]  # torch's load copied a scale the optimizer's format does not keep
+        state.update(new)
