@@ -15,6 +15,7 @@ import torch
 
 from .. import distributed as dist_utils
 from ..backends import moments
+from ..backends.contract import state_dtype
 from ..backends.layout import in_layout_of
 
 __all__ = ["SCALE_SUFFIX", "target_format", "ensure", "restore", "check_stored", "is_signed"]
@@ -56,16 +57,12 @@ def ensure(state: dict[str, Any], key: str, p: torch.Tensor, fmt: str) -> None:
     else:
         value = torch.zeros(local_p.shape, dtype=torch.float32, device=local_p.device)
     if fmt == "fp32":
-        value = value.to(moments_state_dtype(local_p))
+        value = value.to(state_dtype(local_p))
     new, scale = moments.to_storage(value, fmt, is_signed(key))
     for suffix, t in _make(new, scale, p, fmt).items():
         state[key + suffix] = t
     if fmt != "8bit":
         state.pop(key + SCALE_SUFFIX, None)
-
-
-def moments_state_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def restore(state: dict[str, Any], saved: dict[str, Any], key: str, p: torch.Tensor, fmt: str) -> None:
@@ -76,7 +73,7 @@ def restore(state: dict[str, Any], saved: dict[str, Any], key: str, p: torch.Ten
     same = moments.format_of(dist_utils.local(stored)) == fmt
     if same and (dist_utils.is_dtensor(stored) or dist_utils.is_dtensor(p)):
         # a sharded checkpoint (torch.distributed.checkpoint lays it out like the param): kept as is
-        dtype = stored.dtype if fmt != "fp32" else moments_state_dtype(local_p)
+        dtype = stored.dtype if fmt != "fp32" else state_dtype(local_p)
         state[key] = stored.to(dtype=dtype).clone()
         if fmt == "8bit":
             state[key + SCALE_SUFFIX] = scale.clone()
@@ -86,7 +83,7 @@ def restore(state: dict[str, Any], saved: dict[str, Any], key: str, p: torch.Ten
             state[key] = dist_utils.like_param(stored.to(local_p.device).contiguous().clone(), p)
             state[key + SCALE_SUFFIX] = dist_utils.like_rows(scale.to(local_p.device, torch.float32).contiguous().clone(), p)
         else:
-            dtype = torch.bfloat16 if fmt == "bf16" else moments_state_dtype(local_p)
+            dtype = torch.bfloat16 if fmt == "bf16" else state_dtype(local_p)
             state[key] = dist_utils.like_param(in_layout_of(stored.to(local_p.device, dtype), local_p), p)
         return
     state[key] = dist_utils.local(stored).to(local_p.device)
