@@ -76,8 +76,8 @@ inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_
 }
 
 // ---- bf16 -----------------------------------------------------------------------------------
-// Widened on load; stochastically rounded on store with the bits of (element index in memory,
-// the tensor's step count, stream 0 for m / 1 for s).
+// Widened on load; stochastically rounded on store with the random bits of (the value's top 16
+// bits, the tensor's step count, stream 0 for m / 1 for s).
 template <bool HAS_S>
 struct Bf16Moments {
   uint16_t* m;

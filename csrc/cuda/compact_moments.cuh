@@ -47,8 +47,8 @@ __host__ __device__ __forceinline__ uint32_t sr_step_of(double t) {
 
 // How an element-wise kernel of format Mom stores one moment element. Fp32: the compute type itself
 // (decode and encode are the identity, the fp32 kernels compile as before). Bf16: the bf16 bits,
-// widened exactly on load and stochastically rounded on store with random_bits(element index in the
-// tensor's memory, step count, stream). 8-bit moments have no per-element codec (moments_8bit.cu).
+// widened exactly on load and stochastically rounded on store with random_bits(the value's top 16
+// bits, step count, stream). 8-bit moments have no per-element codec (moments_8bit.cu).
 template <Moments Mom, typename opmath_t>
 struct MomentCodec;
 
@@ -56,15 +56,15 @@ template <typename opmath_t>
 struct MomentCodec<Moments::Fp32, opmath_t> {
   using stored_t = opmath_t;
   static __device__ __forceinline__ opmath_t decode(stored_t x) { return x; }
-  static __device__ __forceinline__ stored_t encode(opmath_t x, int64_t, uint32_t, uint32_t) { return x; }
+  static __device__ __forceinline__ stored_t encode(opmath_t x, uint32_t, uint32_t) { return x; }
 };
 
 template <>
 struct MomentCodec<Moments::Bf16, float> {
   using stored_t = uint16_t;  // the raw bf16 bits
   static __device__ __forceinline__ float decode(stored_t h) { return bregman::bf16_bits_to_float(h); }
-  // the random bits are keyed by x's top 16 bits (moments.py [note: bf16 rounding]); the index is unused
-  static __device__ __forceinline__ stored_t encode(float x, int64_t, uint32_t step, uint32_t stream) {
+  // the random bits are keyed by x's top 16 bits (moments.py [note: bf16 rounding])
+  static __device__ __forceinline__ stored_t encode(float x, uint32_t step, uint32_t stream) {
     return bregman::round_bf16_sr(x, step, stream);
   }
 };
@@ -84,17 +84,16 @@ __device__ __forceinline__ void load_moments(opmath_t (&dst)[N], const typename 
   }
 }
 
-// dst[i, i + N) = the encoded src; `index`: the memory index of element i (random bits of bf16).
+// dst[i, i + N) = the encoded src.
 template <Moments Mom, int N, typename opmath_t>
 __device__ __forceinline__ void store_moments(typename MomentCodec<Mom, opmath_t>::stored_t* dst, int64_t i,
-                                              const opmath_t (&src)[N], int64_t index, uint32_t step,
-                                              uint32_t stream) {
+                                              const opmath_t (&src)[N], uint32_t step, uint32_t stream) {
   if constexpr (Mom == Moments::Fp32) {
     store_vec(dst, i, src);
   } else {
     typename MomentCodec<Mom, opmath_t>::stored_t q[N];
 #pragma unroll
-    for (int k = 0; k < N; ++k) q[k] = MomentCodec<Mom, opmath_t>::encode(src[k], index + k, step, stream);
+    for (int k = 0; k < N; ++k) q[k] = MomentCodec<Mom, opmath_t>::encode(src[k], step, stream);
     store_vec(dst, i, q);
   }
 }

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kBlock)
   const Reg reg = args.hyper.reg;
   const bool scaled = args.grad_scale != nullptr;
   const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
-  uint32_t step = 0;  // bf16: the step count of the random bits (m and s of element i: index start + i)
+  uint32_t step = 0;  // bf16: the step count of the random bits
   if constexpr (Mom == Moments::Bf16) step = sr_step(meta, args, slot);
 
   // the per-element step, shared by the vector body and the scalar tail
@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(kBlock)
       pr[k] = theta_of(gr[k], theta_old, vr[k], mr[k], sr[k]);
     }
     if constexpr (Depth >= 3) store_vec(v, i, vr);
-    if constexpr (Depth >= 4) store_moments<Mom>(m, i, mr, start + i, step, bregman::kStreamM);
-    if constexpr (Depth >= 5) store_moments<Mom>(s, i, sr, start + i, step, bregman::kStreamS);
+    if constexpr (Depth >= 4) store_moments<Mom>(m, i, mr, step, bregman::kStreamM);
+    if constexpr (Depth >= 5) store_moments<Mom>(s, i, sr, step, bregman::kStreamS);
     store_vec(p, i, pr);
   }
   // masked scalar path: the tail of an aligned chunk, or the whole chunk of a misaligned tensor
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kBlock)
     if constexpr (Depth >= 5) si = Codec::decode(s[i]);
     const scalar_t theta = theta_of(g[i], theta_old, vi, mi, si);
     if constexpr (Depth >= 3) v[i] = vi;
-    if constexpr (Depth >= 4) m[i] = Codec::encode(mi, start + i, step, bregman::kStreamM);
-    if constexpr (Depth >= 5) s[i] = Codec::encode(si, start + i, step, bregman::kStreamS);
+    if constexpr (Depth >= 4) m[i] = Codec::encode(mi, step, bregman::kStreamM);
+    if constexpr (Depth >= 5) s[i] = Codec::encode(si, step, bregman::kStreamS);
     p[i] = theta;
   }
   add_block_count(args.counts, index, nnz);

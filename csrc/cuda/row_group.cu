@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kRowBlock)
   const Reg reg = args.hyper.reg;
   const bool scaled = args.grad_scale != nullptr;
   const opmath_t scale = scaled ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
-  uint32_t step = 0;  // bf16: the step count of the random bits (element e's memory index is e)
+  uint32_t step = 0;  // bf16: the step count of the random bits
   if constexpr (Mom == Moments::Bf16) step = sr_step(meta, args, slot);
 
   auto grad_at = [&](int64_t e) -> opmath_t {
@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kRowBlock)
       if constexpr (Depth >= 5) si = Codec::decode(s[e]);
       const opmath_t x = moment_step_point<Mom, K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
       if constexpr (Depth >= 3) v[e] = vi;
-      if constexpr (Depth >= 4) m[e] = Codec::encode(mi, e, step, bregman::kStreamM);
-      if constexpr (Depth >= 5) s[e] = Codec::encode(si, e, step, bregman::kStreamS);
+      if constexpr (Depth >= 4) m[e] = Codec::encode(mi, step, bregman::kStreamM);
+      if constexpr (Depth >= 5) s[e] = Codec::encode(si, step, bregman::kStreamS);
       return bregman::elementwise_shrink(reg, x, hp);
     }
   };
