@@ -55,9 +55,24 @@ def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - thr, min=0.0)
 
 
+@torch.library.custom_op("bregman_fused::row_norms", mutates_args=())
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """‖row‖₂ of each row of a 2-D tensor, shape (rows, 1).
+
+    [note: opaque row norms] An op of its own so that torch.compile calls it as it is: inductor
+    would generate its own reduction, which sums in another order than eager's kernel and so rounds
+    differently; opaque, a compiled reference step computes the same bits as an eager one."""
+    return torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+
+
+@row_norms.register_fake
+def _(rows):
+    return rows.new_empty((rows.shape[0], 1))
+
+
 def _row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
     """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
-    norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    norm = row_norms(rows)
     # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows
     return torch.where(norm > thr, 1.0 - thr / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
 
@@ -232,7 +247,7 @@ class GroupL1L2(_LamdaReg):
             return torch.zeros_like(theta)
         _, thr = self.thresholds(theta.shape)
         rows = self._rows(theta)
-        norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        norm = row_norms(rows)
         p = torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
         return (thr * p).reshape(theta.shape)
 

@@ -1,6 +1,11 @@
 """Checkpoints written by bregman_fused 0.1.0 (before the backends/optim restructure) load and
-continue bit for bit: tests/data/checkpoints_0_1_0.pt holds that version's checkpoints after 3
-steps and what it computed in 3 more (made by tests/data/make_checkpoints_0_1_0.py run against it)."""
+continue: tests/data/checkpoints_0_1_0.pt holds that version's checkpoints after 3 steps and what
+it computed in 3 more (made by tests/data/make_checkpoints_0_1_0.py run against it).
+
+The fused backends continue bit for bit (their arithmetic is 0.1.0's). The reference continues
+within a few ulps: 0.1.0's spec used torch ops that fuse multiply-adds and ATen's CPU sqrt, which is
+not correctly rounded; the spec now rounds every op once, as the kernels do
+(backends/rounding.py [note: spec roundings])."""
 from __future__ import annotations
 
 import os
@@ -21,8 +26,16 @@ OPTS = {
 }
 
 
+def _assert_continues(got, want, backend, what):
+    if backend != "reference" or not want.is_floating_point():
+        assert torch.equal(got, want), what
+    else:
+        eps = torch.finfo(want.dtype).eps
+        torch.testing.assert_close(got, want, rtol=16 * eps, atol=16 * eps, msg=what)
+
+
 @pytest.mark.parametrize("case", sorted(DATA["cases"]))
-def test_a_0_1_0_checkpoint_continues_bit_for_bit(case):
+def test_a_0_1_0_checkpoint_continues(case):
     backend, opt_name, _ = case.split("-")
     reason = unavailable_reason(backend, torch.device("cpu"), bf.L1(0.1)) if backend != "reference" else None
     if reason is not None:
@@ -36,11 +49,11 @@ def test_a_0_1_0_checkpoint_continues_bit_for_bit(case):
             p.grad = gi.clone()
         opt.step()
     for i, (got, want) in enumerate(zip(ps, c["theta_after"])):
-        assert torch.equal(got.detach(), want), f"theta[{i}]"
+        _assert_continues(got.detach(), want, backend, f"theta[{i}]")
     state = opt.state_dict()["state"]
     assert state.keys() == c["state_after"].keys()
     for pid, want in c["state_after"].items():
         assert state[pid].keys() == want.keys()
         for key, value in want.items():
-            assert torch.equal(state[pid][key], value), f"state[{pid}][{key!r}]"
+            _assert_continues(state[pid][key], value, backend, f"state[{pid}][{key!r}]")
     assert opt.density() == c["density_after"]

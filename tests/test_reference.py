@@ -47,19 +47,28 @@ def _params_equal(m1, m2):
     return all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
-# ---- exactness against torch.optim ---------------------------------------------------------------
+def _assert_params_close(m1, m2):
+    """torch.optim's SGD and Adam fuse multiply-adds (add with alpha, lerp, addcmul) and take ATen's
+    CPU sqrt, which is not correctly rounded; the spec rounds every op once (backends/rounding.py
+    [note: spec roundings]). The two differ by a few ulps, which 6 training steps carry on."""
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        eps = torch.finfo(a.dtype).eps
+        torch.testing.assert_close(a, b, rtol=64 * eps, atol=64 * eps)
+
+
+# ---- agreement with torch.optim ------------------------------------------------------------------
 def test_linbreg_noreg_is_sgd():
     m1, m2 = _model(), _model()
     _train(m1, bf.LinBreg(m1.parameters(), lr=0.05, backend="reference"), _batches(6))
     _train(m2, torch.optim.SGD(m2.parameters(), lr=0.05, foreach=False), _batches(6))
-    assert _params_equal(m1, m2)
+    _assert_params_close(m1, m2)
 
 
 def test_proxsgd_lamda_zero_is_sgd():
     m1, m2 = _model(), _model()
     _train(m1, bf.ProxSGD(m1.parameters(), lr=0.05, reg=bf.L1(0.0), backend="reference"), _batches(6))
     _train(m2, torch.optim.SGD(m2.parameters(), lr=0.05, foreach=False), _batches(6))
-    assert _params_equal(m1, m2)
+    _assert_params_close(m1, m2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -69,7 +78,7 @@ def test_adabreg_noreg_is_adam(dtype):
            _batches(6, dtype=dtype))
     _train(m2, torch.optim.Adam(m2.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, foreach=False),
            _batches(6, dtype=dtype))
-    assert _params_equal(m1, m2)
+    _assert_params_close(m1, m2)
 
 
 def test_linbreg_momentum_is_the_papers_form():

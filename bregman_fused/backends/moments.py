@@ -25,8 +25,8 @@ random bits, truncated to the top 16 bits. The random bits are a hash of (the va
 bits, i.e. the bf16 interval it lies in, the step count, which moment) (``random_bits``), so
 every backend draws the same bits, a run is reproducible, and the draw depends neither on where
 the element is stored (its index, the memory layout, the FSDP2 shard that holds it) nor on the
-value's last bits: two backends whose values differ by an ulp before rounding (a fused
-multiply-add, another reduction order of the grads) still round alike unless the ulp crosses the
+value's last bits: two runs whose values differ by an ulp before rounding (grads all-reduced in
+another order, a user's own fused kernel) still round alike unless the ulp crosses the
 threshold (a chance of 2⁻¹⁶), where a hash of all 32 bits would redraw the coin. The price: at
 one step, the values in one bf16 interval share the draw (a threshold, as a dither shared by the
 interval); each value is still rounded up with probability equal to its distance to the lower
@@ -54,6 +54,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import rounding
 
 __all__ = ["FORMATS", "BLOCK", "MIN_8BIT_NUMEL", "storage", "format_of", "scale_shape", "check_moments",
            "decode_m", "decode_s", "encode_m", "encode_s", "to_storage", "random_bits", "round_bf16"]
@@ -138,7 +140,7 @@ def _encode(x_abs: torch.Tensor, q_max: float) -> tuple[torch.Tensor, torch.Tens
     scale = blocks.amax(dim=-1)
     usable = torch.isfinite(scale) & (scale >= _FLOAT_TINY)  # 1/scale finite
     inv = torch.where(usable, 1.0 / torch.where(usable, scale, 1.0), 0.0).unsqueeze(-1)
-    q = torch.clamp(torch.round(torch.sqrt(blocks * inv) * q_max), max=q_max)
+    q = torch.clamp(torch.round(rounding.sqrt(blocks * inv) * q_max), max=q_max)
     return torch.where(usable.unsqueeze(-1), q, 0.0), scale
 
 
@@ -158,7 +160,7 @@ def encode_s(r: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 # ---- bf16 stochastic rounding ----------------------------------------------------------------
-def random_bits(key: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+def random_bits(key: torch.Tensor, step: int | torch.Tensor, stream: int) -> torch.Tensor:
     """16 random bits per element (int64 in [0, 2¹⁶)): a 32-bit integer hash of the key (the top 16
     bits of the float to round, as int64), the step count and the moment
     (csrc/moment_codes.h ``random_bits``; every backend computes the same bits). The mix is
@@ -172,7 +174,7 @@ def random_bits(key: torch.Tensor, step: int, stream: int) -> torch.Tensor:
     return x >> 16
 
 
-def round_bf16(x: torch.Tensor, step: int, stream: int) -> torch.Tensor:
+def round_bf16(x: torch.Tensor, step: int | torch.Tensor, stream: int) -> torch.Tensor:
     """float32 x stochastically rounded to bfloat16: (bits(x) + 16 random bits) >> 16, the random
     bits keyed by the top 16 bits of x; NaN becomes the canonical NaN (0x7FC0)."""
     bits = x.view(torch.int32).to(torch.int64) & _MASK32
@@ -197,7 +199,7 @@ def to_storage(m: torch.Tensor, fmt: str, signed: bool) -> tuple[torch.Tensor, t
     if signed:
         encode_m(m, codes, scale)
     else:
-        encode_s(m.clamp(min=0).sqrt(), codes, scale)
+        encode_s(rounding.sqrt(m.clamp(min=0)), codes, scale)
     return codes, scale
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..regularizers import Regularizer
-from . import moments
+from . import moments, rounding
 from .contract import Hyper, Kind, StepTensors, state_dtype
 
 
@@ -45,37 +45,32 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
         if grad_scale is not None:
             g = g / grad_scale.to(device=g.device, dtype=dtype)
         if prox_sgd:
-            theta = reg.shrink(torch.add(p.to(dtype), g, alpha=-lr), lr)
+            theta = reg.shrink(p.to(dtype).sub(g.mul(lr)), lr)
         else:
             v = duals[i]
             if linbreg:
                 if momentum:
                     m = _decoded(tensors, i, signed=True) if compact else exp_avgs[i]
-                    m.mul_(hyper.beta1).add_(g, alpha=mom_scale)
+                    m.mul_(hyper.beta1).add_(g.mul(mom_scale))
                     v.sub_(m)
                     if compact:
-                        _store(tensors, i, m, None, float(steps[i].item()))
+                        _store(tensors, i, m, None)
                 else:
-                    v.add_(g, alpha=-lr)
+                    v.sub_(g.mul(lr))
             else:
-                # the same op sequence as torch.optim.Adam's single-tensor path
                 t = float(steps[i].item())  # per tensor: under torch.compile a data-dependent value
                 if compact:
                     m, s = _decoded(tensors, i, signed=True), _decoded(tensors, i, signed=False)
                 else:
                     m, s = exp_avgs[i], exp_avg_sqs[i]
-                # [note: compiled reference] addcmul_/addcdiv_ are written without their ``value``:
-                # torch.compile rewrites the methods that have one into an fma of other operands
-                # (dynamo's addcmul_ decomposition), which rounds differently from eager. These
-                # forms compute the same bits as eager's s.addcmul_(g, g, value=1−β2) and
-                # v.addcdiv_(m, denom, value=−step) did, and the same under torch.compile.
-                m.lerp_(g, one_minus_beta1)
-                s.mul_(hyper.beta2).addcmul_(g.mul(one_minus_beta2), g)
-                root = s.sqrt()
+                # no lerp/addcmul/addcdiv/alpha and a correctly rounded √: rounding.py [note: spec roundings]
+                rounding.lerp_(m, g, one_minus_beta1)
+                s.mul_(hyper.beta2).add_(g.mul(one_minus_beta2).mul_(g))
+                root = rounding.sqrt(s)
                 denom = (root / hyper.bc2_sqrt(t)).add_(hyper.eps)
-                v.add_(m.mul(-hyper.step_size(t)).div_(denom))
+                v.sub_(m.div(denom).mul_(hyper.step_size(t)))
                 if compact:
-                    _store(tensors, i, m, (s, root), t)
+                    _store(tensors, i, m, (s, root))
             theta = reg.prox(v, delta)
         p.copy_(theta)
     return nonzeros(params)
@@ -88,10 +83,12 @@ def _decoded(tensors: StepTensors, i: int, signed: bool) -> torch.Tensor:
     return moments.to_float(stored, scale[i] if scale else None, signed)
 
 
-def _store(tensors: StepTensors, i: int, m: torch.Tensor, s_and_root, t: float) -> None:
+def _store(tensors: StepTensors, i: int, m: torch.Tensor, s_and_root) -> None:
     """Write the new float32 moments of tensor i in the call's compact format: bf16 stochastically
     rounded with the step count's random bits, or 8-bit codes and block scales (s coded by √s)."""
-    step = int(t)
+    # the count as a tensor, not a Python int: under torch.compile an int taken from a float
+    # tensor's .item() reaches inductor's integer hash as a float and fails to compile
+    step = tensors.steps[i].reshape(()).to(torch.int64)
     if tensors.moments == "bf16":
         tensors.exp_avgs[i].copy_(moments.round_bf16(m, step, moments.SR_STREAM_M))
         if s_and_root is not None:
@@ -107,3 +104,4 @@ def nonzeros(params: list[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     return torch.stack([torch.count_nonzero(p) for p in params])
+

@@ -1,11 +1,11 @@
 // The update sweep of compact moments (moments="bf16" | "8bit"): sweep.h's walk with the moments
 // read and written through a policy, and the 8-bit walk block by block.
 //
-// A step decodes the stored moments to float, runs the float update (moment_codes.h's
-// moment_update_fused: the reference's op order and torch's roundings, [note: torch's roundings]),
-// hands the point x to the same sinks as the fp32 sweep, and encodes the new m and s (the spec:
-// bregman_fused/backends/moments.py). The fp32 sweep (sweep.h) is left as it is, so
-// fp32 moments compile to the same code as before; sweep_any picks the walk at compile time.
+// A step decodes the stored moments to float, runs the float update (bregman_math.h's
+// update_point, the fp32 sweep's; it rounds as the spec does, so the values encoded are the
+// reference's bits), hands the point x to the same sinks as the fp32 sweep, and encodes the new m
+// and s (the spec: bregman_fused/backends/moments.py). The fp32 sweep (sweep.h) is left as it is,
+// so fp32 moments compile to the same code as before; sweep_any picks the walk at compile time.
 #pragma once
 
 #include "simd_memory.h"  // first: see there
@@ -46,7 +46,7 @@ inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_
     if (has_scale) g = g / scale;
     float vv = v[i], mm = 0.0f, ss = 0.0f;
     io.load1(i, mm, ss);
-    const float x = moment_update_fused<K>(g, vv, mm, ss, hp);
+    const float x = update_point<K, true>(g, 0.0f, vv, mm, ss, hp);
     v[i] = vv;
     io.store1(i, mm, ss);
     sink.one(i, x);
@@ -65,8 +65,8 @@ inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_
     }
     FVec v0 = FVec::loadu(v + i), v1 = FVec::loadu(v + i + kVec), m0, m1, s0(0.0f), s1(0.0f);
     io.load(i, m0, m1, s0, s1);
-    const FVec x0 = moment_update_fused<K>(g0, v0, m0, s0, hp);
-    const FVec x1 = moment_update_fused<K>(g1, v1, m1, s1, hp);
+    const FVec x0 = update_point<K, true>(g0, FVec(0.0f), v0, m0, s0, hp);
+    const FVec x1 = update_point<K, true>(g1, FVec(0.0f), v1, m1, s1, hp);
     v0.store(v + i);
     v1.store(v + i + kVec);
     io.store(i, m0, m1, s0, s1);

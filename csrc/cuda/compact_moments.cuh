@@ -1,8 +1,9 @@
 // Device side of compact moments (moments="bf16" | "8bit"; the spec is
 // bregman_fused/backends/moments.py, the per-element math csrc/moment_codes.h): how a kernel loads and
 // stores a moment in the call's format, the step count the bf16 random bits hash, and the block max of
-// the 8-bit scales. Every kernel decodes to float, runs the float update (moment_step_point), uses the
-// new float m and s for the dual and θ, and only then encodes (reference.py).
+// the 8-bit scales. Every kernel decodes to float, runs the float update (bregman_math.h's
+// update_point, as for fp32 moments), uses the new float m and s for the dual and θ, and only then
+// encodes (reference.py).
 //
 // Where each format runs:
 //  - bf16: per element, so the fp32 kernels take it as a template variant (MomentCodec below):
@@ -22,21 +23,6 @@
 namespace bregman_cuda {
 
 using bregman::Moments;
-
-// One element's update for moments stored as Mom: fp32 moments keep bregman_math.h's update_point
-// (their kernels and results unchanged); compact ones run moment_codes.h's moment_update_fused, the
-// reference's torch roundings (its [note: torch's roundings]: an ulp of difference in the float value
-// can flip a bf16 bit or an 8-bit code, so compact moments match the reference bit for bit). Only the
-// kinds with moments store compact ones, for which x is the updated dual.
-template <Moments Mom, Kind K, bool Momentum, typename T, typename S>
-__device__ __forceinline__ T moment_step_point(T g, T theta, T& v, T& m, T& s, const StepParams<S>& hp) {
-  if constexpr (Mom == Moments::Fp32) {
-    return bregman::update_point<K, Momentum>(g, theta, v, m, s, hp);
-  } else {
-    static_assert(K == Kind::AdaBreg || (K == Kind::LinBreg && Momentum), "compact moments: kinds with moments");
-    return bregman::moment_update_fused<K>(g, v, m, s, hp);
-  }
-}
 
 // The step count as the random bits take it: the reference's int(t), wrapped to uint32 like its
 // masks (via int64: a float count is an integer below 2^24, the conversion is exact). Host mode

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kBlock)
   auto theta_of = [&](grad_t g_in, opmath_t theta_old, opmath_t& vi, opmath_t& mi, opmath_t& si) -> scalar_t {
     opmath_t gi = static_cast<opmath_t>(g_in);
     if (scaled) gi = unscale(gi, scale);
-    const opmath_t x = moment_step_point<Mom, K, Momentum>(gi, theta_old, vi, mi, si, hp);
+    const opmath_t x = bregman::update_point<K, Momentum>(gi, theta_old, vi, mi, si, hp);
     const scalar_t theta = static_cast<scalar_t>(bregman::elementwise_theta(reg, x, hp));
     nnz += is_nonzero(theta);
     return theta;

@@ -6,7 +6,7 @@
 // Its codes can only be written once the block's NEW scale is known, the max over the block of the
 // updated |m| (and √s), so the work is decomposed by (tensor, row, block) instead of flat chunks:
 //  - one warp owns one block: lane l holds elements l, l + 32, ..., l + 224 (kPerLane = 8, coalesced
-//    per step), decodes them with the block's old scale, runs the float update (moment_step_point),
+//    per step), decodes them with the block's old scale, runs the float update (update_point),
 //    writes the dual (and, for the element-wise maps, θ from the new float values), keeps the new
 //    m and r = √s in registers, reduces the NaN-propagating max over the warp (warp_max_abs), then
 //    encodes with block_code(new scale) and writes the codes; lane 0 writes the new scales.
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 3)
         float mi = bregman::decode_m(m_codes[e], m_step);
         float si = 0.0f;
         if constexpr (kAda) si = bregman::decode_s(s_codes[e], s_step);
-        const float x = moment_step_point<Moments::Int8, K, Momentum>(gi, 0.0f, vi, mi, si, hp);
+        const float x = bregman::update_point<K, Momentum>(gi, 0.0f, vi, mi, si, hp);
         v[e] = vi;
         if constexpr (WriteTheta) {
           const scalar_t theta = static_cast<scalar_t>(bregman::elementwise_theta(reg, x, hp));

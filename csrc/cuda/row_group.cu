@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kRowBlock)
       if constexpr (Depth >= 3) vi = v[e];
       if constexpr (Depth >= 4) mi = Codec::decode(m[e]);
       if constexpr (Depth >= 5) si = Codec::decode(s[e]);
-      const opmath_t x = moment_step_point<Mom, K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
+      const opmath_t x = bregman::update_point<K, Momentum>(grad_at(e), theta_old, vi, mi, si, hp);
       if constexpr (Depth >= 3) v[e] = vi;
       if constexpr (Depth >= 4) m[e] = Codec::encode(mi, step, bregman::kStreamM);
       if constexpr (Depth >= 5) s[e] = Codec::encode(si, step, bregman::kStreamS);

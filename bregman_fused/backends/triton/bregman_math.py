@@ -53,37 +53,6 @@ def _sqrt(x):
     return r
 
 
-@triton.jit
-def _probe():
-    pass
-
-
-# whether Triton interprets the jit functions (TRITON_INTERPRET=1 when they were decorated)
-_INTERPRETED = tl.constexpr(type(_probe).__name__ == "InterpretedFunction")
-
-
-@triton.jit
-def _fma(a, b, c):
-    """a·b + c with one rounding (float32), as ::fmaf. Compiled: tl.fma (fma.rn). The interpreter
-    evaluates tl.fma as a·b + c, two roundings, so there it is formed in float64: the product of
-    two floats is exact, the sum is rounded to odd (TwoSum gives the double add's error; an inexact
-    sum with an even last bit moves to its odd neighbour towards the exact value), and rounding a
-    round-to-odd double to float is correctly rounded (53 ≥ 24 + 2 bits: no double rounding)."""
-    if _INTERPRETED:
-        p = a.to(tl.float64) * b.to(tl.float64)
-        c64 = c.to(tl.float64)
-        r = p + c64
-        back = r - p
-        err = (p - (r - back)) + (c64 - back)
-        bits = r.to(tl.int64, bitcast=True)
-        toward = tl.where((err > 0) == (r > 0), 1, -1)  # the bit pattern's step towards r + err
-        bits = tl.where((err != 0) & ((bits & 1) == 0), bits + toward, bits)
-        out = bits.to(tl.float64, bitcast=True).to(tl.float32)
-    else:
-        out = tl.fma(a, b, c)
-    return out
-
-
 # ---- dual / point updates (bregman_math.h: linbreg_update ... proxsgd_point) ------------------
 @triton.jit
 def linbreg_update(v, g, lr):
@@ -114,6 +83,19 @@ def adabreg_update(v, m, s, g, one_minus_beta1, beta2, one_minus_beta2, eps, ste
     denom = _div(_sqrt(s), bc2_sqrt) + eps
     v = v - step_size * _div(m, denom)
     return v, m, s
+
+
+@triton.jit
+def adabreg_step(v, m, s, g, hyp):
+    """``adabreg_update`` with the hyper-parameters of a tensor's table row ``hyp``."""
+    return adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2], hyp[HP_EPS],
+                          hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
+
+
+@triton.jit
+def linbreg_momentum_step(v, m, g, hyp):
+    """``linbreg_momentum_update`` with the hyper-parameters of a tensor's table row ``hyp``."""
+    return linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
 
 
 @triton.jit

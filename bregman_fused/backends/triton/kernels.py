@@ -51,9 +51,9 @@ import triton.language as tl
 
 from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_COLS, HP_EPS, HP_LR, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
                            HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, HP_THR_ROW, KIND_ADABREG,
-                           KIND_PROXSGD, _div, elementwise_shrink, linbreg_update, proxsgd_point, row_factor)
-from .moment_math import (MOMENTS_8BIT, MOMENTS_BF16, MOMENTS_FP32, STREAM_M, STREAM_S, adabreg_step, bf16_decode,
-                          bf16_round, linbreg_momentum_step)
+                           KIND_PROXSGD, _div, adabreg_step, elementwise_shrink, linbreg_momentum_step, linbreg_update,
+                           proxsgd_point, row_factor)
+from .moment_math import MOMENTS_8BIT, MOMENTS_BF16, STREAM_M, STREAM_S, bf16_decode, bf16_round
 
 # Columns of the per-tensor pointer table. [note: pointer table]
 COL_PARAM = tl.constexpr(0)
@@ -182,12 +182,12 @@ def _update(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, offs, mask, gs, hyp, sr_step,
         if KIND == KIND_ADABREG:
             m = _load_moment(m_ptr, offs, mask, MOMENTS)
             s = _load_moment(s_ptr, offs, mask, MOMENTS)
-            v, m, s = adabreg_step(v, m, s, g, hyp, MOMENTS != MOMENTS_FP32)
+            v, m, s = adabreg_step(v, m, s, g, hyp)
             _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
             _store_moment(s_ptr, offs, s, mask, sr_step, STREAM_S, MOMENTS)
         elif MOMENTUM:
             m = _load_moment(m_ptr, offs, mask, MOMENTS)
-            v, m = linbreg_momentum_step(v, m, g, hyp, MOMENTS != MOMENTS_FP32)
+            v, m = linbreg_momentum_step(v, m, g, hyp)
             _store_moment(m_ptr, offs, m, mask, sr_step, STREAM_M, MOMENTS)
         else:
             v = linbreg_update(v, g, hyp[HP_LR])

@@ -7,7 +7,7 @@ of L elements; the last one of a row is shorter; blocks never cross rows). Conse
 memory, so an entry is also one element range. Each loop iteration takes NB blocks as an
 [NB, 256] tile and per block:
 
-    decode m (and s) with the old scale -> the float32 update (moment_math [note: torch's roundings]),
+    decode m (and s) with the old scale -> the float32 update (bregman_math.py, as for fp32 moments),
     on the dual too ->
     new scale = max |m| (r = √s) over the block -> codes and scale stored.
 
@@ -23,11 +23,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bregman_math import HP_PROX_DELTA, HP_THR_L1, KIND_ADABREG, _sqrt, elementwise_shrink
+from .bregman_math import (HP_PROX_DELTA, HP_THR_L1, KIND_ADABREG, _sqrt, adabreg_step, elementwise_shrink,
+                           linbreg_momentum_step)
 from .kernels import (COL_CODE_ROW_LEN, COL_COUNT_SLOT, COL_EXP_AVG_SCALE, COL_EXP_AVG_SQ_SCALE, ENTRY_COLS,
                       TABLE_COLS, _count_current, _load_grad, _load_hyper, _store_theta, _tensor_ptrs)
-from .moment_math import (CODE_BLOCK, MOMENTS_8BIT, Q_SIGNED, Q_UNSIGNED, adabreg_step, block_scale, decode_m,
-                          decode_s, decode_step, encode_factor, encode_m, encode_s, linbreg_momentum_step)
+from .moment_math import (CODE_BLOCK, MOMENTS_8BIT, Q_SIGNED, Q_UNSIGNED, block_scale, decode_m, decode_s, decode_step,
+                          encode_factor, encode_m, encode_s)
 
 
 @triton.jit
@@ -63,11 +64,11 @@ def _code_tile(g_ptr, v_ptr, m_ptr, s_ptr, a_ptr, b_ptr, blk, live, offs, mask, 
     if KIND == KIND_ADABREG:
         b_old = decode_step(tl.load(b_ptr + blk, mask=live, other=0.0), Q_UNSIGNED)[:, None]
         s = decode_s(tl.load(s_ptr + offs, mask=mask, other=0), b_old)
-        v, m, s = adabreg_step(v, m, s, g, hyp, True)
+        v, m, s = adabreg_step(v, m, s, g, hyp)
         # s is coded by r = √s, the root the update took (the same correctly rounded _sqrt)
         _store_codes(s_ptr, b_ptr, _sqrt(s), blk, live, offs, mask, False)
     else:  # LinBreg with momentum: the only other kind with a moment
-        v, m = linbreg_momentum_step(v, m, g, hyp, True)
+        v, m = linbreg_momentum_step(v, m, g, hyp)
     _store_codes(m_ptr, a_ptr, m, blk, live, offs, mask, True)
     tl.store(v_ptr + offs, v, mask=mask)
     return v

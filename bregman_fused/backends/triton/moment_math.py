@@ -3,9 +3,8 @@
 The spec is backends/moments.py (its notes [note: bf16 rounding] and [note: 8-bit code]);
 csrc/moment_codes.h is the same math in C++. Each formula is written once, here: kernels.py reads
 and writes bf16 moments with it inside the fp32 kernels, moment_kernels.py codes the 8-bit blocks.
-A step decodes the stored moments to float32, runs the float32 update (in the reference's
-roundings, [note: torch's roundings] below), uses the new float32 m and s for the dual, and only
-then encodes them.
+A step decodes the stored moments to float32, runs the float32 update of bregman_math.py (the same
+as for fp32 moments), uses the new float32 m and s for the dual, and only then encodes them.
 """
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import moments
-from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_EPS, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
-                           HP_ONE_MINUS_BETA2, HP_STEP_SIZE, _div, _fma, _sqrt, adabreg_update, linbreg_momentum_update)
+from .bregman_math import _div, _sqrt
 
 # The format of a call's moments, a compile-time constant of the kernels (launcher: FORMAT_CODES).
 MOMENTS_FP32 = tl.constexpr(0)
@@ -36,62 +34,6 @@ _BF16_NAN = tl.constexpr(0x7FC0)  # the canonical bf16 NaN, what nearest roundin
 # nearest integer, ties to even, for 0 ≤ y < 2²³ (rint). libdevice's rint has no interpreter
 # version; two float32 adds are exact in both (the kernels compile without fp fusion or fast math).
 _RINT_MAGIC = tl.constexpr(8388608.0)
-
-
-# ---- the float update of compact moments, in the reference's roundings --------------------------
-# [note: torch's roundings] reference.py updates the moments with torch ops whose CPU kernels fuse a
-# multiply-add (one rounding instead of two): lerp, add(alpha), addcmul; addcdiv is
-# self + (value·t1)/t2. The fp32-moment kernels keep bregman_math.py's unfused forms (their results
-# must not change), an ulp off the reference in a few % of elements. Compact moments would carry
-# such an ulp into a flipped bf16 bit or 8-bit code, and LinBreg's momentum then carries the flip
-# on, so they update in the reference's roundings, as csrc/moment_codes.h (moment_update_fused).
-@triton.jit
-def lerp_fused(a, b, w):
-    """torch.lerp(a, b, w) for a scalar w as torch rounds it: fma(w, b − a, a) for w < 0.5, else
-    fma(w − 1, b − a, b) (w − 1 is exact there)."""
-    d = b - a
-    return tl.where(w < 0.5, _fma(w, d, a), _fma(w - 1.0, d, b))
-
-
-@triton.jit
-def linbreg_momentum_update_fused(v, m, g, beta1, mom_scale):
-    """m.mul_(β).add_(g, alpha=(1−β)·τ) ; v.sub_(m)."""
-    m = _fma(mom_scale, g, m * beta1)
-    return v - m, m
-
-
-@triton.jit
-def adabreg_update_fused(v, m, s, g, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt):
-    """m.lerp_(g, 1−β1) ; s.mul_(β2).addcmul_(g, g, value=1−β2) ;
-    v.addcdiv_(m, √s/√(1−β2^t) + ε, value=−τ/(1−β1^t))."""
-    m = lerp_fused(m, g, one_minus_beta1)
-    s = _fma(one_minus_beta2 * g, g, s * beta2)
-    denom = _div(_sqrt(s), bc2_sqrt) + eps
-    v = v + _div(-step_size * m, denom)
-    return v, m, s
-
-
-@triton.jit
-def adabreg_step(v, m, s, g, hyp, FUSED: tl.constexpr):
-    """AdaBreg's update with a tensor's hyper row ``hyp``: bregman_math's form for fp32 moments (the
-    kernels' results unchanged), the reference's roundings for compact ones (FUSED)."""
-    if FUSED:
-        v, m, s = adabreg_update_fused(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
-                                       hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
-    else:
-        v, m, s = adabreg_update(v, m, s, g, hyp[HP_ONE_MINUS_BETA1], hyp[HP_BETA2], hyp[HP_ONE_MINUS_BETA2],
-                                 hyp[HP_EPS], hyp[HP_STEP_SIZE], hyp[HP_BC2_SQRT])
-    return v, m, s
-
-
-@triton.jit
-def linbreg_momentum_step(v, m, g, hyp, FUSED: tl.constexpr):
-    """LinBreg's momentum update, its form chosen as in ``adabreg_step``."""
-    if FUSED:
-        v, m = linbreg_momentum_update_fused(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
-    else:
-        v, m = linbreg_momentum_update(v, m, g, hyp[HP_BETA1], hyp[HP_MOM_SCALE])
-    return v, m
 
 
 # ---- bf16 stochastic rounding [note: bf16 rounding] ------------------------------------------
