@@ -216,33 +216,54 @@ def cxx_std_flag() -> str:
 
 
 CXX_FLAGS = ["-O3", cxx_std_flag()]
-# [note: cpu arch flags] The CPU kernels are written with at::vec::Vectorized, whose 256-bit
-# specializations only exist when CPU_CAPABILITY_AVX2 is defined (libtorch compiles its own kernels
-# once per capability and dispatches at run time; an extension gets the portable scalar-array
-# fallback otherwise, several times slower). The extension is compiled on the machine that runs it
-# (pip install from source, or the JIT build on first use), so enabling AVX2/FMA/F16C when that
-# CPU has them is safe. -ffp-contract=off: no FMA contraction, so the SIMD body and the scalar tail
-# (the same templates from bregman_math.h) round identically.
-# BREGMAN_FUSED_CPU_ARCH overrides the detection: "avx2" (force, e.g. cross-building for a known
-# fleet), "native" (-march=native), "default" (portable: no ISA flags, e.g. for a wheel that runs
-# elsewhere).
+# [note: cpu arch flags] The CPU kernels are written with at::vec::Vectorized, whose SIMD
+# specializations only exist when a capability macro is defined: CPU_CAPABILITY_AVX512 (512-bit,
+# 16 float lanes) or CPU_CAPABILITY_AVX2 (256-bit, 8 lanes). libtorch compiles its own kernels once
+# per capability and dispatches at run time; an extension gets the portable scalar-array fallback
+# without one, several times slower. The extension is compiled on the machine that runs it (pip
+# install from source, or the JIT build on first use), so the build picks the widest capability
+# that CPU has: AVX-512 (the flags ATen compiles its AVX512 kernels with, plus F16C) where
+# avx512f/bw/vl/dq are there, else AVX2/FMA/F16C. The compact-moment steps are compute-bound
+# (square roots, divisions, the codes' hash and narrowing), where 512-bit vectors do twice the
+# elements per instruction. Both builds store bit-identical results, NaNs included (the same
+# operations per element, csrc/cpu/moment_memory.h; SIMD min/max and stores with the scalar tail's
+# bits, as the tails start at other elements; reductions in a width-independent order,
+# csrc/cpu/row_maps.h [note: width-independent sums]; tests/test_cpu_isa.py compares the two).
+# -ffp-contract=off: no FMA contraction, so the SIMD body and the scalar tail (the same templates
+# from bregman_math.h) round identically.
+# BREGMAN_FUSED_CPU_ARCH overrides the detection: "avx512" or "avx2" (force that capability, e.g.
+# cross-building for a known fleet, or AVX2 on an AVX-512 machine to compare), "native"
+# (-march=native with the capability of this CPU), "default" (portable: no ISA flags, e.g. for a
+# wheel that runs elsewhere). The flags are part of the build tag's options ([note: build tag]),
+# so changing the mode rebuilds.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX512"]
+_AVX2_CPU = {"avx2", "fma", "f16c"}
+_AVX512_CPU = _AVX2_CPU | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
+    """The ISA flags /proc/cpuinfo lists for this CPU; empty elsewhere (not x86-64, no /proc)."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma", "f16c"} <= flags
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def _cpu_has_avx2() -> bool:
+    return _AVX2_CPU <= _cpu_flags()
+
+
+def _cpu_has_avx512() -> bool:
+    return _AVX512_CPU <= _cpu_flags()
 
 
 def cpu_arch_flags() -> list[str]:
@@ -250,12 +271,25 @@ def cpu_arch_flags() -> list[str]:
     if mode == "default":
         return []
     if mode == "native":
-        return ["-march=native"] + (["-DCPU_CAPABILITY_AVX2"] if _cpu_has_avx2() else [])
+        capability = ("-DCPU_CAPABILITY_AVX512" if _cpu_has_avx512() else
+                      "-DCPU_CAPABILITY_AVX2" if _cpu_has_avx2() else None)
+        return ["-march=native"] + ([capability] if capability else [])
+    if mode == "avx512" or (mode in ("auto", "") and _cpu_has_avx512()):
+        return list(AVX512_FLAGS)
     if mode == "avx2" or (mode in ("auto", "") and _cpu_has_avx2()):
         return list(AVX2_FLAGS)
     if mode not in ("auto", ""):
-        raise ValueError(f"BREGMAN_FUSED_CPU_ARCH={mode!r}: expected auto, avx2, native or default")
+        raise ValueError(f"BREGMAN_FUSED_CPU_ARCH={mode!r}: expected auto, avx512, avx2, native or default")
     return []
+
+
+def cpu_isa(flags: list[str]) -> str:
+    """The at::vec capability a CPU build with these flags compiles: "avx512", "avx2" or "default"
+    (what the compiled module reports as ``cpu_isa``, csrc/ops.cpp)."""
+    for isa in ("avx512", "avx2"):
+        if f"-DCPU_CAPABILITY_{isa.upper()}" in flags:
+            return isa
+    return "default"
 
 
 # at::parallel_for is an inline template: in a libtorch built with OpenMP (AT_PARALLEL_OPENMP, the

@@ -78,6 +78,27 @@ BF_HD double bf_select_gt(double a, double b, double x, double y) { return a > b
 #define BREGMAN_MATH_HAS_AT_VEC 1  // checked by csrc/cpu/simd_memory.h
 
 namespace bregman {
+// bf_min / bf_max exactly as the scalar ones above, b < a ? b : a and b > a ? b : a: x86's min and
+// max return their second operand when the compare is false (a NaN or equal zeros), so with the
+// operands swapped each is one instruction with the scalar tail's bits: a NaN in `a` passes with its
+// payload. at::vec::minimum / maximum (the fallback below) write an all-ones NaN instead (three
+// instructions): the SIMD body and the tail would store different NaNs, and so would the AVX2 and
+// AVX-512 builds, whose tails start at different elements.
+namespace simd {
+using F = at::vec::Vectorized<float>;
+using D = at::vec::Vectorized<double>;
+}  // namespace simd
+#if defined(CPU_CAPABILITY_AVX512)
+inline simd::F bf_min(const simd::F& a, const simd::F& b) { return _mm512_min_ps(b, a); }
+inline simd::F bf_max(const simd::F& a, const simd::F& b) { return _mm512_max_ps(b, a); }
+inline simd::D bf_min(const simd::D& a, const simd::D& b) { return _mm512_min_pd(b, a); }
+inline simd::D bf_max(const simd::D& a, const simd::D& b) { return _mm512_max_pd(b, a); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline simd::F bf_min(const simd::F& a, const simd::F& b) { return _mm256_min_ps(b, a); }
+inline simd::F bf_max(const simd::F& a, const simd::F& b) { return _mm256_max_ps(b, a); }
+inline simd::D bf_min(const simd::D& a, const simd::D& b) { return _mm256_min_pd(b, a); }
+inline simd::D bf_max(const simd::D& a, const simd::D& b) { return _mm256_max_pd(b, a); }
+#endif
 template <typename U>
 inline at::vec::Vectorized<U> bf_min(const at::vec::Vectorized<U>& a, const at::vec::Vectorized<U>& b) {
   return at::vec::minimum(a, b);  // NaN-propagating, as the scalar version for a NaN in `a`
@@ -277,8 +298,8 @@ BF_HD T row_theta(T u, T factor, const StepParams<S>& hp) {
 
 // Row maps: θ_r = δ·u_r·factor with factor = max(1 − thr/‖u_r‖, 0) (0 for a zero row), from Σu² and
 // the row threshold thr = StepParams::thr_row; Σu² is accumulated by the kernel in the compute type.
-// S may be a SIMD type: the CPU kernel computes the factors of 8 rows at once (thr/0 = inf in a
-// zero row's lane is discarded by the select).
+// S may be a SIMD type: the CPU kernel computes the factors of a vector of rows at once (thr/0 =
+// inf in a zero row's lane is discarded by the select).
 template <typename S>
 BF_HD S row_factor_thr(S sum_sq, S thr) {
   const S norm = bf_sqrt(sum_sq);

@@ -68,4 +68,22 @@ static PyModuleDef bf_module = {PyModuleDef_HEAD_INIT, BF_STRINGIFY(TORCH_EXTENS
                                 "bregman_fused C++ ops (registered in torch.ops.bregman_fused)", -1,
                                 nullptr, nullptr, nullptr, nullptr, nullptr};
 
-PyMODINIT_FUNC BF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return bregman::create_module(&bf_module); }
+// `cpu_isa`: the at::vec capability the CPU kernels were compiled for (every translation unit gets
+// the same flags, bregman_fused/_build.py [note: cpu arch flags]), so a test or a user can see which
+// build is loaded.
+#if defined(CPU_CAPABILITY_AVX512)
+#define BF_CPU_ISA "avx512"
+#elif defined(CPU_CAPABILITY_AVX2)
+#define BF_CPU_ISA "avx2"
+#else
+#define BF_CPU_ISA "default"
+#endif
+
+PyMODINIT_FUNC BF_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* module = bregman::create_module(&bf_module);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cpu_isa", BF_CPU_ISA) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

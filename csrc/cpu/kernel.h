@@ -68,8 +68,8 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
     if (n <= kScratch) {
       // [note: row maps in one pass] update a group of whole rows into the scratch buffer u (v, m,
       // s read and written once), reduce each row's Σu² from the cache-resident scratch, compute
-      // the row factors 8 rows at a time (a scalar sqrt + divide per row would dominate short
-      // rows such as 3×3 kernels), broadcast them per element, then write θ in one vector sweep.
+      // the row factors a vector of rows at a time (a scalar sqrt + divide per row would dominate
+      // short rows such as 3×3 kernels), broadcast them per element, then write θ in one vector sweep.
       int64_t rows_per_group = kScratch / n;
       if constexpr (F == Moments::Int8) rows_per_group = block_aligned_rows_per_group(n, mw.row_len, kScratch);
       for (int64_t gb = b; gb < e; gb += rows_per_group * n) {
@@ -161,7 +161,7 @@ void run_all(const Work<opmath_t<scalar_t>>& w, int64_t* counts) {
                                                                 ch.begin, ch.end, scratch.data(), scratch.data() + kScratch,
                                                                 scratch.data() + 2 * kScratch, row_buffers);
     }
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if (w.stream) _mm_sfence();  // order the non-temporal stores before the join
 #endif
   });

@@ -1,14 +1,17 @@
 // SIMD memory access of compact moments (moments="bf16" | "8bit"; the spec is
-// bregman_fused/backends/moments.py, the per-element math csrc/moment_codes.h): 16 elements at a time
-// (Mem::kStep of the float kernel) decoded to / encoded from two Vectorized<float>.
+// bregman_fused/backends/moments.py, the per-element math csrc/moment_codes.h): kMomStep elements at
+// a time (Mem::kStep of the float kernel: 16 with AVX2, 32 with AVX-512) decoded to / encoded from
+// two Vectorized<float>.
 //
-// Why hand-written AVX2: compact moments are only worth having if a step gets faster with the bytes
-// it saves, i.e. if it stays memory-bound. Decoding and encoding lane by lane (or the random bits of
-// stochastic rounding in scalar code) made it compute-bound. Every function has a portable fallback
-// that runs the scalar functions of moment_codes.h lane by lane.
+// Why hand-written AVX2 / AVX-512: compact moments are only worth having if a step gets faster with
+// the bytes it saves, i.e. if it stays memory-bound. Decoding and encoding lane by lane (or the
+// random bits of stochastic rounding in scalar code) made it compute-bound. The AVX-512 versions
+// are in moment_memory_avx512.h; below, the AVX2 ones, each with a portable fallback that runs the
+// scalar functions of moment_codes.h lane by lane.
 //
 // The vector formulas are those of moment_codes.h operation for operation (no FMA: the extension is
-// built with -ffp-contract=off), so the SIMD body, the scalar tail and the reference agree bit for bit.
+// built with -ffp-contract=off), so the SIMD body, the scalar tail and the reference agree bit for
+// bit, and so do the AVX2 and AVX-512 builds.
 #pragma once
 
 #include "simd_memory.h"  // first: see there
@@ -21,12 +24,19 @@
 namespace bregman::cpu::detail {
 
 using FVec = Vectorized<float>;
-constexpr int64_t kMomStep = 2 * FVec::size();  // elements per call below: 16
+constexpr int64_t kMomStep = 2 * FVec::size();  // elements per call below: 16 (AVX2), 32 (AVX-512)
 
 // ---- bf16: stochastic rounding ------------------------------------------------------------------
 // random_bits(top16(x), step, stream) mixes (top16(x)·C1) ^ (step·C2) ^ (stream·C3); the last two
 // are one per tensor and moment: the key. XOR is associative, so (top16(x)·C1) ^ key is the same.
 inline uint32_t sr_key(uint32_t step, uint32_t stream) { return (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du); }
+
+}  // namespace bregman::cpu::detail
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include "moment_memory_avx512.h"
+#else
+namespace bregman::cpu::detail {
 
 #if defined(CPU_CAPABILITY_AVX2)
 // random_bits of 8 lanes from (top16(x)·C1) ^ key: murmur3's finalizer, then its top 16 bits. The
@@ -48,7 +58,7 @@ inline __m256i bf16_sr8(__m256 x, __m256i key) {
 }
 #endif
 
-// 16 bf16 moments from p, widened exactly
+// kMomStep bf16 moments from p, widened exactly
 inline void load_bf16(const uint16_t* p, FVec& a, FVec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
   // quadwords [0-3, 8-11 | 4-7, 12-15], then each bf16 into the top half of a zeroed 32-bit lane
@@ -75,7 +85,7 @@ struct SrKey {
 #endif
 };
 
-// 16 moment values a, b stored to p, stochastically rounded with random_bits(top16(value), step, stream).
+// kMomStep moment values a, b stored to p, stochastically rounded with random_bits(top16(value), step, stream).
 inline void store_bf16_sr(uint16_t* p, const FVec& a, const FVec& b, const SrKey& k) {
 #if defined(CPU_CAPABILITY_AVX2)
   __m256i lo = bf16_sr8(a, k.key);
@@ -99,8 +109,8 @@ inline void store_bf16_sr(uint16_t* p, const FVec& a, const FVec& b, const SrKey
 }
 
 // ---- 8-bit codes: decode ----------------------------------------------------------------------
-// decode_m / decode_s of moment_codes.h on 16 codes; step = the block's BlockCode::step.
-inline void decode_m16(const int8_t* p, const FVec& step, FVec& a, FVec& b) {
+// decode_m / decode_s of moment_codes.h on kMomStep codes; step = the block's BlockCode::step.
+inline void decode_m_vec(const int8_t* p, const FVec& step, FVec& a, FVec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const FVec f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
@@ -116,7 +126,7 @@ inline void decode_m16(const int8_t* p, const FVec& step, FVec& a, FVec& b) {
 #endif
 }
 
-inline void decode_s16(const uint8_t* p, const FVec& step, FVec& a, FVec& b) {
+inline void decode_s_vec(const uint8_t* p, const FVec& step, FVec& a, FVec& b) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const FVec f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
@@ -194,8 +204,8 @@ inline void store_bytes16(__m256i lo, __m256i hi, void* out) {
 }
 #endif
 
-// encode_m of x[0 .. 16) with the block's inv > 0, to out
-inline void encode_m16(const float* x, float inv, int8_t* out) {
+// encode_m of x[0 .. kMomStep) with the block's inv > 0, to out
+inline void encode_m_vec(const float* x, float inv, int8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQSigned), sign = _mm256_set1_ps(-0.0f);
   const __m256 a = _mm256_loadu_ps(x), b = _mm256_loadu_ps(x + 8);
@@ -211,8 +221,8 @@ inline void encode_m16(const float* x, float inv, int8_t* out) {
 #endif
 }
 
-// encode_s of r[0 .. 16) (r = √s ≥ 0) with the block's inv > 0, to out
-inline void encode_s16(const float* r, float inv, uint8_t* out) {
+// encode_s of r[0 .. kMomStep) (r = √s ≥ 0) with the block's inv > 0, to out
+inline void encode_s_vec(const float* r, float inv, uint8_t* out) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 vinv = _mm256_set1_ps(inv), q = _mm256_set1_ps(kQUnsigned);
   store_bytes16<true>(codes(_mm256_mul_ps(_mm256_loadu_ps(r), vinv), q),
@@ -222,6 +232,11 @@ inline void encode_s16(const float* r, float inv, uint8_t* out) {
 #endif
 }
 
+}  // namespace bregman::cpu::detail
+#endif  // CPU_CAPABILITY_AVX512
+
+namespace bregman::cpu::detail {
+
 // The codes of elements [from, len) of one block's new values x (m, or r = √s), inv its scale's
 // BlockCode::inv. A block with an unusable scale (0, inf, NaN; inv = 0) gets code 0 everywhere.
 inline void encode_block_m(const float* x, int64_t len, int64_t from, float inv, int8_t* out) {
@@ -230,7 +245,7 @@ inline void encode_block_m(const float* x, int64_t len, int64_t from, float inv,
     return;
   }
   int64_t j = from;
-  for (; j + kMomStep <= len; j += kMomStep) encode_m16(x + j, inv, out + j);
+  for (; j + kMomStep <= len; j += kMomStep) encode_m_vec(x + j, inv, out + j);
   for (; j < len; ++j) out[j] = encode_m(x[j], inv);
 }
 
@@ -240,7 +255,7 @@ inline void encode_block_s(const float* r, int64_t len, int64_t from, float inv,
     return;
   }
   int64_t j = from;
-  for (; j + kMomStep <= len; j += kMomStep) encode_s16(r + j, inv, out + j);
+  for (; j + kMomStep <= len; j += kMomStep) encode_s_vec(r + j, inv, out + j);
   for (; j < len; ++j) out[j] = encode_s(r[j], inv);
 }
 

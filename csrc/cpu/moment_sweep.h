@@ -25,7 +25,7 @@ namespace bregman::cpu::detail {
 
 // ---- the walk -------------------------------------------------------------------------------
 // sweep() of sweep.h for the Bregman kinds with moments (v always there), with the moments loaded
-// and stored through `io`: load(i, m0, m1, s0, s1) / store(...) for elements [i, i + 16),
+// and stored through `io`: load(i, m0, m1, s0, s1) / store(...) for elements [i, i + kMomStep),
 // load1(i, m, s) / store1(i, m, s) for one. A MomentIO without s leaves s0, s1 untouched.
 template <typename scalar_t, typename grad_t, Kind K, bool MOM, typename MomentIO, typename Sink>
 inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_scale, float scale, MomentIO& io,
@@ -33,7 +33,7 @@ inline void sweep_io(const TensorWork<float>& t, int64_t b, int64_t e, bool has_
   static_assert(K == Kind::AdaBreg || (K == Kind::LinBreg && MOM), "compact moments: kinds with moments only");
   using M = Mem<scalar_t>;
   using G = GradMem<scalar_t, grad_t>;
-  static_assert(M::kStep == kMomStep, "16 elements per vector step");
+  static_assert(M::kStep == kMomStep, "the float kernel's vector step is the moments' one");
   constexpr int64_t kVec = M::kVec;
   // a copy: stores through v (float*) could alias t.hp's floats, which kept the compiler from
   // holding the constants in registers across the loop
@@ -116,7 +116,7 @@ inline void sweep_bf16(const TensorWork<float>& t, const MomentWork& mw, int64_t
 // after its update left the core waiting on that chain (last update → max → 1/scale → codes), and
 // left the memory streams idle while it encoded (the encoding is pure arithmetic on L1 data: a √
 // per element and moment, as long as the update itself). So the two are interleaved: while block
-// n is updated, 16 elements at a time, each step also encodes 16 elements of block n − 1, whose
+// n is updated, kMomStep elements at a time, each step also encodes as many of block n − 1, whose
 // scale is known by then. The new values wait in two L1-resident buffers (one per block in flight).
 
 // The codes of one updated block, written a vector step at a time (step), the rest by finish.
@@ -131,9 +131,9 @@ struct BlockEncoder {
 
   void step() {  // an unusable scale (inv = 0) is left to finish: code 0 for the whole block
     if (done + kMomStep > len) return;
-    if (inv_m > 0.0f) encode_m16(mbuf + done, inv_m, mc + done);
+    if (inv_m > 0.0f) encode_m_vec(mbuf + done, inv_m, mc + done);
     if constexpr (HAS_S) {
-      if (inv_s > 0.0f) encode_s16(rbuf + done, inv_s, sc + done);
+      if (inv_s > 0.0f) encode_s_vec(rbuf + done, inv_s, sc + done);
     }
     done += kMomStep;
   }
@@ -161,8 +161,8 @@ struct BlockMoments {
   BlockMax<true> max_r;  // r = √s ≥ +0 or NaN
 
   void load(int64_t i, FVec& m0, FVec& m1, FVec& s0, FVec& s1) const {
-    decode_m16(mc + i, vm_step, m0, m1);
-    if constexpr (HAS_S) decode_s16(sc + i, vs_step, s0, s1);
+    decode_m_vec(mc + i, vm_step, m0, m1);
+    if constexpr (HAS_S) decode_s_vec(sc + i, vs_step, s0, s1);
   }
   void store(int64_t i, const FVec& m0, const FVec& m1, const FVec& s0, const FVec& s1) {
     m0.store(mbuf + (i - base));

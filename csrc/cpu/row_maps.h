@@ -33,23 +33,31 @@ struct ScratchSink {
   void one(int64_t i, T x) { u[i - base] = elementwise_shrink(R, x, hp); }
 };
 
+// [note: width-independent sums] Σu² in the same order whatever the vector width, so that the
+// AVX2 and AVX-512 builds give bit-identical row norms: 64 bytes of u per iteration (16 floats),
+// each position accumulated in its own lane (two 256-bit vectors, or one 512-bit), then position k
+// and k + half added, then those summed in order (the order of the AVX2 kernel before AVX-512).
 template <typename T>
 T sum_squares(const T* u, int64_t len) {
   using Vec = Vectorized<T>;
   constexpr int64_t kVec = Vec::size();
+  constexpr int64_t kSpan = 64 / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t kParts = kSpan / kVec;
+  static_assert(kParts >= 1 && kParts * kVec == kSpan, "vectors of at most 64 bytes");
   int64_t i = 0;
   T total = 0;
-  if (len >= 2 * kVec) {
-    Vec a(T(0)), b(T(0));
-    for (; i + 2 * kVec <= len; i += 2 * kVec) {
-      const Vec x = Vec::loadu(u + i);
-      const Vec y = Vec::loadu(u + i + kVec);
-      a = a + x * x;
-      b = b + y * y;
+  if (len >= kSpan) {
+    Vec acc[kParts];
+    for (int64_t p = 0; p < kParts; ++p) acc[p] = Vec(T(0));
+    for (; i + kSpan <= len; i += kSpan) {
+      for (int64_t p = 0; p < kParts; ++p) {
+        const Vec x = Vec::loadu(u + i + p * kVec);
+        acc[p] = acc[p] + x * x;
+      }
     }
-    T buf[kVec];
-    (a + b).store(buf);
-    for (int64_t k = 0; k < kVec; ++k) total += buf[k];
+    T buf[kSpan];
+    for (int64_t p = 0; p < kParts; ++p) acc[p].store(buf + p * kVec);
+    for (int64_t k = 0; k < kSpan / 2; ++k) total += buf[k] + buf[k + kSpan / 2];
   }
   for (; i < len; ++i) total += u[i] * u[i];
   return total;

@@ -25,7 +25,7 @@
 
 #include "work.h"
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -33,9 +33,20 @@ namespace bregman::cpu::detail {
 
 using at::vec::Vectorized;
 
-constexpr uintptr_t kStreamAlign = 32;  // bytes: a non-temporal 256-bit store needs this alignment
+// bytes: a non-temporal store of a whole vector needs this alignment
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr uintptr_t kStreamAlign = 64;
+#else
+constexpr uintptr_t kStreamAlign = 32;
+#endif
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+// As the AVX2 ones below, 512 bits wide; the compare writes a mask register, no movemask needed.
+inline void store512(float* p, __m512 x, bool stream) { stream ? _mm512_stream_ps(p, x) : _mm512_storeu_ps(p, x); }
+inline void store512(double* p, __m512d x, bool stream) { stream ? _mm512_stream_pd(p, x) : _mm512_storeu_pd(p, x); }
+inline unsigned nonzero_bits(__m512 x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ); }
+inline unsigned nonzero_bits(__m512d x) { return _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_NEQ_UQ); }
+#elif defined(CPU_CAPABILITY_AVX2)
 // One 256-bit store of float or double lanes (streaming or not), and the lane bits of the non-zero
 // lanes: unordered not-equal, so NaN counts and −0 does not, like torch.count_nonzero.
 inline void store256(float* p, __m256 x, bool stream) { stream ? _mm256_stream_ps(p, x) : _mm256_storeu_ps(p, x); }
@@ -64,14 +75,24 @@ struct Mem {
 
   // Stores a, b to p (rounding to the param dtype like Tensor.to()) and counts the non-zeros of
   // the values as stored, which is what the count must see (a tiny float can round to 0 in half).
-  // [note: counting on the stored bits] With AVX2 the count is taken from the stored vector itself
-  // (a compare + movemask + popcount), not by widening it back to float and comparing lanes: for
-  // bf16/fp16 that round trip cost more than the rest of a ProxSGD step.
+  // [note: counting on the stored bits] With AVX2 / AVX-512 the count is taken from the stored
+  // vector itself (a compare + movemask or mask register + popcount), not by widening it back to
+  // float and comparing lanes: for bf16/fp16 that round trip cost more than the rest of a ProxSGD step.
   template <typename Counter>
   static void store(scalar_t* p, const Vec& a, const Vec& b, bool stream, Counter& nnz) {
     if constexpr (kReduced) {
       auto h = at::vec::convert_from_float<scalar_t>(a, b);
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512i bits = h;
+      if (stream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(p), bits);
+      } else {
+        _mm512_storeu_si512(reinterpret_cast<__m512i*>(p), bits);
+      }
+      // ±0: all-zero but the sign bit (the AVX2 path's test in one instruction)
+      const __mmask32 is_zero = _mm512_testn_epi16_mask(bits, _mm512_set1_epi16(0x7fff));
+      nnz.add(2 * kVec - __builtin_popcount(static_cast<unsigned>(is_zero)));
+#elif defined(CPU_CAPABILITY_AVX2)
       const __m256i bits = h;
       if (stream) {
         _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
@@ -89,7 +110,11 @@ struct Mem {
       nnz.add(a2, b2);
 #endif
     } else {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+      store512(p, a, stream);
+      store512(p + kVec, b, stream);
+      nnz.add(__builtin_popcount(nonzero_bits(a) | (nonzero_bits(b) << kVec)));
+#elif defined(CPU_CAPABILITY_AVX2)
       store256(p, a, stream);
       store256(p + kVec, b, stream);
       nnz.add(__builtin_popcount(static_cast<unsigned>(nonzero_bits(a) | (nonzero_bits(b) << kVec))));
@@ -104,7 +129,13 @@ struct Mem {
 
   static T load1(const scalar_t* p) { return static_cast<T>(*p); }
   static T store1(scalar_t* p, T x) {
-    const scalar_t y = static_cast<scalar_t>(x);
+    scalar_t y = static_cast<scalar_t>(x);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // a NaN as at::vec's conversion in store() (and Tensor.to()) writes it, 0xFFFF, not c10's
+      // 0x7FC0: the tail then stores the SIMD body's bits, whichever elements the vector width
+      // leaves to it
+      if (x != x) y = c10::BFloat16(0xFFFF, c10::BFloat16::from_bits());
+    }
     *p = y;
     return static_cast<T>(y);
   }
@@ -133,8 +164,8 @@ int64_t lanes_sum(const Vectorized<T>& v) {
   return static_cast<int64_t>(total);
 }
 
-// Non-zeros written by one chunk: exact integer counts from the AVX2 stores, lane masks summed in
-// the compute type otherwise (exact: a chunk holds far fewer than 2^24 elements per lane).
+// Non-zeros written by one chunk: exact integer counts from the AVX2 / AVX-512 stores, lane masks
+// summed in the compute type otherwise (exact: a chunk holds far fewer than 2^24 elements per lane).
 template <typename T>
 struct NonZeros {
   int64_t n = 0;
