@@ -70,6 +70,19 @@ def _(rows):
     return rows.new_empty((rows.shape[0], 1))
 
 
+def _row_norms_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output)
+
+
+def _row_norms_backward(ctx, grad):
+    """∂‖r‖/∂r = r/‖r‖ (0 for a zero row, as torch.linalg.vector_norm's subgradient)."""
+    rows, norm = ctx.saved_tensors
+    return grad * torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+
+
+row_norms.register_autograd(_row_norms_backward, setup_context=_row_norms_setup)
+
+
 def _row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
     """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
     norm = row_norms(rows)

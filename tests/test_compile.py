@@ -58,7 +58,9 @@ def test_opcheck_fused_step_tensor_lr(kind, reg_name):
 
 def test_opcheck_row_norms():
     """The group maps' row norms are an op of their own (regularizers [note: opaque row norms])."""
-    torch.library.opcheck(torch.ops.bregman_fused.row_norms.default, (torch.randn(5, 7),))
+    torch.library.opcheck(torch.ops.bregman_fused.row_norms.default, (torch.randn(5, 7, requires_grad=True),))
+    rows = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.bregman_fused.row_norms, (rows,))
 
 
 OPTIMIZERS = {

@@ -104,4 +104,3 @@ def nonzeros(params: list[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     return torch.stack([torch.count_nonzero(p) for p in params])
-
