@@ -42,12 +42,17 @@ constexpr uint32_t kStreamS = 1;           // moments.SR_STREAM_S
 // 16 random bits of (key, step, stream): murmur3's 32-bit finalizer over a mix of the three
 // (moments.random_bits); the key is the top 16 bits of the float being rounded. All arithmetic is
 // on uint32, wrapping, as in every backend.
+// The hash's multipliers (moments.random_bits), named once for the scalar and the SIMD versions:
+// the key, step and stream spreads, then murmur3's two finalizer constants.
+constexpr uint32_t kHashKey = 0x9E3779B1u, kHashStep = 0x85EBCA77u, kHashStream = 0xC2B2AE3Du;
+constexpr uint32_t kFmix1 = 0x85EBCA6Bu, kFmix2 = 0xC2B2AE35u;
+
 BF_HD uint32_t random_bits(uint32_t key, uint32_t step, uint32_t stream) {
-  uint32_t x = (key * 0x9E3779B1u) ^ (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du);
+  uint32_t x = (key * kHashKey) ^ (step * kHashStep) ^ (stream * kHashStream);
   x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
+  x *= kFmix1;
   x ^= x >> 13;
-  x *= 0xC2B2AE35u;
+  x *= kFmix2;
   x ^= x >> 16;
   return x >> 16;
 }

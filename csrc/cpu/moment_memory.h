@@ -29,7 +29,7 @@ constexpr int64_t kMomStep = 2 * FVec::size();  // elements per call below: 16 (
 // ---- bf16: stochastic rounding ------------------------------------------------------------------
 // random_bits(top16(x), step, stream) mixes (top16(x)·C1) ^ (step·C2) ^ (stream·C3); the last two
 // are one per tensor and moment: the key. XOR is associative, so (top16(x)·C1) ^ key is the same.
-inline uint32_t sr_key(uint32_t step, uint32_t stream) { return (step * 0x85EBCA77u) ^ (stream * 0xC2B2AE3Du); }
+inline uint32_t sr_key(uint32_t step, uint32_t stream) { return (step * kHashStep) ^ (stream * kHashStream); }
 
 }  // namespace bregman::cpu::detail
 
@@ -43,9 +43,9 @@ namespace bregman::cpu::detail {
 // finalizer's last step, x ^= x >> 16, only changes the low 16 bits, so it is left out.
 inline __m256i sr_mix(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kFmix1)));
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 13));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kFmix2)));
   return _mm256_srli_epi32(x, 16);
 }
 
@@ -53,7 +53,7 @@ inline __m256i sr_mix(__m256i x) {
 inline __m256i bf16_sr8(__m256 x, __m256i key) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i top = _mm256_srli_epi32(bits, 16);
-  const __m256i r = sr_mix(_mm256_xor_si256(_mm256_mullo_epi32(top, _mm256_set1_epi32(static_cast<int>(0x9E3779B1u))), key));
+  const __m256i r = sr_mix(_mm256_xor_si256(_mm256_mullo_epi32(top, _mm256_set1_epi32(static_cast<int>(kHashKey))), key));
   return _mm256_srli_epi32(_mm256_add_epi32(bits, r), 16);
 }
 #endif

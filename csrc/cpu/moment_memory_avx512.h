@@ -24,16 +24,16 @@ static_assert(FVec::size() == 16 && kMomStep == 32, "at::vec's 512-bit Vectorize
 // sr_mix / bf16_sr8 of moment_memory.h on 16 lanes
 inline __m512i sr_mix(__m512i x) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kFmix1)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 13));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kFmix2)));
   return _mm512_srli_epi32(x, 16);
 }
 
 inline __m512i bf16_sr16(__m512 x, __m512i key) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i top = _mm512_srli_epi32(bits, 16);
-  const __m512i hashed = _mm512_mullo_epi32(top, _mm512_set1_epi32(static_cast<int>(0x9E3779B1u)));
+  const __m512i hashed = _mm512_mullo_epi32(top, _mm512_set1_epi32(static_cast<int>(kHashKey)));
   const __m512i r = sr_mix(_mm512_xor_si512(hashed, key));
   return _mm512_srli_epi32(_mm512_add_epi32(bits, r), 16);
 }

@@ -1,6 +1,7 @@
-"""Run with the OLD main (PYTHONPATH=/work/baseline): writes tests/data/checkpoints_0_1_0.pt, optimizer
-checkpoints of bregman_fused 0.1.0 (before the backends/optim restructure) plus what that version
-computed when it continued from them, so the new code can be checked to load and continue bit for bit."""
+"""Run against a checkout of 0.1.0 (PYTHONPATH=<that checkout>): writes tests/data/checkpoints_0_1_0.pt,
+optimizer checkpoints of bregman_fused 0.1.0 (before the backends/optim restructure) plus what that
+version computed when it continued from them, so the new code can be checked to load and continue
+(tests/test_checkpoint_compat.py)."""
 import copy
 import sys
 import torch

@@ -15,8 +15,8 @@ import triton.language as tl
 from .. import moments
 from .bregman_math import _div, _sqrt
 
-# The format of a call's moments, a compile-time constant of the kernels (launcher: FORMAT_CODES).
-MOMENTS_FP32 = tl.constexpr(0)
+# The format of a call's moments, a compile-time constant of the kernels (launcher: FORMAT_CODES;
+# fp32 is 0, which no kernel tests for: every format runs the same float update).
 MOMENTS_BF16 = tl.constexpr(1)
 MOMENTS_8BIT = tl.constexpr(2)
 FORMAT_CODES = {"fp32": 0, "bf16": 1, "8bit": 2}
