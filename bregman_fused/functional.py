@@ -130,8 +130,9 @@ def linbreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[t
                          f"(got {len(momentum_buffers)} for {len(params)} params)")
     tensors = StepTensors(params, grads, duals, momentum_buffers if momentum > 0 else [], [], steps,
                           list(momentum_buffer_scales or []) if momentum > 0 else [])
-    return fused_step(backend, tensors, Hyper.linbreg(lr, momentum, delta), reg or NoReg(), grad_scale=grad_scale,
-                      found_inf=found_inf, capturable=capturable)
+    hyper = Hyper.checked(Hyper.linbreg, lr, momentum=momentum, delta=delta)
+    return fused_step(backend, tensors, hyper, reg or NoReg(), grad_scale=grad_scale, found_inf=found_inf,
+                      capturable=capturable)
 
 
 def adabreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[torch.Tensor],
@@ -144,8 +145,9 @@ def adabreg(params: list[torch.Tensor], grads: list[torch.Tensor], duals: list[t
     """AdaBreg: Adam moments drive the dual variable; θ ← prox_{δJ}(δ·v)."""
     tensors = StepTensors(params, grads, duals, exp_avgs, exp_avg_sqs, steps, list(exp_avg_scales or []),
                           list(exp_avg_sq_scales or []))
-    return fused_step(backend, tensors, Hyper.adabreg(lr, beta1, beta2, eps, delta), reg or NoReg(),
-                      grad_scale=grad_scale, found_inf=found_inf, capturable=capturable)
+    hyper = Hyper.checked(Hyper.adabreg, lr, beta1=beta1, beta2=beta2, eps=eps, delta=delta)
+    return fused_step(backend, tensors, hyper, reg or NoReg(), grad_scale=grad_scale, found_inf=found_inf,
+                      capturable=capturable)
 
 
 def proxsgd(params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], *,
@@ -154,5 +156,5 @@ def proxsgd(params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[t
             capturable: bool = False) -> torch.Tensor | None:
     """ProxSGD: θ ← prox_{τJ}(θ − τ·g)."""
     tensors = StepTensors(params, grads, [], [], [], steps)
-    return fused_step(backend, tensors, Hyper.proxsgd(lr), reg or NoReg(), grad_scale=grad_scale, found_inf=found_inf,
-                      capturable=capturable)
+    return fused_step(backend, tensors, Hyper.checked(Hyper.proxsgd, lr), reg or NoReg(), grad_scale=grad_scale,
+                      found_inf=found_inf, capturable=capturable)

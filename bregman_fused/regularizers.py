@@ -14,6 +14,7 @@ returns n (1 for the element-wise ones) and is what the fused kernels receive: t
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -333,14 +334,20 @@ class Nuclear(_LamdaReg):
     def _mat(self, x):
         return x.reshape(x.shape[0], -1)
 
+    # [note: non-finite SVD input] torch's SVD raises on NaN/inf, which would stop a step half-way
+    # (other params already written); an element-wise map gives NaN there, so this one does too.
     def value(self, theta):
         if theta.numel() == 0:
             return theta.new_zeros((), dtype=_opmath(theta.dtype))
+        if not bool(torch.isfinite(theta).all()):
+            return theta.new_full((), math.nan, dtype=_opmath(theta.dtype))
         return self.lamda * torch.linalg.matrix_norm(self._mat(theta.to(_opmath(theta.dtype))), ord="nuc")
 
     def shrink(self, x, t=1.0):
         if x.numel() == 0:
             return x.clone()
+        if not bool(torch.isfinite(x).all()):  # [note: non-finite SVD input]
+            return torch.full_like(x, math.nan)
         u, s, vh = torch.linalg.svd(self._mat(x), full_matrices=False)
         s = torch.clamp(s - t * self.lamda, min=0.0)
         return ((u * s) @ vh).reshape(x.shape)
@@ -348,6 +355,8 @@ class Nuclear(_LamdaReg):
     def subgradient(self, theta):
         if theta.numel() == 0:
             return torch.zeros_like(theta)
+        if not bool(torch.isfinite(theta).all()):  # [note: non-finite SVD input]
+            return torch.full_like(theta, math.nan)
         u, s, vh = torch.linalg.svd(self._mat(theta), full_matrices=False)
         # only the directions of the non-zero singular values: then prox(δ·v₀) = θ₀ exactly
         tol = s.max() * max(theta.shape[0], self._mat(theta).shape[1]) * torch.finfo(s.dtype).eps
@@ -366,12 +375,23 @@ def runs_builtin_map(reg: Regularizer) -> bool:
     return cls in BUILTIN_TYPES or bool(cls.__dict__.get("keeps_builtin_map", False))
 
 
-def regularizer_from_dict(d: dict[str, Any]) -> Regularizer:
-    """Inverse of ``Regularizer.to_dict``."""
+def regularizer_from_dict(d: dict[str, Any], like: Regularizer | None = None) -> Regularizer:
+    """Inverse of ``Regularizer.to_dict``. The name picks the class: ``like``'s own class when the
+    names agree (a user's subclass, which a checkpoint names but cannot hold: a copy of ``like``
+    with the saved λs), else the built-in class of that name."""
     d = dict(d)
     name = d.pop("name", None)
+    if like is not None and type(like).__name__ == name:
+        if set(d) != set(like._params()):
+            raise ValueError(f"the checkpoint's {name} has parameters {sorted(d)}, this group's {like!r} "
+                             f"{sorted(like._params())}")
+        reg = copy.copy(like)
+        for key, value in d.items():
+            setattr(reg, key, _check_lamda(key, value))
+        return reg
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown regularizer {name!r} in checkpoint; known: {sorted(_REGISTRY)}")
+        own = f", or this group's own {type(like).__name__}" if like is not None else ""
+        raise ValueError(f"Unknown regularizer {name!r} in checkpoint; known: {sorted(_REGISTRY)}{own}")
     return _REGISTRY[name](**d)
 
 

@@ -121,6 +121,11 @@ def _convert_one(w):
     w.opt.step()
 
 
+def _with_grad(p):
+    p.grad = torch.ones_like(p)
+    return p
+
+
 def _sparse_grad(w):
     w.lin.bias.grad = torch.randn(4).to_sparse()
     w.opt.step()
@@ -148,6 +153,27 @@ CASES = [
     ("beta2-above-one", ("AdaBreg",), _set_group(2, "betas", (0.9, 1.5)), ValueError, "beta2"),
     ("eps-negative", ("AdaBreg",), _set_group(2, "eps", -1e-8), ValueError, "eps"),
     ("capturable-string", ALL, _set_group(2, "capturable", "yes"), TypeError, "capturable"),
+    ("lamda-numeric-string", ALL, lambda w: (setattr(w.opt.param_groups[0]["reg"], "lamda", "0.5"), w.opt.step()),
+     ValueError, "lamda"),
+    ("lr-deleted", ALL, lambda w: (w.opt.param_groups[1].pop("lr"), w.opt.step()), ValueError, "lacks ['lr']"),
+    # -- keys that would be ignored: torch.optim options, other optimizers' options, backend ------
+    ("maximize-true", ALL, _set_group(0, "maximize", True), ValueError, "maximize"),
+    ("weight-decay", ALL, _set_group(1, "weight_decay", 1e-4), ValueError, "weight_decay"),
+    ("nesterov", ("LinBreg",), _set_group(0, "nesterov", True), ValueError, "nesterov"),
+    ("amsgrad", ("AdaBreg",), _set_group(0, "amsgrad", True), ValueError, "amsgrad"),
+    ("fused-false", ALL, _set_group(0, "fused", False), ValueError, "backend='reference'"),
+    ("group-backend", ALL, _set_group(2, "backend", "reference"), ValueError, "backend"),
+    ("betas-in-linbreg", ("LinBreg", "ProxSGD"), _set_group(2, "betas", (0.9, 0.999)), ValueError, "AdaBreg"),
+    ("delta-in-proxsgd", ("ProxSGD",), _set_group(2, "delta", 0.5), ValueError, "delta"),
+    ("moments-in-proxsgd", ("ProxSGD",), _set_group(2, "moments", "bf16"), ValueError, "moments"),
+    # -- a group's params or regularizer object replaced between steps -----------------------------
+    ("params-listed-twice", ALL, lambda w: (w.opt.param_groups[0]["params"].append(w.lin.weight), w.opt.step()),
+     ValueError, "twice"),
+    ("param-in-two-groups", ALL, lambda w: (w.opt.param_groups[2]["params"].append(w.lin.weight), w.opt.step()),
+     ValueError, "more than one param group"),
+    ("complex-param-appended", ALL, lambda w: (w.opt.param_groups[2]["params"].append(_with_grad(
+        torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64)))), w.opt.step()), ValueError, "complex"),
+    ("reg-replaced-misfit", ALL, _set_group(0, "reg", bf.KernelL1L2(0.1)), ValueError, "KernelL1L2"),
     # -- grads and params ---------------------------------------------------------------------------
     ("sparse-grad", ALL, _sparse_grad, RuntimeError, "sparse"),
     ("converted-param", ALL, _convert_one, RuntimeError, "converted"),
@@ -183,6 +209,20 @@ CASES = [
     ("ckpt-of-linbreg", ("AdaBreg", "ProxSGD"), _other_ckpt(lambda w: _twin(w, "LinBreg")), ValueError, "LinBreg"),
     ("ckpt-of-torch-adam", ALL, _other_ckpt(lambda w: _torch_twin(w, torch.optim.Adam)), ValueError, "checkpoint"),
     ("ckpt-of-torch-sgd", ALL, _other_ckpt(lambda w: _torch_twin(w, torch.optim.SGD)), ValueError, "checkpoint"),
+    # a checkpoint that loads is one that steps: its values are checked as a step checks them
+    ("ckpt-beta2-above-one", ("AdaBreg",), _edit_ckpt(lambda w, sd: sd["param_groups"][0].update(betas=(0.9, 1.5))),
+     ValueError, "beta2"),
+    ("ckpt-delta-zero", BREG, _edit_ckpt(lambda w, sd: sd["param_groups"][1].update(delta=0.0)), ValueError, "delta"),
+    ("ckpt-capturable-string", ALL, _edit_ckpt(lambda w, sd: sd["param_groups"][1].update(capturable="yes")),
+     ValueError, "capturable"),
+    ("ckpt-maximize", ALL, _edit_ckpt(lambda w, sd: sd["param_groups"][1].update(maximize=True)), ValueError,
+     "maximize"),
+    ("ckpt-step-nan", ALL, _edit_ckpt(lambda w, sd: sd["state"][0].update(step=torch.tensor(float("nan")))),
+     ValueError, "step"),
+    ("ckpt-step-fraction", ALL, _edit_ckpt(lambda w, sd: sd["state"][0].update(step=torch.tensor(2.5))),
+     ValueError, "whole number"),
+    ("ckpt-step-two-elements", ALL, _edit_ckpt(lambda w, sd: sd["state"][0].update(step=torch.tensor([1.0, 2.0]))),
+     ValueError, "step"),
     # -- reinit_dual ----------------------------------------------------------------------------------
     ("reinit-index-out-of-range", BREG, lambda w: w.opt.reinit_dual(5), ValueError, "group_index"),
     ("reinit-index-string", BREG, lambda w: w.opt.reinit_dual("0"), ValueError, "group_index"),
@@ -288,7 +328,7 @@ def _functional_case(change):
         change(args)
         snap = [t.clone() for t in args["params"] + args["duals"] + args["exp_avgs"] + args["exp_avg_sqs"] + args["steps"]]
         try:
-            F.adabreg(**args, lr=1e-3, reg=bf.L1(0.1), backend=backend)
+            F.adabreg(**{"lr": 1e-3, **args}, reg=bf.L1(0.1), backend=backend)
         finally:
             now = args["params"] + args["duals"] + args["exp_avgs"] + args["exp_avg_sqs"] + args["steps"]
             assert all(torch.equal(a, b) for a, b in zip(now, snap) if a.shape == b.shape), "a tensor changed"
@@ -303,6 +343,13 @@ FUNCTIONAL = [
     ("exp-avg-sqs-missing", lambda a: a.update(exp_avg_sqs=[]), "exp_avg_sqs"),
     ("float64-params-float32-states", lambda a: a.update(params=[p.double() for p in a["params"]],
                                                           grads=[g.double() for g in a["grads"]]), "duals[0]"),
+    # the hyper-parameters, checked before anything is written (beta1 = 1 divided by zero half-way)
+    ("beta1-one", lambda a: a.update(beta1=1.0), "beta1"),
+    ("beta2-two", lambda a: a.update(beta2=2.0), "beta2"),
+    ("eps-negative", lambda a: a.update(eps=-1.0), "eps"),
+    ("delta-zero", lambda a: a.update(delta=0.0), "delta"),
+    ("lr-nan", lambda a: a.update(lr=float("nan")), "lr"),
+    ("lr-string", lambda a: a.update(lr="0.1"), "lr"),
 ]
 
 

@@ -236,6 +236,7 @@ def test_a_moment_of_another_float_dtype_in_opt_state_is_refused_by_name():
         opt.step()
 
 
-def test_proxsgd_warns_about_a_moments_key():
-    with pytest.warns(UserWarning, match="ProxSGD keeps no moments"):
+def test_proxsgd_refuses_a_moments_key():
+    with pytest.raises(ValueError, match="ProxSGD has no option 'moments'"):
         bf.ProxSGD([{"params": [torch.nn.Parameter(torch.randn(3))], "moments": "8bit"}])
+

@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..arguments import at_least_zero, check_lr_tensor, check_lr_value, finite, in_unit_interval, positive
 from ..regularizers import Regularizer, runs_builtin_map
 from .moments import format_of as moments_format_of
 from .moments import scale_shape as moments_scale_shape
@@ -107,6 +108,16 @@ class Hyper:
     delta: float = 1.0
 
     @classmethod
+    def checked(cls, make: Callable[..., "Hyper"], lr, **values) -> "Hyper":
+        """``make(lr, **values)`` (one of the constructors below) for the functional API: each value
+        first checked to be a number (so that its error names the argument), then the record."""
+        for name, value in values.items():
+            finite(name, value)
+        hyper = make(lr, **values)
+        hyper.check()
+        return hyper
+
+    @classmethod
     def linbreg(cls, lr, momentum: float = 0.0, delta: float = 1.0) -> "Hyper":
         return cls(Kind.LINBREG, lr, beta1=float(momentum), delta=float(delta))
 
@@ -117,6 +128,23 @@ class Hyper:
     @classmethod
     def proxsgd(cls, lr) -> "Hyper":
         return cls(Kind.PROXSGD, lr)
+
+    def check(self) -> None:
+        """Refuse values no step can use, naming the functional API's argument (the optimizer
+        classes check their groups' keys themselves). A tensor lr is checked for its form only:
+        reading it would sync a device."""
+        if isinstance(self.lr, torch.Tensor):
+            check_lr_tensor(self.lr)
+        else:
+            check_lr_value(self.lr)
+        if self.kind == Kind.LINBREG:
+            in_unit_interval("momentum", self.beta1)
+        if self.kind == Kind.ADABREG:
+            in_unit_interval("beta1", self.beta1)
+            in_unit_interval("beta2", self.beta2)
+            at_least_zero("eps", self.eps)
+        if self.uses_dual:
+            positive("delta", self.delta)
 
     # -- which states a step reads and writes ------------------------------------------------------
     @property

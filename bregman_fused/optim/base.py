@@ -63,6 +63,9 @@ class BregmanOptimizer(Optimizer):
         self._counts = CountsBuffers()
         self._plans = Plans()
         self._seen_state_version = -1  # the opt.state version the cached state lists were built from
+        # what add_param_group checked: each group's regularizer object and set of keys
+        self._checked_regs = [id(g["reg"]) for g in self.param_groups]
+        self._checked_keys = [frozenset(g) for g in self.param_groups]
         backends.prepare(self.backend, {p.device for g in self.param_groups for p in g["params"]})
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -80,6 +83,7 @@ class BregmanOptimizer(Optimizer):
         else:  # unpickled or deep-copied: torch's __getstate__ keeps only defaults, state and groups
             self.backend = backends.check_name(self.__dict__.get("backend", "auto"))
             self._counts, self._plans = CountsBuffers(), Plans()
+            self._checked_regs, self._checked_keys = [], []  # checked again at the next step
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "backend": self.backend}
@@ -90,21 +94,43 @@ class BregmanOptimizer(Optimizer):
         if isinstance(param_group, dict) and param_group.get("reg") is None and "reg" in param_group:
             param_group["reg"] = NoReg()
         super().add_param_group(param_group)
+        owner = type(self).__name__
         try:
             self._check_group(self.param_groups[-1])
-            checks.check_new_group(type(self).__name__, self.param_groups[-1])
+            checks.check_params(owner, self.param_groups)
+            checks.check_lr_value(self.param_groups[-1]["lr"])  # a device lr too: adding a group may sync
         except Exception:
             self.param_groups.pop()
             raise
-        checks.check_group_keys(type(self).__name__, param_group if isinstance(param_group, dict) else {},
-                                self.defaults)
+        checks.check_group_keys(owner, param_group if isinstance(param_group, dict) else {}, self.defaults)
         self._warn_pitfalls(self.param_groups[-1])
 
     def _warn_pitfalls(self, group: dict[str, Any]) -> None:
         """Settings that run but are known to train badly (README: Known pitfalls)."""
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        checks.check_options(type(self).__name__, group, self.defaults)
         checks.check_group(group, self._has_dual)
+
+    def _check_edited_groups(self, owner: str, rebuilt: bool) -> None:
+        """What add_param_group checked once, again where a group was edited since the last step:
+        its params (``check_params`` over all groups, e.g. a param appended to a second group), when
+        a group's buckets were rebuilt (its params with grads changed: plan.py) or a group's
+        regularizer object was replaced; and its keys, when their set changed (a misspelt key added
+        later warns as at construction). The signatures are remembered once the checks passed."""
+        regs = [id(g["reg"]) for g in self.param_groups]
+        if rebuilt or regs != self._checked_regs:
+            # forgotten until the checks pass: the buckets are cached already, so a refused step
+            # retried unchanged would otherwise not be checked again
+            self._checked_regs = []
+            checks.check_params(owner, self.param_groups)
+            self._checked_regs = regs
+        keys = [frozenset(g) for g in self.param_groups]
+        if keys != self._checked_keys:
+            for i, group in enumerate(self.param_groups):
+                if i >= len(self._checked_keys) or keys[i] != self._checked_keys[i]:
+                    checks.check_group_keys(owner, group, self.defaults)
+            self._checked_keys = keys
 
     # -- what subclasses say ----------------------------------------------------------------------
     def _state_signature(self, group: dict[str, Any]) -> tuple:
@@ -202,14 +228,16 @@ class BregmanOptimizer(Optimizer):
         """The backend calls of this step, every check done: groups, buckets and their backends,
         states (rebuilt from opt.state where it was edited, made where missing), and each call's
         tensors (the first call's backend checks its own before it writes)."""
-        plan = []
-        for group_index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             self._check_group(group)
+        plan, rebuilds = [], self._plans.rebuilds
+        for group_index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             checks.check_sparse_grads(owner, params)
             buckets = self._plans.buckets(group_index, group, params, self.backend, self._state_signature(group),
                                           lambda p, group=group: self._moments_format(group, p))
             plan.append((group_index, group, buckets))
+        self._check_edited_groups(owner, self._plans.rebuilds != rebuilds)
         if self.state.version != self._seen_state_version:  # opt.state was edited: rebuild from it
             self._plans.drop_lists()
         checks.check_plan(owner, plan)

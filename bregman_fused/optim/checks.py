@@ -8,7 +8,6 @@ must not sync).
 from __future__ import annotations
 
 import difflib
-import math
 import operator
 import warnings
 from typing import Any
@@ -20,41 +19,70 @@ from .. import distributed as dist_utils
 from ..backends import moments
 from . import moment_states
 from ..backends.contract import state_dtype
+from ..arguments import at_least_zero, check_lr_tensor, check_lr_value, finite, in_unit_interval, positive
 from ..regularizers import Regularizer
 
 
-def finite(name: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number)") from None
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    return value
-
-
-def in_unit_interval(name: str, value: Any) -> None:
-    if not 0.0 <= finite(name, value) < 1.0:
-        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
-
-
-def check_lr_value(lr: Any) -> None:
-    if finite("lr", lr) < 0.0:
-        raise ValueError(f"Invalid lr: {float(lr)} (must be >= 0)")
-
-
-# group keys torch.optim and its lr schedulers add; anything else a user adds (e.g. "name") is theirs
-_TORCH_GROUP_KEYS = ("params", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr",
-                     "foreach", "fused", "differentiable", "maximize")
+# group keys torch.optim's lr schedulers add; anything else a user adds (e.g. "name") is theirs
+_SCHEDULER_KEYS = ("params", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "base_lr")
+# torch.optim options these optimizers do not have: accepted at the value that asks for nothing
+# (configs written for torch.optim carry them), refused otherwise, saying what to do instead
+_TORCH_OPTIONS = {
+    "maximize": ((False,), "negate the loss instead"),
+    "weight_decay": ((0, 0.0), "θ is recomputed from the dual at every step, so a decay of θ would be undone; "
+                               "regularize with reg= (e.g. bf.L1(lamda=...))"),
+    "nesterov": ((False,), "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
+    "dampening": ((0, 0.0), "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
+    "amsgrad": ((False,), "AdaBreg keeps Adam's moments without the AMSGrad maximum"),
+    "differentiable": ((False,), "the step is not differentiable"),
+    "foreach": ((None, True), "every backend updates a bucket in one fused call; for the plain-PyTorch "
+                              "implementation pass backend='reference'"),
+    "fused": ((None, True), "every backend updates a bucket in one fused call; for the plain-PyTorch "
+                            "implementation pass backend='reference'"),
+}
+# every option of LinBreg, AdaBreg and ProxSGD: one that this optimizer lacks would be ignored
+_BREGMAN_OPTIONS = {"lr": "every", "reg": "every", "capturable": "every", "delta": "LinBreg and AdaBreg",
+                    "momentum": "LinBreg", "betas": "AdaBreg", "eps": "AdaBreg", "moments": "LinBreg and AdaBreg"}
 # keys users reach for when they mean `reg`; each answered with what to write instead
 _MEANT = {"lamda": "reg=bf.L1(lamda=...)", "lambda": "reg=bf.L1(lamda=...)", "lamda_l1": "reg=bf.SparseGroupL1L2(...)",
           "regs": "reg", "regularizer": "reg", "regularization": "reg", "penalty": "reg"}
 
 
+def check_options(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse a group key that asks for math this optimizer would not do (checked at every step:
+    keys can be edited between steps): a torch.optim option at a value other than its no-op one,
+    an option of another Bregman optimizer, or ``backend`` (an argument of the optimizer); and a
+    group that lost one of its options (``del group["lr"]``)."""
+    options = set(defaults) - set(_TORCH_OPTIONS)  # torch's __setstate__ adds "differentiable" to defaults
+    lacking = sorted(options - set(group))
+    if lacking:
+        raise ValueError(f"{owner}: a param group lacks {lacking}: every group holds all options of {owner} "
+                         f"({', '.join(sorted(options))}); set them again")
+    for key, (no_op, instead) in _TORCH_OPTIONS.items():
+        if key in group and not any(_same_option_value(group[key], v) for v in no_op):
+            raise ValueError(f"{owner} has no option {key!r} (a param group sets {key}={group[key]!r}): {instead}. "
+                             f"Remove the key, or set it to {no_op[0]!r}")
+    for key, where in _BREGMAN_OPTIONS.items():
+        if key in group and key not in defaults:
+            raise ValueError(f"{owner} has no option {key!r} (it is one of {where}); a param group sets it: remove the "
+                             f"key (options of {owner}: {', '.join(sorted(options))})")
+    if "backend" in group:
+        raise ValueError(f"{owner}: 'backend' is not a param group option; the backend is an argument of the "
+                         f"optimizer, for all its groups ({owner}(..., backend=...))")
+
+
+def _same_option_value(value: Any, no_op: Any) -> bool:
+    """value is the no-op value: the same bool/None, or the same number (0 and 0.0 alike)."""
+    if isinstance(no_op, bool) or no_op is None:
+        return value is no_op
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == no_op
+
+
 def check_group_keys(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Warn about a key that looks like a misspelt option: it would be silently ignored (e.g.
-    "lamda" in a group leaves the group unregularized). Keys that resemble nothing stay silent."""
-    known = set(defaults) | set(_TORCH_GROUP_KEYS)
+    "lamda" in a group leaves the group unregularized). Keys that resemble nothing stay silent.
+    Runs when a group is added and when a group's set of keys changed since the last step."""
+    known = set(defaults) | set(_SCHEDULER_KEYS) | set(_TORCH_OPTIONS)
     for key in group:
         if key in known or not isinstance(key, str):
             continue
@@ -65,23 +93,34 @@ def check_group_keys(owner: str, group: dict[str, Any], defaults: dict[str, Any]
                           f"{meant!r}? (options: {', '.join(sorted(defaults))})", UserWarning, stacklevel=4)
 
 
-def check_new_group(owner: str, group: dict[str, Any]) -> None:
-    """What ``add_param_group`` checks once, on top of ``check_group``: the params themselves."""
-    params = group["params"]
-    if len(params) == 0:
-        raise ValueError(f"{owner}: a param group has no parameters (an iterator that was already used up, e.g. "
-                         "model.parameters() passed twice? pass a list)")
-    if len({id(p) for p in params}) != len(params):
-        # torch only warns; a fused kernel would update the tensor twice, from two threads
-        raise ValueError(f"{owner}: a param group lists the same parameter twice")
-    for p in params:
-        if p.is_complex():
-            raise ValueError(f"{owner} does not support complex parameters (got {p.dtype})")
-        if not p.is_floating_point():
-            raise ValueError(f"{owner} needs floating-point parameters (got {p.dtype})")
-        group["reg"].check_param(p)
-        dist_utils.check_sharding(p, group["reg"])
-    check_lr_value(group["lr"])  # a device lr too: adding a group may sync
+def check_params(owner: str, param_groups: list[dict[str, Any]]) -> None:
+    """The params of every group: some in each, each once over all groups, real floating point, of a
+    shape the group's regularizer can act on and sharded as it needs. Run when a group is added and
+    at a step where a group's params or regularizer object changed (``group["params"]`` or
+    ``group["reg"]`` edited)."""
+    seen: set[int] = set()
+    for group_index, group in enumerate(param_groups):
+        params = group["params"]
+        if len(params) == 0:
+            raise ValueError(f"{owner}: a param group has no parameters (an iterator that was already used up, e.g. "
+                             "model.parameters() passed twice? pass a list)")
+        ids = {id(p) for p in params}
+        if len(ids) != len(params):
+            # torch only warns; a fused kernel would update the tensor twice, from two threads
+            raise ValueError(f"{owner}: param group {group_index} lists the same parameter twice")
+        if ids & seen:
+            raise ValueError(f"{owner}: a parameter is in more than one param group (group {group_index} and an "
+                             "earlier one); each parameter belongs to one group")
+        seen |= ids
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{owner}: param group {group_index} holds a {type(p).__name__}, not a tensor")
+            if p.is_complex():
+                raise ValueError(f"{owner} does not support complex parameters (got {p.dtype})")
+            if not p.is_floating_point():
+                raise ValueError(f"{owner} needs floating-point parameters (got {p.dtype})")
+            group["reg"].check_param(p)
+            dist_utils.check_sharding(p, group["reg"])
 
 
 def check_moments(group: dict[str, Any]) -> None:
@@ -99,16 +138,14 @@ def check_moments(group: dict[str, Any]) -> None:
 
 def check_group(group: dict[str, Any], has_dual: bool) -> None:
     """The keys every optimizer's groups share, checked at every step. A tensor lr's value is
-    checked when it is set (``check_new_group``, ``load_state_dict``) and, in eager steps, when it
+    checked when it is set (``add_param_group``, ``load_state_dict``) and, in eager steps, when it
     lives on the CPU (a cheap read); never on a GPU (a sync) or under torch.compile (a graph break,
     and a recompile per value)."""
     if not isinstance(group["capturable"], bool):
         raise TypeError(f"Invalid capturable: {group['capturable']!r} (must be True or False)")
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or lr.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid lr: a tensor lr must hold one float32/float64 value, got {lr.dtype} "
-                             f"with {lr.numel()} elements")
+        check_lr_tensor(lr)
         if lr.device.type == "cpu" and not torch.compiler.is_compiling():
             check_lr_value(lr)
     else:
@@ -117,10 +154,9 @@ def check_group(group: dict[str, Any], has_dual: bool) -> None:
     if not isinstance(reg, Regularizer):
         raise TypeError(f"Invalid reg: {reg!r} (must be a bregman_fused regularizer, e.g. bf.L1(lamda=1e-3))")
     for key, value in reg._params().items():
-        if finite(key, value) < 0.0:
-            raise ValueError(f"Invalid {key}: {value} (must be >= 0)")
-    if has_dual and not finite("delta", group["delta"]) > 0.0:
-        raise ValueError(f"Invalid delta: {group['delta']} (must be > 0)")
+        at_least_zero(key, value)
+    if has_dual:
+        positive("delta", group["delta"])
 
 
 def check_betas(betas: Any) -> None:

@@ -42,6 +42,7 @@ class Plans:
 
     def __init__(self):
         self._plans: dict[int, tuple[tuple, list[torch.Tensor], list[Bucket]]] = {}
+        self.rebuilds = 0  # buckets built so far: a step that builds some re-checks the groups' params
 
     def clear(self) -> None:
         self._plans.clear()
@@ -74,6 +75,7 @@ class Plans:
                           sharded=any(map(dist_utils.is_dtensor, members)))
                    for (device, dtype, fmt), members in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
+        self.rebuilds += 1
         return buckets
 
 

@@ -4,9 +4,10 @@ bit in their own dtype and in their param's layout, on any backend or device.
 
 A checkpoint that does not fit is refused before anything changes, with what it is and what was
 expected: another number of groups or params, another optimizer (by the stored name; older
-checkpoints without it by their group keys and state keys), a group without ``reg``, a
-regularizer that cannot act on its params, states of another shape, or a param whose state lacks
-a key its optimizer needs.
+checkpoints without it by their group keys and state keys), a group without ``reg`` or with a
+value a step would refuse (the optimizer's own group checks), a regularizer that cannot act on
+its params, states of another shape, a step count that is not a whole number >= 0, or a param
+whose state lacks a key its optimizer needs.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ..regularizers import Regularizer, regularizer_from_dict
 from . import moment_states
-from .checks import check_lr_value
+from ..arguments import check_lr_value, check_step_count
 
 FORMAT_KEY = "bregman_fused"  # {"optimizer": class name, "format": 1}
 
@@ -58,7 +59,9 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
         g = dict(g)
         reg = g["reg"]
         try:
-            g["reg"] = regularizer_from_dict(reg) if isinstance(reg, dict) else reg
+            # a subclass of the group's own class is rebuilt from the group's object (its math is
+            # the subclass's, not that of a built-in class of the same name)
+            g["reg"] = regularizer_from_dict(reg, like=current["reg"]) if isinstance(reg, dict) else reg
         except (TypeError, ValueError) as e:
             _refuse(opt, f"param group {i}: {e}")
         if not isinstance(g["reg"], Regularizer):
@@ -74,8 +77,10 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
             # the optimizer's own moments format wins: the checkpoint's moments are converted to it
             g["moments"] = current["moments"]
         try:
+            # every value a step checks, checked now: a checkpoint that loads is one that steps
+            opt._check_group({**g, "params": current["params"]})
             check_lr_value(g["lr"])  # set here, so checked here (steps do not read a tensor lr)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             _refuse(opt, f"param group {i}: {e}")
         groups.append(g)
     saved_state = sd["state"]
@@ -92,7 +97,13 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{sorted(needed)}{' and optionally ' + str(sorted(allowed - needed)) if allowed - needed else ''}"
                          " (a checkpoint of another optimizer?)")
         for key, value in state.items():
-            if key == "step" or key.endswith(moment_states.SCALE_SUFFIX):
+            if key == "step":
+                try:
+                    check_step_count(f"state 'step' of param {pid}", value)
+                except ValueError as e:
+                    _refuse(opt, str(e))
+                continue
+            if key.endswith(moment_states.SCALE_SUFFIX):
                 continue
             if key in opt._moment_keys:
                 problem = moment_states.check_stored(key, value, state.get(key + moment_states.SCALE_SUFFIX), p.shape)

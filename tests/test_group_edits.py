@@ -1,0 +1,135 @@
+"""What a user sets or edits on an optimizer after it was made is never silently ignored: the
+checks of construction run again where a group changed, torch.optim's no-op option values pass,
+and a checkpoint restores a user's own regularizer subclass (not a built-in class of its name)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import bregman_fused as bf
+from bregman_fused import functional as F
+
+
+def _model_opt(cls=bf.LinBreg, reg=None, backend="reference", **kw):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    b = torch.nn.Parameter(torch.randn(6))
+    opt = cls([{"params": [w], "reg": reg if reg is not None else bf.L1(0.1)}, {"params": [b]}], backend=backend,
+              **kw)
+    return w, b, opt
+
+
+def _step(params, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+
+
+@pytest.mark.parametrize("key,value", [("maximize", False), ("weight_decay", 0), ("weight_decay", 0.0),
+                                       ("foreach", None), ("fused", True), ("differentiable", False),
+                                       ("amsgrad", False), ("nesterov", False), ("dampening", 0)])
+def test_torch_options_at_their_no_op_value_pass(key, value):
+    # configs written for torch.optim carry these keys; at the value that asks for nothing they pass
+    w, b, opt = _model_opt()
+    opt.param_groups[0][key] = value
+    _step([w, b], opt, 0)
+
+
+def test_a_misspelt_key_added_after_construction_warns_once():
+    w, b, opt = _model_opt()
+    _step([w, b], opt, 0)
+    opt.param_groups[0]["lamda"] = 0.5
+    with pytest.warns(UserWarning, match="'lamda' is not an option"):
+        _step([w, b], opt, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same keys: checked already, no warning per step
+        _step([w, b], opt, 2)
+
+
+def test_a_param_moved_between_groups_is_stepped_by_its_new_group():
+    # an edit that passes the checks takes effect: the bias now has the L1 group's regularizer
+    w, b, opt = _model_opt(reg=bf.L1(10.0))
+    _step([w, b], opt, 0)
+    opt.param_groups[1]["params"].remove(b)
+    opt.param_groups[0]["params"].append(b)
+    opt.param_groups.pop(1)
+    _step([w, b], opt, 1)
+    assert torch.count_nonzero(b) == 0  # λ = 10 zeroes it; unregularized it would not be
+
+
+class LoggingL1(bf.L1):
+    keeps_builtin_map = True  # same math as L1: the fused backends may run it
+
+
+class HalfShrinkL1(bf.L1):
+    def shrink(self, x, t=1.0):
+        return super().shrink(x, t) * 0.5
+
+
+@pytest.mark.parametrize("reg_cls,backend", [(LoggingL1, "cpu"), (HalfShrinkL1, "reference")])
+def test_a_checkpoint_restores_a_regularizer_subclass(reg_cls, backend):
+    w, b, opt = _model_opt(reg=reg_cls(0.1), backend=backend)
+    _step([w, b], opt, 0)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["reg"] == {"name": reg_cls.__name__, "lamda": 0.1}
+    sd["param_groups"][0]["reg"]["lamda"] = 0.2
+    w2, b2, opt2 = _model_opt(reg=reg_cls(0.1), backend=backend)
+    opt2.load_state_dict(sd)
+    reg = opt2.param_groups[0]["reg"]
+    assert type(reg) is reg_cls and reg.lamda == 0.2  # the subclass, with the checkpoint's λ
+    # and it steps with the subclass's math, as an optimizer made with it does
+    w3, b3, opt3 = _model_opt(reg=reg_cls(0.2), backend=backend)
+    opt3.load_state_dict(sd)
+    for p, q in zip((w2, b2), (w3, b3)):
+        q.data.copy_(p)
+    _step([w2, b2], opt2, 1)
+    _step([w3, b3], opt3, 1)
+    assert torch.equal(w2, w3) and torch.equal(b2, b3)
+
+
+def test_a_subclass_checkpoint_into_another_class_is_refused():
+    w, b, opt = _model_opt(reg=HalfShrinkL1(0.1))
+    _step([w, b], opt, 0)
+    sd = opt.state_dict()
+    _, _, other = _model_opt(reg=bf.L1(0.1))
+    with pytest.raises(ValueError, match="Unknown regularizer 'HalfShrinkL1'"):
+        other.load_state_dict(sd)
+
+
+def test_nuclear_with_a_non_finite_grad_gives_nan_not_a_half_step():
+    # torch's SVD raises on NaN; the step must not stop after writing some params
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(6, 6)), torch.nn.Parameter(torch.randn(6, 6))
+    opt = bf.LinBreg([{"params": [a, b], "reg": bf.Nuclear(0.1)}], lr=0.1, backend="reference")
+    _step([a, b], opt, 0)
+    a.grad, b.grad = torch.randn(6, 6), torch.randn(6, 6)
+    b.grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isfinite(a).all() and torch.isnan(b).all()
+    assert [float(opt.state[p]["step"]) for p in (a, b)] == [2.0, 2.0]
+    assert torch.isnan(opt.param_groups[0]["reg"].value(b.detach()))
+
+
+def test_functional_linbreg_checks_momentum_before_writing():
+    p, g = [torch.randn(3)], [torch.randn(3)]
+    states = F.init_states("linbreg", p, momentum=0.5)
+    before = [t.clone() for t in states["duals"] + states["momentum_buffers"] + states["steps"]]
+    with pytest.raises(ValueError, match="momentum"):
+        F.linbreg(p, g, **states, lr=0.1, momentum=1.5)
+    after = states["duals"] + states["momentum_buffers"] + states["steps"]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_a_refused_edit_is_refused_again_at_the_next_step():
+    # the buckets of the edited group are cached by the refused step; the retry must not skip the check
+    w, b, opt = _model_opt(backend="cpu")
+    _step([w, b], opt, 0)
+    opt.param_groups[1]["params"].append(w)
+    before = [w.detach().clone(), b.detach().clone()]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="more than one param group"):
+            _step([w, b], opt, 1)
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
