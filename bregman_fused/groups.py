@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .regularizers import NoReg, Regularizer
 
@@ -76,6 +77,15 @@ def param_groups(model: nn.Module, *, conv: Regularizer | None = None, linear: R
     params: dict[str, list[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     seen: dict[int, tuple[str, str]] = {}  # id(param) -> (its group, where it was first found)
     for module_name, module in model.named_modules():
+        layer = "conv" if isinstance(module, _CONV) else "linear" if isinstance(module, nn.Linear) else None
+        if layer and not isinstance(regs[layer], NoReg) and (parametrize.is_parametrized(module, "weight")
+                                                              or "weight" not in module._parameters):
+            # its weight is computed (parametrizations, the old weight_norm's weight_g/weight_v) from
+            # tensors that would land in "other"; which of them to regularize is the user's call
+            raise ValueError(f"param_groups: {module_name!r} ({type(module).__name__}) computes its weight from "
+                             f"other tensors ({', '.join(n for n, _ in module.named_parameters()) or 'none'}); which "
+                             f"of them {layer}= should regularize is not for param_groups to guess: build these "
+                             "groups by hand")
         for name, p in module.named_parameters(recurse=False):
             where = f"{module_name}.{name}" if module_name else name
             kind = _kind(module, name)

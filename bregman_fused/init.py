@@ -179,20 +179,28 @@ def sparsify_(model: nn.Module, density: float, *, linear: str | None = "element
         generator: a ``torch.Generator`` for reproducible masks and values.
 
     Returns:
-        {layer name: boolean mask of its weight}.
+        {layer name: boolean mask of its weight}. A weight shared by several layers (tied) is
+        sparsified once; its mask is listed under each of them.
     """
     density = _check_density(density)
     for mode in (linear, conv):
         if mode is not None and mode not in MODES:
             raise ValueError(f"Invalid mode: {mode!r}; expected one of {MODES} or None")
-    masks = {}
+    masks: dict[str, torch.Tensor] = {}
+    first_user: dict[int, str] = {}  # a weight shared by several layers (tied) is sparsified once
+    done_biases: set[int] = set()
     for name, m in _layers(model, (nn.Linear, *_CONV_TYPES)):
         mode = linear if isinstance(m, nn.Linear) else conv
         if mode is None:
             continue
-        masks[name] = sparse_weight_(m.weight, density, mode, scale=scale, reinit=reinit,
-                                     nonlinearity=nonlinearity, generator=generator)
-        if bias is not None and getattr(m, "bias", None) is not None:
+        if id(m.weight) in first_user:
+            masks[name] = masks[first_user[id(m.weight)]]
+        else:
+            first_user[id(m.weight)] = name
+            masks[name] = sparse_weight_(m.weight, density, mode, scale=scale, reinit=reinit,
+                                         nonlinearity=nonlinearity, generator=generator)
+        if bias is not None and getattr(m, "bias", None) is not None and id(m.bias) not in done_biases:
+            done_biases.add(id(m.bias))
             fan_in = nn.init._calculate_correct_fan(m.weight, "fan_in")
             sparse_bias_uniform_(m.bias, fan_in, bias[0], bias[1], generator=generator)
     return masks

@@ -24,10 +24,15 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHT_TYPES = (nn.Linear, *_CONV_TYPES)
 
 
-def _weights(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[str, torch.Tensor]]:
+def _weights(model: nn.Module, types: tuple[type, ...], unique: bool = True) -> Iterable[tuple[str, torch.Tensor]]:
+    """(layer name, weight) of the layers of ``types``. ``unique``: a weight shared by several layers
+    (tied) once, under its first layer, as ``opt.density()`` counts it (the totals); else under every
+    layer (the per-layer tables)."""
+    seen: set[int] = set()
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, types) and w is not None:
+        if isinstance(m, types) and w is not None and not (unique and id(w) in seen):
+            seen.add(id(w))
             yield name, w
 
 
@@ -73,7 +78,7 @@ def conv_kernel_density(model: nn.Module) -> float:
 def node_densities(model: nn.Module) -> dict[str, float]:
     """Per layer: fraction of its neurons / output channels with any non-zero incoming weight."""
     out = {}
-    for name, w in _weights(model, _WEIGHT_TYPES):
+    for name, w in _weights(model, _WEIGHT_TYPES, unique=False):
         out[name] = _ratio(int((w.reshape(w.shape[0], -1) != 0).any(dim=1).sum()), w.shape[0])
     return out
 
@@ -91,4 +96,4 @@ def node_density(model: nn.Module) -> float:
 
 def layer_densities(model: nn.Module) -> dict[str, float]:
     """{layer name: density of its weight} for every Linear and Conv layer."""
-    return {name: tensor_density(w) for name, w in _weights(model, _WEIGHT_TYPES)}
+    return {name: tensor_density(w) for name, w in _weights(model, _WEIGHT_TYPES, unique=False)}

@@ -55,7 +55,8 @@ class LamdaScheduler:
         factor: the multiplicative factor (> 1).
         attr: which strength to change in additive mode; default the regularizer's only one
             (``"lamda"``); needed for SparseGroupL1L2 (``"lamda_l1"`` or ``"lamda_group"``).
-        min_lamda, max_lamda: bounds for the scheduled strength (additive mode).
+        min_lamda, max_lamda: bounds for the scheduled strength ``attr`` (both modes): a step stops
+            at a bound and never moves λ away from the direction the density asks for.
 
     Call ``scheduler.step()`` once per epoch (or pass the density yourself: ``step(density)``).
     """
@@ -139,16 +140,22 @@ class LamdaScheduler:
         else:
             return False
         old = self.lamda
+        if self.mode == "multiplicative" and old == 0.0:
+            raise ValueError(f"multiplicative λ scheduling cannot move {self.attr} away from 0; "
+                             "start from λ > 0 or use mode='additive'")
         if self.mode == "additive":
-            new = min(max(old + (self.step_size if up else -self.step_size), self.min_lamda), self.max_lamda)
-            if new == old:
-                return False
-            set_strength(self.reg, self.attr, new)
+            wanted = old + (self.step_size if up else -self.step_size)
         else:
-            if old == 0.0:
-                raise ValueError(f"multiplicative λ scheduling cannot move {self.attr} away from 0; "
-                                 "start from λ > 0 or use mode='additive'")
-            self.reg.scale_strength(self.factor if up else 1.0 / self.factor)
+            wanted = old * (self.factor if up else 1.0 / self.factor)
+        # the bounds stop λ, in both modes; they never move it the other way (a λ set outside them
+        # by hand stays until the density asks to move it toward them)
+        new = min(wanted, max(self.max_lamda, old)) if up else max(wanted, min(self.min_lamda, old))
+        if new == old:
+            return False
+        if self.mode == "additive":
+            set_strength(self.reg, self.attr, new)
+        else:  # every strength by the same factor, the one that puts attr at new
+            self.reg.scale_strength(new / old)
         # [note: why reinit] keep θ: recompute the duals for the new λ from the current weights
         self.opt.reinit_dual(self.group_index)
         return True

@@ -240,3 +240,21 @@ def test_proxsgd_refuses_a_moments_key():
     with pytest.raises(ValueError, match="ProxSGD has no option 'moments'"):
         bf.ProxSGD([{"params": [torch.nn.Parameter(torch.randn(3))], "moments": "8bit"}])
 
+
+def test_state_bytes_counts_tensors_in_lists_once_per_storage():
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = torch.optim.LBFGS([p], history_size=5)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    state = opt.state[p]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for v in state.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)}
+    assert len(state["old_dirs"]) > 0
+    assert bf.state_bytes(opt)["bytes"] == sum(storages.values())

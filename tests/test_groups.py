@@ -170,3 +170,12 @@ def test_the_readme_example_runs(capsys):
     assert opt.density() < 0.05
     assert len(opt.backends()) == 3 and all(opt.backends())
     assert capsys.readouterr().out.count("epoch") == 2
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.utils.parametrizations.weight_norm,
+                                  torch.nn.utils.parametrizations.spectral_norm])
+def test_a_layer_whose_weight_is_computed_is_not_left_unregularized_silently(wrap):
+    m = nn.Sequential(wrap(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="computes its weight from other tensors"):
+        bf.param_groups(m, linear=bf.L1(0.1))
+    assert [g["name"] for g in bf.param_groups(m)] == ["linear", "other"]  # nothing regularized: fine

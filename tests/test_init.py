@@ -127,3 +127,31 @@ def test_sparsify_modes_and_bias_init():
         sinit.sparsify_(model, 0.1, conv="columns")
     with pytest.raises(ValueError, match="density"):
         sinit.sparsify_(model, -0.1)
+
+
+class _Tied(nn.Module):
+    def __init__(self, n=200):
+        super().__init__()
+        self.a, self.b = nn.Linear(n, n), nn.Linear(n, n)
+        self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize("reinit", [True, False])
+def test_a_tied_weight_is_sparsified_once(reinit):
+    # masked twice it would keep ~density² of its rows, and a mask would not match the weight
+    m = _Tied()
+    masks = sinit.sparsify_(m, 0.1, linear="row", reinit=reinit, generator=torch.Generator().manual_seed(0))
+    assert int((m.a.weight != 0).any(1).sum()) == 20  # exactly ceil(0.1 · 200) rows
+    assert torch.equal(masks["a"], m.a.weight != 0) and torch.equal(masks["b"], m.a.weight != 0)
+
+
+def test_density_counts_a_tied_weight_once():
+    m = _Tied(100)
+    m.c = nn.Linear(100, 100, bias=False)
+    with torch.no_grad():
+        m.a.weight.zero_()
+        m.a.weight[:10] = 1.0
+        m.c.weight.fill_(1.0)
+    assert metrics.linear_density(m) == pytest.approx(11000 / 20000)  # over unique weights, as opt.density()
+    assert metrics.node_density(m) == pytest.approx(110 / 200)
+    assert set(metrics.layer_densities(m)) == {"a", "b", "c"}  # per layer: every layer listed

@@ -153,3 +153,24 @@ def test_state_dict_round_trip_continues_the_schedule():
     for _ in range(5):
         seq_b.append(b.step(density=0.5))
     assert seq_a == seq_b == [False, True, False, False, True]
+
+
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+def test_the_bounds_stop_lamda_in_both_modes(mode):
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = bf.LinBreg([p], reg=bf.L1(0.5), backend="reference")
+    sched = LamdaScheduler(opt, target_density=0.1, mode=mode, step=0.3, factor=2.0, max_lamda=1.0, min_lamda=0.2)
+    for _ in range(4):
+        sched.step(density=1.0)  # too dense: λ rises to the upper bound and stays there
+    assert sched.lamda == 1.0
+    for _ in range(6):
+        sched.step(density=0.0)  # too sparse: down to the lower bound
+    assert sched.lamda == 0.2
+
+
+def test_a_lamda_outside_the_bounds_never_moves_against_the_density():
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = bf.LinBreg([p], reg=bf.L1(5.0), backend="reference")
+    sched = LamdaScheduler(opt, target_density=0.1, step=0.5, max_lamda=1.0)
+    assert sched.step(density=1.0) is False and sched.lamda == 5.0  # too dense: it must not go down
+    assert sched.step(density=0.0) is True and sched.lamda == 4.5  # too sparse: toward the bound

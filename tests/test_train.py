@@ -216,3 +216,11 @@ def test_optim_with_compare_and_repeated_compare_are_refused(capsys):
     assert "--compare lists linbreg, sgd more than once" in err
     err = _cli_error(capsys, ["--resume", "--overwrite"])
     assert "--overwrite and --resume exclude each other" in err
+
+
+def test_compare_with_a_target_density_trains_the_unregularized_baselines_unsteered(capsys):
+    # the λ scheduler has no λ to steer in sgd/adam: those runs say so and train, the others are steered
+    assert main([*QUICK, "--compare", "sgd", "linbreg", "--target-density", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd has no regularizer, so this run keeps its density unsteered" in out
+    assert "linbreg has no regularizer" not in out

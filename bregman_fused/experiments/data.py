@@ -116,7 +116,8 @@ def _padding(shape: tuple[int, ...], image_size: int | None) -> tuple[int, int, 
     return (left, top, image_size - w - left, image_size - h - top)
 
 
-def _padded(info: DatasetInfo, image_size: int | None) -> DatasetInfo:
+def padded(info: DatasetInfo, image_size: int | None) -> DatasetInfo:
+    """``info`` with the shape of its images padded to image_size×image_size (as ``load`` pads them)."""
     if image_size is None:
         return info
     return dataclasses.replace(info, shape=(info.shape[0], image_size, image_size))
@@ -231,7 +232,7 @@ def load(name: str, data_dir: str = "./data", download: bool = False, *, split_s
         raise ValueError(f"Invalid dataset: {name!r}; expected one of {tuple(DATASETS)}")
     info = DATASETS[name]
     _padding(info.shape, image_size)  # refuses features and too-small sizes before anything is loaded
-    shown = _padded(info, image_size)
+    shown = padded(info, image_size)
     if name == "digits":
         if fake_size:
             raise ValueError("--fake-data is for the torchvision data sets; digits is bundled and always available")

@@ -200,7 +200,11 @@ def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits
             threshold=cfg["plateau_threshold"])
     lamda_sched = None
     if cfg.get("target_density") is not None:
-        lamda_sched = LamdaScheduler(opt, 0, target_density=cfg["target_density"], step=cfg["lamda_step"])
+        if opt.param_groups[0]["reg"]._params():
+            lamda_sched = LamdaScheduler(opt, 0, target_density=cfg["target_density"], step=cfg["lamda_step"])
+        else:  # sgd/adam, the unregularized baselines of a --compare: no λ to steer
+            _say(ctx, cfg, f"--target-density {cfg['target_density']:g}: {cfg['optim']} has no regularizer, so "
+                           "this run keeps its density unsteered")
     generators = {"shuffle": torch.Generator().manual_seed(seed + 1)}
 
     out_dir = cfg.get("out_dir")

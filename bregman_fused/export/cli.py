@@ -36,8 +36,8 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     import torch.distributed.checkpoint as dcp
 
     from ..experiments import checkpoint as ckpt
-    from ..experiments.data import DATASETS
-    from ..experiments.models import build_model
+    from ..experiments.data import DATASETS, padded
+    from ..experiments.models import build_model, input_size
 
     if os.path.isdir(ckpt.checkpoint_dir(path)) and not ckpt.exists(path):
         path = ckpt.checkpoint_dir(path)  # the run's --out-dir
@@ -48,7 +48,8 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     identity = state.get("identity", {})
     if identity.get("dataset") not in DATASETS or not identity.get("model"):
         raise ExportError(f"checkpoint {path!r} does not record its model and data set (identity {identity!r})")
-    info = DATASETS[identity["dataset"]]
+    # the shape the model was trained on: VGG pads MNIST's 28×28 to 32×32 (experiments/loop.py)
+    info = padded(DATASETS[identity["dataset"]], input_size(identity["model"]))
     model = build_model(identity["model"], info.shape, info.num_classes)
     sd = {"model": model.state_dict()}
     try:

@@ -18,6 +18,7 @@ matmul was slower than the dense conv (issue 16); ``shrink`` is what makes convs
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 import warnings
@@ -28,7 +29,7 @@ from torch import nn
 from .errors import ExportError
 from .graph import CONV
 from .shrink import TRAIN_MODE_NOTE
-from .sparse_linear import SparseLinear
+from .sparse_linear import SparseLinear, to_csr
 
 __all__ = ["to_sparse", "DENSITY_THRESHOLD", "MIN_NUMEL", "decide"]
 
@@ -62,10 +63,27 @@ def _measure(lin: nn.Linear, sparse: SparseLinear, batch: int, reps: int = 15) -
     return statistics.median(dense), statistics.median(csr)
 
 
+@functools.lru_cache(maxsize=None)
+def csr_unsupported(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why torch cannot multiply a CSR matrix of ``dtype`` on ``device`` (SparseLinear's two calls,
+    batch 1 and batch > 1), or None. Probed, not listed: which dtypes have kernels differs by
+    device and torch version (torch 2.14's CPU CSR matmul has none for bf16/fp16)."""
+    weight = to_csr(torch.eye(2, dtype=dtype, device=device))
+    try:
+        torch.mv(weight, torch.ones(2, dtype=dtype, device=device))
+        torch.sparse.mm(weight, torch.ones(2, 2, dtype=dtype, device=device))
+    except (NotImplementedError, RuntimeError) as e:
+        return f"torch has no {device.type} CSR matmul for {dtype} ({str(e).splitlines()[0][:80]})"
+    return None
+
+
 def decide(lin: nn.Linear, threshold: float = DENSITY_THRESHOLD, min_numel: int = MIN_NUMEL,
            measure_batch: int | None = None) -> tuple[bool, str]:
     """(whether ``lin`` should become CSR, why), by the calibrated rule or by a measurement."""
     d = _density(lin.weight)
+    unsupported = csr_unsupported(lin.weight.dtype, lin.weight.device)
+    if unsupported is not None:
+        return False, f"density {d:.4f}, but {unsupported}"
     if measure_batch is not None:
         dense_us, csr_us = _measure(lin, SparseLinear.from_linear(lin), measure_batch)
         return csr_us < dense_us, (f"density {d:.4f}; measured at batch {measure_batch}: dense {dense_us:.1f} µs, "

@@ -240,9 +240,11 @@ def resize_like(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modul
             else:
                 m.out_channels, m.in_channels = w.shape[0], w.shape[1]
         elif isinstance(m, NORM):
-            rm = state.get(f"{name}.running_mean")
-            if rm is not None and rm.shape[0] != m.num_features:
-                n = rm.shape[0]
+            # its size from the running statistics, or from the affine weight of one that keeps none
+            # (track_running_stats=False)
+            sized = state.get(f"{name}.running_mean", w)
+            if sized is not None and sized.dim() == 1 and sized.shape[0] != m.num_features:
+                n = sized.shape[0]
                 for attr in ("weight", "bias", "running_mean", "running_var"):
                     old = getattr(m, attr)
                     if old is not None:
