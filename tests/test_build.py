@@ -269,3 +269,15 @@ def test_setup_py_builds_the_cuda_extension(tmp_path):
     out = subprocess.run([sys.executable, "-c", _CUDA_LOAD_SCRIPT, str(tree)], env=run_env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "CUDA MODULE OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_the_gpu_sessions_availability_check_runs():
+    # tools/gpu_session.sh's build stage ends with a Python check; run it here (no GPU: it must
+    # say why each backend is unavailable, not fail), so a renamed import is noticed before a GPU
+    # session spends its minutes on it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(root, "tools", "gpu_session.sh")).read()
+    snippet = script.split("\"$PY\" - <<'EOF'", 1)[1].split("\n", 1)[1].split("\nEOF\n", 1)[0]
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cuda on cuda:" in out.stdout and "triton on cuda:" in out.stdout

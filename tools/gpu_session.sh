@@ -46,13 +46,15 @@ for stage in $STAGES; do
     build)
         BREGMAN_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
             run_stage build "${BUILD_LIMIT:-300}" "$PY" setup.py build_ext --inplace || { tail -40 "$OUT/build.log"; exit 1; }
+        # tests/test_build.py runs this check on the CPU, so that it cannot rot between GPU sessions
         "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import torch
-from bregman_fused.functional import _unavailable_reason
+from bregman_fused.backends import unavailable_reason
 from bregman_fused.regularizers import NoReg
 for backend in ("cuda", "triton"):
-    print(f"{backend} on cuda:", _unavailable_reason(backend, torch.device("cuda"), NoReg()) or "available")
+    print(f"{backend} on cuda:", unavailable_reason(backend, torch.device("cuda"), NoReg()) or "available")
 EOF
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { note "== build: the availability check failed"; exit 1; }
         ;;
     tests)
         # shellcheck disable=SC2086

@@ -16,9 +16,9 @@ and only then encodes them for storage: the rounding of a step only reaches the 
 relative): s ← 0.999·s + 0.001·g² can never decay (0.999·s rounds back to s) and only grows when
 g² > 3·s; m ← m + (1−β1)·(g − m) stalls once |g − m| < 2⁻⁹/(1−β1) of |m|.
 benchmarks/bf16_rounding.py measures it on gradients that shrink 100× over 3,000 steps: with
-nearest rounding √s ends 1.6–1.9× off fp32 (median relative error), with stochastic rounding 3 %;
-m is within 0.3–0.9 % either way for β1 = 0.9 or noisy gradients, but with β1 = 0.99 and steady
-gradients nearest rounding leaves m 25 % off (stochastic: 1.2 %). So both moments are rounded
+nearest rounding √s ends 2.6–3× its fp32 value (median relative error 1.6–2.0), with stochastic
+rounding 3–4 % off; m is within 0.2–1.3 % either way for β1 = 0.9 or noisy gradients, but with
+β1 = 0.99 and steady gradients nearest rounding leaves m 25 % off (stochastic: 0.6 %). So both moments are rounded
 stochastically (the digits runs cannot tell the two apart: 400 steps are too few for s to
 drift). Stochastic rounding keeps each increment in expectation: the fp32 bits plus 16
 random bits, truncated to the top 16 bits. The random bits are a hash of (the value's top 16
