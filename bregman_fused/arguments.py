@@ -4,21 +4,22 @@ argument and says what it must be."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 
 
 def finite(name: str, value: Any) -> float:
-    """``value`` as a float: a real number (a Python/numpy number or a one-element tensor), finite.
-    Strings and bools are refused: float("0.5") would pass on one backend and fail on another."""
-    if isinstance(value, (str, bytes, bool)) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
-    try:
-        value = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number)") from None
+    """``value`` as a float: anything ``float()`` takes (a Python/numpy number, a one-element tensor
+    or array) except strings and bools, finite. A string is refused: float("0.5") would pass here
+    and fail in a backend's arithmetic."""
+    if type(value) is not float:  # the common case, checked in a step's hot path, skips the rest
+        if isinstance(value, (str, bytes, bool)):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a number, not a {type(value).__name__})")
+        try:
+            value = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a number)") from None
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
     return value

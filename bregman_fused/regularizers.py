@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from .arguments import finite
+from .prox_maps import row_norms, row_scale, soft_threshold
+
 __all__ = [
     "Regularizer",
     "NoReg",
@@ -34,11 +37,8 @@ __all__ = [
 
 
 def _check_lamda(name: str, value: float) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)") from None
-    if not math.isfinite(value) or value < 0.0:
+    value = finite(name, value)  # a number, not a string (arguments.finite)
+    if value < 0.0:
         raise ValueError(f"Invalid {name}: {value} (must be a finite number >= 0)")
     return value
 
@@ -49,46 +49,6 @@ def _refuse_unknown_keywords(cls_name: str, unknown: dict[str, Any], known: tupl
     if unknown:
         raise TypeError(f"{cls_name}() got unexpected keyword argument(s) {sorted(unknown)}; its keywords are "
                         f"{', '.join(known)} (spelt 'lamda': 'lambda' is a Python keyword)")
-
-
-def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
-    """sign(x)·max(|x| − thr, 0)."""
-    return torch.sign(x) * torch.clamp(x.abs() - thr, min=0.0)
-
-
-@torch.library.custom_op("bregman_fused::row_norms", mutates_args=())
-def row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """‖row‖₂ of each row of a 2-D tensor, shape (rows, 1).
-
-    [note: opaque row norms] An op of its own so that torch.compile calls it as it is: inductor
-    would generate its own reduction, which sums in another order than eager's kernel and so rounds
-    differently; opaque, a compiled reference step computes the same bits as an eager one."""
-    return torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-
-
-@row_norms.register_fake
-def _(rows):
-    return rows.new_empty((rows.shape[0], 1))
-
-
-def _row_norms_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output)
-
-
-def _row_norms_backward(ctx, grad):
-    """∂‖r‖/∂r = r/‖r‖ (0 for a zero row, as torch.linalg.vector_norm's subgradient)."""
-    rows, norm = ctx.saved_tensors
-    return grad * torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
-
-
-row_norms.register_autograd(_row_norms_backward, setup_context=_row_norms_setup)
-
-
-def _row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
-    """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
-    norm = row_norms(rows)
-    # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows
-    return torch.where(norm > thr, 1.0 - thr / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
 
 
 class Regularizer:
@@ -254,7 +214,7 @@ class GroupL1L2(_LamdaReg):
             return x.clone()
         _, thr = self.thresholds(x.shape)
         rows = self._rows(x)
-        return (rows * _row_scale(rows, t * thr)).reshape(x.shape)
+        return (rows * row_scale(rows, t * thr)).reshape(x.shape)
 
     def subgradient(self, theta):
         if theta.numel() == 0:
@@ -314,7 +274,7 @@ class SparseGroupL1L2(GroupL1L2):
             return x.clone()
         l1, thr = self.thresholds(x.shape)
         rows = self._rows(soft_threshold(x, t * l1))
-        return (rows * _row_scale(rows, t * thr)).reshape(x.shape)
+        return (rows * row_scale(rows, t * thr)).reshape(x.shape)
 
     def subgradient(self, theta):
         # the L1 part plus GroupL1L2's row part (its threshold is λ₂·√n here too)
@@ -335,33 +295,40 @@ class Nuclear(_LamdaReg):
         return x.reshape(x.shape[0], -1)
 
     # [note: non-finite SVD input] torch's SVD raises on NaN/inf, which would stop a step half-way
-    # (other params already written); an element-wise map gives NaN there, so this one does too.
+    # (other params already written); element-wise maps give NaN there, so this one does too: the
+    # SVD sees zeros, the result is NaN. No branch on the data (it would break a compiled graph).
+    @staticmethod
+    def _finite_or_zero(x):
+        finite = torch.isfinite(x).all()
+        return finite, torch.where(finite, x, 0.0)
+
+    @staticmethod
+    def _nan_unless(finite, y):
+        return torch.where(finite, y, math.nan)
+
     def value(self, theta):
         if theta.numel() == 0:
             return theta.new_zeros((), dtype=_opmath(theta.dtype))
-        if not bool(torch.isfinite(theta).all()):
-            return theta.new_full((), math.nan, dtype=_opmath(theta.dtype))
-        return self.lamda * torch.linalg.matrix_norm(self._mat(theta.to(_opmath(theta.dtype))), ord="nuc")
+        finite, theta = self._finite_or_zero(theta.to(_opmath(theta.dtype)))
+        return self._nan_unless(finite, self.lamda * torch.linalg.matrix_norm(self._mat(theta), ord="nuc"))
 
     def shrink(self, x, t=1.0):
         if x.numel() == 0:
             return x.clone()
-        if not bool(torch.isfinite(x).all()):  # [note: non-finite SVD input]
-            return torch.full_like(x, math.nan)
-        u, s, vh = torch.linalg.svd(self._mat(x), full_matrices=False)
+        finite, x_ = self._finite_or_zero(x)  # [note: non-finite SVD input]
+        u, s, vh = torch.linalg.svd(self._mat(x_), full_matrices=False)
         s = torch.clamp(s - t * self.lamda, min=0.0)
-        return ((u * s) @ vh).reshape(x.shape)
+        return self._nan_unless(finite, ((u * s) @ vh).reshape(x.shape))
 
     def subgradient(self, theta):
         if theta.numel() == 0:
             return torch.zeros_like(theta)
-        if not bool(torch.isfinite(theta).all()):  # [note: non-finite SVD input]
-            return torch.full_like(theta, math.nan)
-        u, s, vh = torch.linalg.svd(self._mat(theta), full_matrices=False)
+        finite, theta_ = self._finite_or_zero(theta)  # [note: non-finite SVD input]
+        u, s, vh = torch.linalg.svd(self._mat(theta_), full_matrices=False)
         # only the directions of the non-zero singular values: then prox(δ·v₀) = θ₀ exactly
         tol = s.max() * max(theta.shape[0], self._mat(theta).shape[1]) * torch.finfo(s.dtype).eps
         keep = (s > tol).to(s.dtype)
-        return (self.lamda * (u * keep) @ vh).reshape(theta.shape)
+        return self._nan_unless(finite, (self.lamda * (u * keep) @ vh).reshape(theta.shape))
 
 
 BUILTIN_TYPES = (NoReg, L1, L1Pos, GroupL1L2, KernelL1L2, SparseGroupL1L2, Nuclear)

@@ -161,7 +161,6 @@ CASES = [
     ("weight-decay", ALL, _set_group(1, "weight_decay", 1e-4), ValueError, "weight_decay"),
     ("nesterov", ("LinBreg",), _set_group(0, "nesterov", True), ValueError, "nesterov"),
     ("amsgrad", ("AdaBreg",), _set_group(0, "amsgrad", True), ValueError, "amsgrad"),
-    ("fused-false", ALL, _set_group(0, "fused", False), ValueError, "backend='reference'"),
     ("group-backend", ALL, _set_group(2, "backend", "reference"), ValueError, "backend"),
     ("betas-in-linbreg", ("LinBreg", "ProxSGD"), _set_group(2, "betas", (0.9, 0.999)), ValueError, "AdaBreg"),
     ("delta-in-proxsgd", ("ProxSGD",), _set_group(2, "delta", 0.5), ValueError, "delta"),

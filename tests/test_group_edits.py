@@ -3,8 +3,11 @@ checks of construction run again where a group changed, torch.optim's no-op opti
 and a checkpoint restores a user's own regularizer subclass (not a built-in class of its name)."""
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +136,60 @@ def test_a_refused_edit_is_refused_again_at_the_next_step():
         with pytest.raises(ValueError, match="more than one param group"):
             _step([w, b], opt, 1)
     assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+
+
+@pytest.mark.parametrize("key,value", [("foreach", False), ("fused", False), ("maximize", np.False_),
+                                       ("weight_decay", np.float32(0)), ("weight_decay", torch.tensor(0.0))])
+def test_implementation_choices_and_numpy_or_tensor_no_op_values_pass(key, value):
+    w, b, opt = _model_opt()
+    opt.param_groups[0][key] = value
+    _step([w, b], opt, 0)
+
+
+def test_numpy_scalars_and_arrays_are_numbers():
+    w, b, opt = _model_opt(lr=np.array(0.1))
+    opt.param_groups[1]["delta"] = np.float32(0.5)
+    _step([w, b], opt, 0)
+
+
+def test_emptying_a_group_between_steps_is_fine():
+    w, b, opt = _model_opt()
+    _step([w, b], opt, 0)
+    opt.param_groups[1]["params"] = []
+    _step([w, b], opt, 1)
+
+
+def test_a_group_added_after_construction_warns_once_about_a_misspelt_key():
+    w, b, opt = _model_opt()
+    extra = torch.nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="'lamda' is not an option"):
+        opt.add_param_group({"params": [extra], "lamda": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _step([w, b, extra], opt, 0)
+
+
+@pytest.mark.parametrize("copy_of", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_loads_a_checkpoint(copy_of):
+    # torch's __setstate__ adds "differentiable" to the copy's defaults; a checkpoint lacks it
+    w, b, opt = _model_opt(cls=bf.AdaBreg, lr=1e-3)
+    _step([w, b], opt, 0)
+    twin = copy.deepcopy(opt) if copy_of == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin.load_state_dict(opt.state_dict())
+
+
+def test_grads_that_come_and_go_recheck_only_what_changed():
+    # a step that rebuilds its buckets re-checks params against the cache of those that passed;
+    # a param replaced in place by one the regularizer cannot act on is still refused
+    torch.manual_seed(0)
+    conv = torch.nn.Parameter(torch.randn(4, 2, 3, 3))
+    lin = torch.nn.Parameter(torch.randn(4, 6))
+    opt = bf.LinBreg([{"params": [conv], "reg": bf.KernelL1L2(0.1)}, {"params": [lin]}], backend="cpu")
+    for k in range(4):  # lin has a grad only every other step: its group's buckets are rebuilt each time
+        conv.grad = torch.randn_like(conv)
+        lin.grad = torch.randn_like(lin) if k % 2 else None
+        opt.step()
+    opt.param_groups[0]["params"][0] = lin2 = torch.nn.Parameter(torch.randn(4, 6))
+    lin2.grad = torch.randn_like(lin2)
+    with pytest.raises(ValueError, match="KernelL1L2"):
+        opt.step()

@@ -12,7 +12,7 @@ What is left (mul, div, add, sub, min/max, where, casts) rounds the same in ever
 and in inductor's generated code. So the reference computes the kernels' bits for the
 element-wise maps, and ``torch.compile`` of a reference step computes eager's bits.
 Reductions differ: the row norms of the group maps sum in an order each kernel chooses (see
-regularizers.row_norms).
+prox_maps.row_norms).
 """
 from __future__ import annotations
 

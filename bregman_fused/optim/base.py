@@ -11,6 +11,7 @@ can be captured in a CUDA graph (backends/reference.py [note: capturable]).
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -64,7 +65,7 @@ class BregmanOptimizer(Optimizer):
         self._plans = Plans()
         self._seen_state_version = -1  # the opt.state version the cached state lists were built from
         # what add_param_group checked: each group's regularizer object and set of keys
-        self._checked_regs = [id(g["reg"]) for g in self.param_groups]
+        self._checked_regs = [g["reg"] for g in self.param_groups]
         self._checked_keys = [frozenset(g) for g in self.param_groups]
         backends.prepare(self.backend, {p.device for g in self.param_groups for p in g["params"]})
 
@@ -95,15 +96,19 @@ class BregmanOptimizer(Optimizer):
             param_group["reg"] = NoReg()
         super().add_param_group(param_group)
         owner = type(self).__name__
+        group = self.param_groups[-1]
         try:
-            self._check_group(self.param_groups[-1])
-            checks.check_params(owner, self.param_groups)
-            checks.check_lr_value(self.param_groups[-1]["lr"])  # a device lr too: adding a group may sync
+            self._check_group(group)
+            checks.check_params(owner, [group], first_index=len(self.param_groups) - 1)
+            checks.check_lr_value(group["lr"])  # a device lr too: adding a group may sync
         except Exception:
             self.param_groups.pop()
             raise
         checks.check_group_keys(owner, param_group if isinstance(param_group, dict) else {}, self.defaults)
-        self._warn_pitfalls(self.param_groups[-1])
+        if "_checked_keys" in self.__dict__:  # a group added after construction: checked now
+            self._checked_regs.append(group["reg"])
+            self._checked_keys.append(frozenset(group))
+        self._warn_pitfalls(group)
 
     def _warn_pitfalls(self, group: dict[str, Any]) -> None:
         """Settings that run but are known to train badly (README: Known pitfalls)."""
@@ -112,25 +117,32 @@ class BregmanOptimizer(Optimizer):
         checks.check_options(type(self).__name__, group, self.defaults)
         checks.check_group(group, self._has_dual)
 
-    def _check_edited_groups(self, owner: str, rebuilt: bool) -> None:
+    def _check_edited_groups(self, owner: str, rebuilt: bool, added: list[torch.Tensor]) -> None:
         """What add_param_group checked once, again where a group was edited since the last step:
-        its params (``check_params`` over all groups, e.g. a param appended to a second group), when
-        a group's buckets were rebuilt (its params with grads changed: plan.py) or a group's
-        regularizer object was replaced; and its keys, when their set changed (a misspelt key added
-        later warns as at construction). The signatures are remembered once the checks passed."""
-        regs = [id(g["reg"]) for g in self.param_groups]
-        if rebuilt or regs != self._checked_regs:
+        its params (``check_params``: every one where a group's regularizer object was replaced,
+        else, where buckets were rebuilt, the duplicates over all groups, e.g. a param appended to a
+        second group, and one by one the params the rebuild ``added``); and its keys, when their set
+        changed (a misspelt key added later warns as at construction). The signatures are
+        remembered once the checks passed."""
+        if torch.compiler.is_compiling():
+            # a trace runs these checks once per graph, as Python, and dynamo guards on what they
+            # read; remembering anything here would change those guards and recompile
+            checks.check_params(owner, self.param_groups, at_step=True)
+            return
+        regs = [g["reg"] for g in self.param_groups]
+        new_regs = len(regs) != len(self._checked_regs) or any(map(operator.is_not, regs, self._checked_regs))
+        if new_regs or rebuilt:
             # forgotten until the checks pass: the buckets are cached already, so a refused step
             # retried unchanged would otherwise not be checked again
             self._checked_regs = []
-            checks.check_params(owner, self.param_groups)
+            checks.check_params(owner, self.param_groups, at_step=True, only=None if new_regs else set(map(id, added)))
             self._checked_regs = regs
-        keys = [frozenset(g) for g in self.param_groups]
-        if keys != self._checked_keys:
+        keys = self._checked_keys
+        if len(keys) != len(self.param_groups) or any(g.keys() != k for g, k in zip(self.param_groups, keys)):
             for i, group in enumerate(self.param_groups):
-                if i >= len(self._checked_keys) or keys[i] != self._checked_keys[i]:
+                if i >= len(keys) or group.keys() != keys[i]:
                     checks.check_group_keys(owner, group, self.defaults)
-            self._checked_keys = keys
+            self._checked_keys = [frozenset(g) for g in self.param_groups]
 
     # -- what subclasses say ----------------------------------------------------------------------
     def _state_signature(self, group: dict[str, Any]) -> tuple:
@@ -230,14 +242,15 @@ class BregmanOptimizer(Optimizer):
         tensors (the first call's backend checks its own before it writes)."""
         for group in self.param_groups:
             self._check_group(group)
-        plan, rebuilds = [], self._plans.rebuilds
+        plan = []
+        self._plans.start_step()
         for group_index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             checks.check_sparse_grads(owner, params)
             buckets = self._plans.buckets(group_index, group, params, self.backend, self._state_signature(group),
                                           lambda p, group=group: self._moments_format(group, p))
             plan.append((group_index, group, buckets))
-        self._check_edited_groups(owner, self._plans.rebuilds != rebuilds)
+        self._check_edited_groups(owner, self._plans.rebuilt, self._plans.added)
         if self.state.version != self._seen_state_version:  # opt.state was edited: rebuild from it
             self._plans.drop_lists()
         checks.check_plan(owner, plan)

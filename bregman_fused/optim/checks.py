@@ -28,24 +28,30 @@ _SCHEDULER_KEYS = ("params", "initial_lr", "max_lr", "min_lr", "base_momentum", 
 # torch.optim options these optimizers do not have: accepted at the value that asks for nothing
 # (configs written for torch.optim carry them), refused otherwise, saying what to do instead
 _TORCH_OPTIONS = {
-    "maximize": ((False,), "negate the loss instead"),
-    "weight_decay": ((0, 0.0), "θ is recomputed from the dual at every step, so a decay of θ would be undone; "
-                               "regularize with reg= (e.g. bf.L1(lamda=...))"),
-    "nesterov": ((False,), "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
-    "dampening": ((0, 0.0), "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
-    "amsgrad": ((False,), "AdaBreg keeps Adam's moments without the AMSGrad maximum"),
-    "differentiable": ((False,), "the step is not differentiable"),
-    "foreach": ((None, True), "every backend updates a bucket in one fused call; for the plain-PyTorch "
-                              "implementation pass backend='reference'"),
-    "fused": ((None, True), "every backend updates a bucket in one fused call; for the plain-PyTorch "
-                            "implementation pass backend='reference'"),
+    "maximize": (False, "negate the loss instead"),
+    "weight_decay": (0, "θ is recomputed from the dual at every step, so a decay of θ would be undone; "
+                        "regularize with reg= (e.g. bf.L1(lamda=...))"),
+    "nesterov": (False, "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
+    "dampening": (0, "LinBreg's momentum is the paper's m ← β·m + (1−β)·τ·g"),
+    "amsgrad": (False, "AdaBreg keeps Adam's moments without the AMSGrad maximum"),
+    "differentiable": (False, "the step is not differentiable"),
 }
+# torch.optim's choices of implementation (same math): any value, the backend decides (backend=)
+_IMPLEMENTATION_KEYS = ("foreach", "fused")
 # every option of LinBreg, AdaBreg and ProxSGD: one that this optimizer lacks would be ignored
 _BREGMAN_OPTIONS = {"lr": "every", "reg": "every", "capturable": "every", "delta": "LinBreg and AdaBreg",
                     "momentum": "LinBreg", "betas": "AdaBreg", "eps": "AdaBreg", "moments": "LinBreg and AdaBreg"}
+# the keys check_options looks at (a set: one intersection per group and step finds them)
+_WATCHED = frozenset(_TORCH_OPTIONS) | frozenset(_BREGMAN_OPTIONS) | {"backend"}
 # keys users reach for when they mean `reg`; each answered with what to write instead
 _MEANT = {"lamda": "reg=bf.L1(lamda=...)", "lambda": "reg=bf.L1(lamda=...)", "lamda_l1": "reg=bf.SparseGroupL1L2(...)",
           "regs": "reg", "regularizer": "reg", "regularization": "reg", "penalty": "reg"}
+
+
+def own_options(defaults: dict[str, Any]) -> set[str]:
+    """The options of an optimizer: its defaults' keys without torch's (its __setstate__ adds
+    "differentiable" to defaults)."""
+    return set(defaults) - set(_TORCH_OPTIONS) - set(_IMPLEMENTATION_KEYS)
 
 
 def check_options(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -53,36 +59,42 @@ def check_options(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -
     keys can be edited between steps): a torch.optim option at a value other than its no-op one,
     an option of another Bregman optimizer, or ``backend`` (an argument of the optimizer); and a
     group that lost one of its options (``del group["lr"]``)."""
-    options = set(defaults) - set(_TORCH_OPTIONS)  # torch's __setstate__ adds "differentiable" to defaults
-    lacking = sorted(options - set(group))
-    if lacking:
-        raise ValueError(f"{owner}: a param group lacks {lacking}: every group holds all options of {owner} "
-                         f"({', '.join(sorted(options))}); set them again")
-    for key, (no_op, instead) in _TORCH_OPTIONS.items():
-        if key in group and not any(_same_option_value(group[key], v) for v in no_op):
-            raise ValueError(f"{owner} has no option {key!r} (a param group sets {key}={group[key]!r}): {instead}. "
-                             f"Remove the key, or set it to {no_op[0]!r}")
-    for key, where in _BREGMAN_OPTIONS.items():
-        if key in group and key not in defaults:
-            raise ValueError(f"{owner} has no option {key!r} (it is one of {where}); a param group sets it: remove the "
-                             f"key (options of {owner}: {', '.join(sorted(options))})")
-    if "backend" in group:
-        raise ValueError(f"{owner}: 'backend' is not a param group option; the backend is an argument of the "
-                         f"optimizer, for all its groups ({owner}(..., backend=...))")
+    if not defaults.keys() <= group.keys():
+        options = own_options(defaults)
+        lacking = sorted(options - set(group))
+        if lacking:
+            raise ValueError(f"{owner}: a param group lacks {lacking}: every group holds all options of {owner} "
+                             f"({', '.join(sorted(options))}); set them again")
+    for key in _WATCHED.intersection(group):
+        if key in _TORCH_OPTIONS:
+            no_op, instead = _TORCH_OPTIONS[key]
+            if not _is_no_op(group[key], no_op):
+                raise ValueError(f"{owner} has no option {key!r} (a param group sets {key}={group[key]!r}): "
+                                 f"{instead}. Remove the key, or set it to {no_op!r}")
+        elif key == "backend":
+            raise ValueError(f"{owner}: 'backend' is not a param group option; the backend is an argument of the "
+                             f"optimizer, for all its groups ({owner}(..., backend=...))")
+        elif key not in defaults:
+            raise ValueError(f"{owner} has no option {key!r} (it is one of {_BREGMAN_OPTIONS[key]}); a param group "
+                             f"sets it: remove the key (options of {owner}: {', '.join(sorted(own_options(defaults)))})")
 
 
-def _same_option_value(value: Any, no_op: Any) -> bool:
-    """value is the no-op value: the same bool/None, or the same number (0 and 0.0 alike)."""
-    if isinstance(no_op, bool) or no_op is None:
-        return value is no_op
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == no_op
+def _is_no_op(value: Any, no_op: Any) -> bool:
+    """``value`` equals the no-op value (False, or 0): a Python, numpy or one-element tensor scalar."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return False
+        value = value.item()
+    elif hasattr(value, "item") and not isinstance(value, (bool, int, float)):  # numpy scalars and 0-d arrays
+        value = value.item()
+    return isinstance(value, (bool, int, float)) and value == no_op
 
 
 def check_group_keys(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Warn about a key that looks like a misspelt option: it would be silently ignored (e.g.
     "lamda" in a group leaves the group unregularized). Keys that resemble nothing stay silent.
     Runs when a group is added and when a group's set of keys changed since the last step."""
-    known = set(defaults) | set(_SCHEDULER_KEYS) | set(_TORCH_OPTIONS)
+    known = set(defaults) | set(_SCHEDULER_KEYS) | set(_TORCH_OPTIONS) | set(_IMPLEMENTATION_KEYS)
     for key in group:
         if key in known or not isinstance(key, str):
             continue
@@ -93,34 +105,41 @@ def check_group_keys(owner: str, group: dict[str, Any], defaults: dict[str, Any]
                           f"{meant!r}? (options: {', '.join(sorted(defaults))})", UserWarning, stacklevel=4)
 
 
-def check_params(owner: str, param_groups: list[dict[str, Any]]) -> None:
-    """The params of every group: some in each, each once over all groups, real floating point, of a
-    shape the group's regularizer can act on and sharded as it needs. Run when a group is added and
-    at a step where a group's params or regularizer object changed (``group["params"]`` or
-    ``group["reg"]`` edited)."""
+def check_params(owner: str, param_groups: list[dict[str, Any]], *, first_index: int = 0, at_step: bool = False,
+                 only: set[int] | None = None) -> None:
+    """The params of ``param_groups`` (numbered from ``first_index``): each listed once in its group
+    and in one group only, real floating point, of a shape its group's regularizer can act on and
+    sharded as it needs.
+
+    Run by ``add_param_group`` for the new group alone (torch refuses a param already in another
+    group), and at a step where a group's params with grads or its regularizer object changed
+    (``at_step``: over all groups; an emptied group is then fine, it has nothing to step).
+    ``only``: ids of the params to check one by one (those new in their buckets, plan.py), the
+    others passed before; the duplicates are checked over all."""
     seen: set[int] = set()
-    for group_index, group in enumerate(param_groups):
+    for group_index, group in enumerate(param_groups, start=first_index):
         params = group["params"]
-        if len(params) == 0:
+        if len(params) == 0 and not at_step:
             raise ValueError(f"{owner}: a param group has no parameters (an iterator that was already used up, e.g. "
                              "model.parameters() passed twice? pass a list)")
-        ids = {id(p) for p in params}
+        ids = set(map(id, params))
         if len(ids) != len(params):
             # torch only warns; a fused kernel would update the tensor twice, from two threads
             raise ValueError(f"{owner}: param group {group_index} lists the same parameter twice")
-        if ids & seen:
+        if not ids.isdisjoint(seen):
             raise ValueError(f"{owner}: a parameter is in more than one param group (group {group_index} and an "
                              "earlier one); each parameter belongs to one group")
         seen |= ids
-        for p in params:
+        reg = group["reg"]
+        for p in params if only is None else [p for p in params if id(p) in only]:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{owner}: param group {group_index} holds a {type(p).__name__}, not a tensor")
             if p.is_complex():
                 raise ValueError(f"{owner} does not support complex parameters (got {p.dtype})")
             if not p.is_floating_point():
                 raise ValueError(f"{owner} needs floating-point parameters (got {p.dtype})")
-            group["reg"].check_param(p)
-            dist_utils.check_sharding(p, group["reg"])
+            reg.check_param(p)
+            dist_utils.check_sharding(p, reg)
 
 
 def check_moments(group: dict[str, Any]) -> None:

@@ -42,7 +42,14 @@ class Plans:
 
     def __init__(self):
         self._plans: dict[int, tuple[tuple, list[torch.Tensor], list[Bucket]]] = {}
-        self.rebuilds = 0  # buckets built so far: a step that builds some re-checks the groups' params
+        # since start_step(): whether any group's buckets were rebuilt, and the params a rebuild put in
+        # a group's buckets that were not in them (re-checked one by one, checks.check_params)
+        self.rebuilt = False
+        self.added: list[torch.Tensor] = []
+
+    def start_step(self) -> None:
+        self.rebuilt = False
+        self.added = []  # a new list: clear() would read its length, which torch.compile then guards on
 
     def clear(self) -> None:
         self._plans.clear()
@@ -68,6 +75,9 @@ class Plans:
         if (cached is not None and cached[0] == signature and len(cached[1]) == len(params)
                 and all(map(operator.is_, cached[1], params)) and not _format_changed(cached[2], moments_format)):
             return cached[2]
+        before = set(map(id, cached[1])) if cached is not None and cached[0] == signature else set()
+        self.added.extend(p for p in params if id(p) not in before)
+        self.rebuilt = True
         by_key: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         for p in params:
             by_key[(p.device, p.dtype, moments_format(p))].append(p)
@@ -75,7 +85,6 @@ class Plans:
                           sharded=any(map(dist_utils.is_dtensor, members)))
                    for (device, dtype, fmt), members in by_key.items()]
         self._plans[group_index] = (signature, params, buckets)
-        self.rebuilds += 1
         return buckets
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..regularizers import Regularizer, regularizer_from_dict
 from . import moment_states
+from .checks import own_options
 from ..arguments import check_lr_value, check_step_count
 
 FORMAT_KEY = "bregman_fused"  # {"optimizer": class name, "format": 1}
@@ -46,7 +47,9 @@ def _check_fits(opt, sd: dict[str, Any]) -> list[dict[str, Any]]:
     saved_groups = sd["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
         _refuse(opt, f"the checkpoint has {len(saved_groups)} param groups, this optimizer {len(opt.param_groups)}")
-    required = set(opt.defaults) - {"capturable", "moments"}  # checkpoints from before the options lack them
+    # checkpoints from before capturable/moments lack them; torch's __setstate__ adds "differentiable"
+    # to the defaults of a deep-copied or unpickled optimizer
+    required = own_options(opt.defaults) - {"capturable", "moments"}
     groups = []
     for i, (g, current) in enumerate(zip(saved_groups, opt.param_groups)):
         missing = sorted(required - set(g))

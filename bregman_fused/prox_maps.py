@@ -1,0 +1,49 @@
+"""The per-element and per-row maps the regularizers' proximal maps are built from (the spec's
+forms: the kernels compute the same bits, csrc/bregman_math.h)."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["soft_threshold", "row_norms", "row_scale"]
+
+
+def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
+    """sign(x)·max(|x| − thr, 0), written x − clamp(x, −thr, thr) as the kernels write it: the same
+    values (x ∓ thr rounded once), and the same bits where the forms differ: +0.0 where x is zeroed
+    (sign(x)·0 gave −0.0 for negative x) and x's own NaN (torch.sign gave the positive one)."""
+    return x - torch.clamp(x, -thr, thr)
+
+
+@torch.library.custom_op("bregman_fused::row_norms", mutates_args=())
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """‖row‖₂ of each row of a 2-D tensor, shape (rows, 1).
+
+    [note: opaque row norms] An op of its own so that torch.compile calls it as it is: inductor
+    would generate its own reduction, which sums in another order than eager's kernel and so rounds
+    differently; opaque, a compiled reference step computes the same bits as an eager one."""
+    return torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+
+
+@row_norms.register_fake
+def _(rows):
+    return rows.new_empty((rows.shape[0], 1))
+
+
+def _row_norms_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output)
+
+
+def _row_norms_backward(ctx, grad):
+    """∂‖r‖/∂r = r/‖r‖ (0 for a zero row, as torch.linalg.vector_norm's subgradient)."""
+    rows, norm = ctx.saved_tensors
+    return grad * torch.where(norm > 0, rows / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+
+
+row_norms.register_autograd(_row_norms_backward, setup_context=_row_norms_setup)
+
+
+def row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
+    """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
+    norm = row_norms(rows)
+    # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows
+    return torch.where(norm > thr, 1.0 - thr / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
