@@ -146,7 +146,8 @@ inline void check_params(const OpBoundary& b, const StepTensors& t) {
               "; supported: float32, float64, bfloat16, float16");
   for (size_t i = 0; i < t.size(); ++i) {
     check_tensor(b, "params", i, t.params[i], dtype, first.device(), nullptr,
-                 "all params of one call share params[0]'s dtype");
+                 "all params of one call share params[0]'s dtype; a model converted after its first step? "
+                 "opt.load_state_dict(opt.state_dict()) re-buckets its params");
   }
 }
 

@@ -154,6 +154,18 @@ STATE_KEYS = ("dual", "momentum_buffer", "exp_avg", "exp_avg_sq")
 ROW_MAPS = ("group", "kernel", "sparse_group")
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns: signs of zeros and NaN payloads included (torch.equal takes −0.0 for +0.0
+    and no NaN for equal)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    view = ints[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
 def assert_matches_reference(cfg: Config, backend: str, device="cpu", num_steps: int = NUM_STEPS):
     """The check every backend runs: params AND every state tensor after ``num_steps`` steps."""
     theta, state, opt = run(cfg, backend, device, num_steps=num_steps)
@@ -186,9 +198,9 @@ def assert_matches_reference(cfg: Config, backend: str, device="cpu", num_steps:
     if not (cfg.optimizer == "adabreg" and cfg.dtype == torch.float64):
         for key in STATE_KEYS:
             if key in ref_state:
-                assert torch.equal(state[key].cpu(), ref_state[key]), f"{cfg.id} [{backend}] {key}: not the reference's bits"
+                assert same_bits(state[key].cpu(), ref_state[key]), f"{cfg.id} [{backend}] {key}: not the reference's bits"
         if cfg.reg not in ROW_MAPS and not (backend == "triton" and device == "cpu" and cfg.dtype == torch.bfloat16):
-            assert torch.equal(theta, ref_theta), f"{cfg.id} [{backend}] θ: not the reference's bits"
+            assert same_bits(theta, ref_theta), f"{cfg.id} [{backend}] θ: not the reference's bits (signs of zeros too)"
 
     # the kernels' non-zero counts must be exact for the θ they wrote
     counts = opt._nonzeros()

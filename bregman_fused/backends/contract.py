@@ -274,7 +274,9 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
             st = lst[i]
             if st.shape != shape or st.dtype != s_dtype or st.device != device:
                 raise ValueError(f"{name}[{i}]: expected {s_dtype} of shape {list(shape)} on {device} (the state "
-                                 f"dtype of a {dtype} param), got {st.dtype} {list(st.shape)} on {st.device}")
+                                 f"dtype of a {dtype} param), got {st.dtype} {list(st.shape)} on {st.device}; a "
+                                 "model converted after its first step? opt.load_state_dict(opt.state_dict()) "
+                                 "re-places its states")
         if steps[i].numel() != 1 or steps[i].dtype != torch.float32:
             raise ValueError(f"steps[{i}]: expected a one-element float32 step count, got {steps[i].dtype} with "
                              f"{steps[i].numel()} elements")

@@ -10,9 +10,9 @@ dim 0, columns = the rest):
 ``bitmask``  the non-zero values and one bit per entry: smaller than ``rows`` above ~6 % density
              (fp32, int16 indices).
 
-Every value comes back bit for bit, the sign of a zero included: the reference backend's shrink
-sign(v)·max(|v| − λ, 0) writes −0.0 for about half of the zeros (the fused kernels' v − clamp(v)
-writes +0.0), so a tensor with any −0.0 also
+Every value comes back bit for bit, the sign of a zero included: weights trained elsewhere (or by
+bregman_fused before it wrote its shrink as v − clamp(v), which gives +0.0) may hold −0.0 for about
+half of their zeros, so a tensor with any −0.0 also
 stores one sign bit per zero (``neg_zeros``, packed with the bitmasks): numel/8 bytes at most,
 where storing the −0.0s as values would cost as much as the non-zeros. The values
 of one dtype, the indices, the counts and the bitmasks are each packed into one flat tensor: a

@@ -144,12 +144,11 @@ at::Tensor fused_step(int64_t kind, at::TensorList params, at::TensorList grads,
 
   // the step counters live on the CPU: the op adds one to each, after every check passed (from
   // Python this add costs µs per 0-dim tensor; bregman_fused/backends/contract.py [note: who adds])
+  // All adds first, then the reads, as the reference's foreach add: a counter shared by several
+  // params (the functional API allows it) then reads the same count for each of them.
   std::vector<double> step_values(n);
-  for (size_t i = 0; i < n; ++i) {
-    float* st = steps[i].data_ptr<float>();
-    *st += 1.0f;  // as the reference's float32 count
-    step_values[i] = static_cast<double>(*st);
-  }
+  for (size_t i = 0; i < n; ++i) *steps[i].data_ptr<float>() += 1.0f;  // as the reference's float32 count
+  for (size_t i = 0; i < n; ++i) step_values[i] = static_cast<double>(*steps[i].data_ptr<float>());
 
   switch (params[0].scalar_type()) {
     case at::kFloat:

@@ -134,11 +134,11 @@ at::Tensor fused_step_cuda(int64_t kind, at::TensorList params, at::TensorList g
   } else {
     const bool skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
     in.host_steps.resize(params.size());
-    for (size_t i = 0; i < params.size(); ++i) {
-      float* st = steps[i].data_ptr<float>();
-      if (!skip) *st += 1.0f;
-      in.host_steps[i] = static_cast<double>(*st);
+    // all adds, then the reads (as the CPU op: a counter shared by several params reads one count)
+    if (!skip) {
+      for (size_t i = 0; i < params.size(); ++i) *steps[i].data_ptr<float>() += 1.0f;
     }
+    for (size_t i = 0; i < params.size(); ++i) in.host_steps[i] = static_cast<double>(*steps[i].data_ptr<float>());
   }
   run_kernels(in);
   return in.counts;
