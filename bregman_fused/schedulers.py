@@ -162,16 +162,28 @@ class LamdaScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and settings (the λ values themselves live in the optimizer's state_dict)."""
-        return {key: getattr(self, key) for key in (
+        return {**{key: getattr(self, key) for key in (
             "group_index", "target_density", "warmup", "cooldown", "mode", "step_size", "factor", "attr",
-            "min_lamda", "max_lamda", "calls", "cooldown_left")}
+            "min_lamda", "max_lamda", "calls", "cooldown_left")}, "group_name": self.group.get("name")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore counters and settings. The scheduled group stays this scheduler's: a checkpoint of
+        one that steered another group (another index, or a group of another ``name``) is refused,
+        as is an unknown key; nothing is set before every check passed."""
         state_dict = dict(state_dict)
+        own = self.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:
+            raise KeyError(f"unexpected key(s) {unknown} in LamdaScheduler state_dict")
+        saved_index = state_dict.get("group_index", self.group_index)
+        saved_name = state_dict.get("group_name", own["group_name"])
+        if saved_index != self.group_index or saved_name != own["group_name"]:
+            raise ValueError(f"the checkpoint's LamdaScheduler steered param group {saved_index} ({saved_name!r}), this "
+                             f"one steers group {self.group_index} ({own['group_name']!r}): construct it with the "
+                             "group_index of the group it should steer")
         attr = state_dict.get("attr", self.attr)
         if attr not in self.reg._params():
             raise AttributeError(f"{type(self.reg).__name__} has no regularization strength {attr!r}")
+        state_dict.pop("group_name", None)
         for key, value in state_dict.items():
-            if key not in self.state_dict():
-                raise KeyError(f"unexpected key {key!r} in LamdaScheduler state_dict")
             setattr(self, key, value)

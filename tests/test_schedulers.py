@@ -174,3 +174,22 @@ def test_a_lamda_outside_the_bounds_never_moves_against_the_density():
     sched = LamdaScheduler(opt, target_density=0.1, step=0.5, max_lamda=1.0)
     assert sched.step(density=1.0) is False and sched.lamda == 5.0  # too dense: it must not go down
     assert sched.step(density=0.0) is True and sched.lamda == 4.5  # too sparse: toward the bound
+
+
+def test_a_checkpoint_of_a_scheduler_of_another_group_is_refused():
+    ps = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    opt = bf.LinBreg([{"params": [ps[0]], "reg": bf.L1(0.1), "name": "conv"},
+                      {"params": [ps[1]], "reg": bf.L1(0.1), "name": "linear"}], backend="reference")
+    conv = LamdaScheduler(opt, 0, target_density=0.1)
+    conv.step(density=1.0)
+    saved = conv.state_dict()
+    assert saved["group_name"] == "conv"
+    linear = LamdaScheduler(opt, 1, target_density=0.1)
+    with pytest.raises(ValueError, match="steered param group 0 \\('conv'\\)"):
+        linear.load_state_dict(saved)
+    assert linear.calls == 0  # nothing was set
+    again = LamdaScheduler(opt, 0, target_density=0.1)
+    again.load_state_dict(saved)
+    assert again.calls == 1
+    old_format = {k: v for k, v in saved.items() if k != "group_name"}  # before the name was saved
+    LamdaScheduler(opt, 0, target_density=0.1).load_state_dict(old_format)
