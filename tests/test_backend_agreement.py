@@ -62,8 +62,9 @@ def test_nan_grads_and_zeroed_negatives_have_the_references_bits(backend, reg, c
     assert same_bits(run(backend), run("reference"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
-def test_a_partly_converted_model_is_refused_with_what_to_do(backend):
+def test_a_partly_converted_model_is_refused_with_what_to_do(backend, dtype):
     # only the second layer converted: the first param still fits its bucket, the kernel's (cpu) or
     # the contract's (reference, triton) check refuses the rest, naming the way out
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
@@ -71,7 +72,7 @@ def test_a_partly_converted_model_is_refused_with_what_to_do(backend):
     for p in m.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    m[1].to(torch.float64)
+    m[1].to(dtype)  # bf16: its float32 states would still fit, refused all the same
     for p in m.parameters():
         p.grad = torch.ones_like(p)
     before = [p.detach().clone() for p in m.parameters()]

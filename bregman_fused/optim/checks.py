@@ -258,11 +258,14 @@ def _check_bucket_still_fits(owner: str, group_index: int, bucket, every_param: 
     """A cached bucket whose params changed dtype or device since their states were made (e.g.
     model.double() or model.cuda() after a step) would fail in its kernel's checks, possibly after
     other buckets were updated: refuse it before anything is touched. ``every_param``: all of them
-    (a step with several buckets); else the first (one bucket: its kernel refuses the rest before
-    it writes, and a whole-module conversion changes all of them)."""
+    (a step with several buckets); else the first where the bucket's compiled op refuses a param of
+    another dtype or device before it writes (with a hint to the way out; a whole-module conversion
+    changes the first param too). The reference and Triton would step a partly converted bucket
+    whose states still fit (float32 → bf16), so all of theirs are checked: every backend refuses
+    the same models (their own checks read every tensor anyway)."""
     if bucket.lists is None:
         return
-    params = bucket.params if every_param else bucket.params[:1]
+    params = bucket.params if every_param or not bucket.backend.compiled_op else bucket.params[:1]
     dtypes, devices = set(map(operator.attrgetter("dtype"), params)), set(map(operator.attrgetter("device"), params))
     if dtypes != {bucket.dtype} or devices != {bucket.device}:
         p = next(q for q in params if q.dtype != bucket.dtype or q.device != bucket.device)
