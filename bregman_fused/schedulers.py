@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist_utils
+
 __all__ = ["LamdaScheduler", "set_strength"]
 
 
@@ -119,9 +121,12 @@ class LamdaScheduler:
 
     @torch.no_grad()
     def group_density(self) -> float:
+        """The group's fraction of non-zeros, over all ranks for DTensor (FSDP2) params (a collective
+        then, as ``opt.density()``): each rank must see the same density, or each would set its own λ."""
         params = self.group["params"]
-        total = sum(p.numel() for p in params)
-        return sum(int(torch.count_nonzero(p)) for p in params) / total if total else 0.0
+        nnz = dist_utils.global_sum([(float(torch.count_nonzero(dist_utils.local(p))), p) for p in params])
+        total = dist_utils.global_sum([(float(dist_utils.local(p).numel()), p) for p in params])
+        return nnz / total if total else 0.0
 
     def step(self, density: float | None = None) -> bool:
         """One scheduler call (e.g. per epoch). Returns True if λ was changed."""

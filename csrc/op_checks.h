@@ -12,6 +12,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -188,7 +189,8 @@ inline void check_compact_moments(const OpBoundary& b, const StepHyper& h, const
       TORCH_CHECK(p.dim() >= 1 && p.is_contiguous() && list[i].is_contiguous(), b.op, ": ", name, "[", i,
                   "]: 8-bit moments need a contiguous param of at least one dim (blocks follow dim-0 rows)");
       const int64_t rows = p.size(0);
-      const int64_t row_len = rows > 0 ? p.numel() / rows : 0;
+      // from the shape, not numel/rows: a shard may hold 0 rows of a wide param (FSDP2, few rows)
+      const int64_t row_len = c10::multiply_integers(p.sizes().slice(1));
       const int64_t blocks = (row_len + kMomentBlock - 1) / kMomentBlock;
       const at::Tensor& sc = scales[i];
       TORCH_CHECK(sc.defined() && sc.device() == device && sc.scalar_type() == at::kFloat && sc.is_contiguous() &&

@@ -207,3 +207,28 @@ def resume_single_process(ckpt_dir: str, name: str, reg: str, backend: str, chec
     set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(m, opt, batches()[checkpoint_after:])
     return full_params(m), opt
+
+
+def few_rows_model(seed: int = 0) -> torch.nn.Module:
+    """moments_model with a last layer of one row of 4096 inputs (8-bit moments): on 2 ranks, rank 1's
+    shard of its weight holds 0 rows."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 4096), torch.nn.ReLU(),
+                               torch.nn.Linear(4096, 1), torch.nn.Linear(1, 3))
+
+
+def fsdp_few_rows_worker(rank: int, world: int, init_file: str, out_dir: str, combos: list, backend: str):
+    """8-bit moments with an empty shard, and the λ scheduler's density: the same on every rank."""
+    def run_one(name, fmt):
+        m = _shard(few_rows_model())
+        opt = bf.AdaBreg([{"params": [m[1].weight, m[3].weight], "reg": bf.L1(0.5)},
+                          {"params": [m[1].bias, m[3].bias, m[4].weight, m[4].bias]}], lr=1e-2, moments=fmt, backend=backend)
+        train(m, opt, batches(), rank, world)
+        sched = bf.LamdaScheduler(opt, 0, target_density=0.01)
+        density = sched.group_density()  # a collective: every rank calls it
+        sched.step(density)
+        lamdas = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(lamdas, torch.tensor(sched.lamda))
+        return {"params": full_params(m), "density": density, "lamdas": torch.stack(lamdas)}
+
+    _worker(rank, world, init_file, out_dir, combos, run_one)

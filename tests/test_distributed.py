@@ -170,3 +170,22 @@ def test_row_splitting_sharding_is_refused(tmp_path):
     errors = _spawn(_shard1_worker, tmp_path)
     assert "splits them across ranks" in errors["group"]
     assert errors["l1"] == ""  # element-wise maps are exact on any shard
+
+
+def test_fsdp2_with_a_rank_holding_no_rows_and_the_lamda_scheduler(tmp_path):
+    """A weight of one row (4096 elements, 8-bit moments) leaves rank 1 an empty shard, which steps
+    like the others; the λ scheduler counts the group's density over all ranks, so every rank sets
+    the same λ as one process."""
+    results = _spawn(W.fsdp_few_rows_worker, tmp_path, [("adabreg", "8bit"), ("adabreg", "fp32")], "auto")
+    for fmt in ("8bit", "fp32"):
+        got = results[f"adabreg-{fmt}"]
+        m = W.few_rows_model()
+        opt = bf.AdaBreg([{"params": [m[1].weight, m[3].weight], "reg": bf.L1(0.5)},
+                          {"params": [m[1].bias, m[3].bias, m[4].weight, m[4].bias]}], lr=1e-2, moments=fmt, backend="auto")
+        W.train(m, opt, W.batches())
+        sched = bf.LamdaScheduler(opt, 0, target_density=0.01)
+        assert got["density"] == pytest.approx(sched.group_density(), rel=1e-3), fmt
+        sched.step()
+        assert got["lamdas"].tolist() == [pytest.approx(sched.lamda)] * WORLD, fmt
+        for a, b in zip(got["params"], [p.detach() for p in m.parameters()]):
+            _assert_close_but_rare_flips(a, b, fmt)

@@ -224,3 +224,40 @@ def test_compare_with_a_target_density_trains_the_unregularized_baselines_unstee
     out = capsys.readouterr().out
     assert "sgd has no regularizer, so this run keeps its density unsteered" in out
     assert "linbreg has no regularizer" not in out
+
+
+def test_a_global_batch_that_does_not_divide_by_the_processes_is_refused():
+    # each rank takes batch_size // world: 128 on 3 ranks would train on 126 and not match one process
+    from bregman_fused.experiments.loop import run
+    from bregman_fused.experiments.parallel import Context
+    from bregman_fused.train import resolve_args
+
+    cfg = resolve_args(parse_args([*QUICK, "--quiet", "--batch-size", "128"]))
+    with pytest.raises(ValueError, match="--batch-size 128 is the global batch: it must divide by the 3 processes"):
+        run(cfg, ctx=Context(rank=0, world=3))
+
+
+def test_a_save_killed_between_its_renames_names_the_complete_checkpoint(tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    assert main([*QUICK, "--quiet", "--out-dir", str(run_dir)]) == 0
+    shutil.copytree(run_dir / "checkpoint", run_dir / "checkpoint.tmp")  # the new save, complete
+    (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")  # killed before tmp -> checkpoint
+    capsys.readouterr()
+    assert main([*QUICK, "--quiet", "--out-dir", str(run_dir), "--epochs", "2", "--resume"]) == 2
+    assert f"resume with --resume {run_dir / 'checkpoint.tmp'}" in capsys.readouterr().err
+    assert main([*QUICK, "--quiet", "--out-dir", str(run_dir), "--epochs", "2",
+                 "--resume", str(run_dir / "checkpoint.tmp")]) == 0
+
+
+def test_resuming_another_runs_checkpoint_into_an_out_dir_with_a_run_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*QUICK, "--quiet", "--out-dir", str(a)]) == 0
+    assert main([*QUICK, "--quiet", "--out-dir", str(b), "--lr", "0.05"]) == 0
+    capsys.readouterr()
+    assert main([*QUICK, "--quiet", "--out-dir", str(b), "--epochs", "2", "--resume", str(a / "checkpoint")]) == 2
+    assert "holds another run" in capsys.readouterr().err
+    # into an empty folder, or with --overwrite, it continues
+    assert main([*QUICK, "--quiet", "--out-dir", str(tmp_path / "c"), "--epochs", "2",
+                 "--resume", str(a / "checkpoint")]) == 0

@@ -107,7 +107,7 @@ def scale_shape(shape) -> tuple[int, int]:
 def _blocks(x: torch.Tensor) -> torch.Tensor:
     """x (contiguous) as (rows, blocks, BLOCK), the last block of each row padded with zeros."""
     rows, nb = scale_shape(x.shape)
-    flat = x.reshape(rows, -1)
+    flat = x.reshape(rows, math.prod(x.shape[1:]))  # not -1: a shard may hold 0 rows (FSDP2, few rows)
     pad = nb * BLOCK - flat.shape[1]
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
@@ -115,8 +115,8 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unblocks(x: torch.Tensor, shape) -> torch.Tensor:
-    rows = int(shape[0])
-    return x.reshape(rows, -1)[:, :math.prod(shape[1:])].reshape(shape)
+    rows, nb = scale_shape(shape)
+    return x.reshape(rows, nb * BLOCK)[:, :math.prod(shape[1:])].reshape(shape)
 
 
 def decode_m(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

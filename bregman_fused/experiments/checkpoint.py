@@ -164,6 +164,13 @@ def _first_line(e: BaseException) -> str:
 def read_train_state(path: str) -> dict[str, Any]:
     """The rank-0 part of a checkpoint, checked for completeness and format."""
     if not os.path.isdir(path):
+        # a save killed between its renames (save_checkpoint) leaves the new one in .tmp, complete
+        # once its train state is written, and the previous one in .old
+        left = [p for p in (path + ".tmp", path + ".old") if os.path.isfile(os.path.join(p, STATE_FILE))]
+        if left:
+            raise CheckpointError(f"no checkpoint at {path!r}, but a save was interrupted between its renames: "
+                                  f"{' and '.join(map(repr, left))} {'are' if len(left) > 1 else 'is'} complete "
+                                  f"({left[0]!r} the newer); resume with --resume {left[0]}, or rename it to {path!r}")
         raise CheckpointError(f"no checkpoint at {path!r} (expected the folder a run writes into --out-dir)")
     file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(file):

@@ -172,12 +172,28 @@ def _say(ctx: Context, cfg: dict[str, Any], msg: str) -> None:
         print(msg, flush=True)
 
 
+def _resumes_inside(resume: bool | str | None, out_dir: str) -> bool:
+    """Whether the run continues the one in ``out_dir``: --resume alone, or a checkpoint path inside it."""
+    if not resume:
+        return False
+    if not isinstance(resume, str):
+        return True
+    inside = os.path.realpath(resume), os.path.realpath(out_dir)
+    return os.path.commonpath(inside) == inside[1]
+
+
 def run(cfg: dict[str, Any], ctx: Context | None = None, splits: data_mod.Splits | None = None) -> list[dict[str, Any]]:
     """Train as ``cfg`` says (a resolved preset plus the run settings); return the history."""
     ctx = ctx or Context()
     device = ctx.device
     seed = int(cfg["seed"])
-    if cfg.get("out_dir") and not cfg.get("resume"):  # before anything is loaded or trained
+    if cfg["batch_size"] % ctx.world:  # [note: data order] needs equal shares of the global batch
+        size = cfg["batch_size"]
+        raise ValueError(f"--batch-size {size} is the global batch: it must divide by the {ctx.world} processes, "
+                         f"each taking an equal share (e.g. {size - size % ctx.world} or "
+                         f"{size + ctx.world - size % ctx.world})")
+    if cfg.get("out_dir") and not _resumes_inside(cfg.get("resume"), cfg["out_dir"]):  # before anything runs
+        # a new run, or one resumed from a checkpoint elsewhere: --out-dir must not hold another run
         ckpt.claim_out_dir(cfg["out_dir"], bool(cfg.get("overwrite")), ctx)
     if splits is None:
         splits = data_mod.load(cfg["dataset"], cfg.get("data_dir", "./data"), cfg.get("download", False),
