@@ -19,7 +19,7 @@ from .. import distributed as dist_utils
 from ..backends import moments
 from . import moment_states
 from ..backends.contract import state_dtype
-from ..arguments import at_least_zero, check_lr_tensor, check_lr_value, finite, in_unit_interval, positive
+from ..arguments import at_least_zero, check_lr_tensor, check_lr_value, in_unit_interval, positive
 from ..regularizers import Regularizer
 
 
