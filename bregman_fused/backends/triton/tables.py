@@ -240,7 +240,7 @@ def device_hyper(hyper: Hyper, reg: Regularizer, steps, shapes, device):
     with tensor ops only (no host read, nothing uploaded while a CUDA graph is captured).
     [note: capturable] The lr-free part is ``_hyper_rows`` with lr = 1, built once per setting and
     cached; the lr columns are products with lr and the bias corrections are formed in float64 on
-    the device, as the host does them in double."""
+    the device, within an ulp or so of the host's double (docs/design.md [note: device bias corrections])."""
     unit = dataclasses.replace(hyper, lr=1.0)
     key = ("hyper", device, unit, repr(reg.to_dict()), tuple(map(tuple, shapes)))
     base, lr_mask = _hyper_base_cache.get_or_build(key, lambda: _hyper_base(unit, reg, shapes, device),
