@@ -1,5 +1,5 @@
-"""The per-element and per-row maps the regularizers' proximal maps are built from (the spec's
-forms: the kernels compute the same bits, csrc/bregman_math.h)."""
+"""The per-element and per-row maps the regularizers' proximal maps are built from, in the spec's
+forms (csrc/bregman_math.h computes the same per-element bits; its row sums add in their own order)."""
 from __future__ import annotations
 
 import torch
