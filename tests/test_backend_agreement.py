@@ -65,8 +65,8 @@ def test_nan_grads_and_zeroed_negatives_have_the_references_bits(backend, reg, c
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_a_partly_converted_model_is_refused_with_what_to_do(backend, dtype):
-    # only the second layer converted: the first param still fits its bucket, the kernel's (cpu) or
-    # the contract's (reference, triton) check refuses the rest, naming the way out
+    # only the second layer converted: the first param still fits its bucket; the cpu op's check, or
+    # the optimizer's check of every param of a reference/Triton bucket, refuses it with the way out
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     opt = bf.AdaBreg(m.parameters(), backend=backend)
     for p in m.parameters():
