@@ -296,14 +296,22 @@ BF_HD T row_theta(T u, T factor, const StepParams<S>& hp) {
   return (u * factor) * T(hp.prox_delta);
 }
 
-// Row maps: θ_r = δ·u_r·factor with factor = max(1 − thr/‖u_r‖, 0) (0 for a zero row), from Σu² and
-// the row threshold thr = StepParams::thr_row; Σu² is accumulated by the kernel in the compute type.
-// S may be a SIMD type: the CPU kernel computes the factors of a vector of rows at once (thr/0 =
-// inf in a zero row's lane is discarded by the select).
+// Row maps: θ_r = δ·u_r·factor with factor = max(1 − thr/‖u_r‖, 0) (0 for a zero row), from the
+// row's norm and the row threshold thr = StepParams::thr_row. S may be a SIMD type: the CPU kernel
+// computes the factors of a vector of rows at once (thr/0 = inf in a zero row's lane is discarded
+// by the select).
+template <typename S>
+BF_HD S row_factor_norm(S norm, S thr) {
+  return bf_select_gt(norm, thr, S(1) - thr / norm, S(0));
+}
+
+// The same from Σu², accumulated by the kernel in the compute type: ‖u_r‖ = √Σu². [note: one-element
+// rows] A row of one element (GroupL1L2 on a bias) has the norm |u| instead, as torch's vector_norm
+// gives it: √(u²) is |u| exactly, except where u² leaves the normal range (|u| < 2⁻⁶³ in float32,
+// 1.1e-19, or |u| ≥ 2⁶⁴), where it would read as 0 or inf; the kernels pass |u| to row_factor_norm.
 template <typename S>
 BF_HD S row_factor_thr(S sum_sq, S thr) {
-  const S norm = bf_sqrt(sum_sq);
-  return bf_select_gt(norm, thr, S(1) - thr / norm, S(0));
+  return row_factor_norm(bf_sqrt(sum_sq), thr);
 }
 
 }  // namespace bregman

@@ -78,7 +78,7 @@ int64_t run_chunk(const Work<opmath_t<scalar_t>>& w, const TensorWork<opmath_t<s
         ScratchSink<scalar_t, R> sink{u, gb, t.hp};
         sweep_any<scalar_t, grad_t, K, MOM, F>(t, mw, gb, ge, w.has_scale, w.scale, sink);
         row_sums(u, rows, n, row_f);
-        row_factors(row_f, rows, t.hp.thr_row);
+        row_factors(row_f, rows, n, t.hp.thr_row);
         const T* f = row_f;
         if (n > 1) {
           broadcast_rows(row_f, rows, n, factor);

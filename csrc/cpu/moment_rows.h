@@ -64,7 +64,8 @@ inline int64_t block_aligned_rows_per_group(int64_t n, int64_t row_len, int64_t 
 }
 
 // sums[r] += Σu² of the part of row r in a piece: u holds the chunk's elements [off, off + len),
-// rows of n elements from the chunk's start; tmp: scratch for the whole rows' sums.
+// rows of n elements from the chunk's start; tmp: scratch for the whole rows' sums. Rows of one
+// element are always whole: their sums are |u|, as row_sums gives them and row_factors takes them.
 template <typename T>
 void add_row_sums(const T* u, int64_t off, int64_t len, int64_t n, double* sums, T* tmp) {
   int64_t r = off / n;
@@ -135,7 +136,7 @@ int64_t run_rows_8bit(const Work<float>& w, const TensorWork<float>& t, const Mo
   buf.factors.resize(static_cast<size_t>(rows));
   float* f = buf.factors.data();
   for (int64_t r = 0; r < rows; ++r) f[r] = static_cast<float>(buf.sums[r]);
-  row_factors(f, rows, t.hp.thr_row);
+  row_factors(f, rows, n, t.hp.thr_row);
   // pass 2: θ = (u·factor)·δ, u recomputed from the updated dual
   scalar_t* theta = static_cast<scalar_t*>(t.theta);
   int64_t nnz = 0;

@@ -99,17 +99,15 @@ void short_rows(int64_t n, const T* u, int64_t rows, T* sums, const T* f, T* out
 
 constexpr int64_t kShortRow = 16;
 
-// out[r] = Σ_j u[r·n + j]² for the rows of a group.
+// out[r] = Σ_j u[r·n + j]² for the rows of a group; for rows of one element their norm |u| itself
+// (bregman_math.h [note: one-element rows]): row_factors takes either, by n.
 template <typename T>
 void row_sums(const T* u, int64_t rows, int64_t n, T* out) {
   using Vec = Vectorized<T>;
   if (n == 1) {
     int64_t r = 0;
-    for (; r + Vec::size() <= rows; r += Vec::size()) {
-      const Vec x = Vec::loadu(u + r);
-      (x * x).store(out + r);
-    }
-    for (; r < rows; ++r) out[r] = u[r] * u[r];
+    for (; r + Vec::size() <= rows; r += Vec::size()) Vec::loadu(u + r).abs().store(out + r);
+    for (; r < rows; ++r) out[r] = std::abs(u[r]);
   } else if (n < kShortRow) {
     short_rows<T>(n, u, rows, out, nullptr, nullptr);
   } else {
@@ -124,12 +122,18 @@ void broadcast_rows(const T* f, int64_t rows, int64_t n, T* out) {
   for (int64_t r = 0; r < rows; ++r) std::fill(out + r * n, out + (r + 1) * n, f[r]);
 }
 
-// f[r] = Σu² of row r on entry, its row factor on exit (row_factor_thr, vectorized over rows).
+// f[r] = row_sums' value of row r on entry (Σu², or |u| for rows of n = 1 element), its row factor
+// on exit (vectorized over rows).
 template <typename T>
-void row_factors(T* f, int64_t rows, T thr) {
+void row_factors(T* f, int64_t rows, int64_t n, T thr) {
   using Vec = Vectorized<T>;
   const Vec vthr(thr);
   int64_t r = 0;
+  if (n == 1) {
+    for (; r + Vec::size() <= rows; r += Vec::size()) row_factor_norm(Vec::loadu(f + r), vthr).store(f + r);
+    for (; r < rows; ++r) f[r] = row_factor_norm(f[r], thr);
+    return;
+  }
   for (; r + Vec::size() <= rows; r += Vec::size()) row_factor_thr(Vec::loadu(f + r), vthr).store(f + r);
   for (; r < rows; ++r) f[r] = row_factor_thr(f[r], thr);
 }

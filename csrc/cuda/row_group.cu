@@ -150,7 +150,9 @@ __global__ void __launch_bounds__(kRowBlock)
       }
     }
     sum_sq = warp_sum(sum_sq, G);
-    const opmath_t factor = bregman::row_factor_thr(sum_sq, hp.thr_row);
+    // a row of one element has the norm |u| (bregman_math.h [note: one-element rows])
+    const opmath_t factor = n == 1 ? bregman::row_factor_norm(u[0] < opmath_t(0) ? -u[0] : u[0], hp.thr_row)
+                                   : bregman::row_factor_thr(sum_sq, hp.thr_row);
 #pragma unroll
     for (int k = 0; k < kRowK; ++k) {
       const int64_t j = lane + static_cast<int64_t>(k) * G;

@@ -126,7 +126,13 @@ def elementwise_shrink(x, thr_l1, REG: tl.constexpr):
 
 @triton.jit
 def row_factor(sum_sq, thr_row):
-    """max(1 − thr/‖u_r‖, 0), 0 for a zero row; thr_row = λ₂·√n (·τ for ProxSGD)."""
-    norm = _sqrt(sum_sq)
+    """max(1 − thr/‖u_r‖, 0) from Σu², 0 for a zero row; thr_row = λ₂·√n (·τ for ProxSGD)."""
+    return row_factor_norm(_sqrt(sum_sq), thr_row)
+
+
+@triton.jit
+def row_factor_norm(norm, thr_row):
+    """max(1 − thr/‖u_r‖, 0) from the norm; a row of one element passes |u| (bregman_math.h
+    [note: one-element rows])."""
     safe = tl.where(norm > 0, norm, 1.0)
     return tl.where(norm > thr_row, 1.0 - _div(thr_row, safe), 0.0)

@@ -52,7 +52,7 @@ import triton.language as tl
 from .bregman_math import (HP_BC2_SQRT, HP_BETA1, HP_BETA2, HP_COLS, HP_EPS, HP_LR, HP_MOM_SCALE, HP_ONE_MINUS_BETA1,
                            HP_ONE_MINUS_BETA2, HP_PROX_DELTA, HP_STEP_SIZE, HP_THR_L1, HP_THR_ROW, KIND_ADABREG,
                            KIND_PROXSGD, _div, adabreg_step, elementwise_shrink, linbreg_momentum_step, linbreg_update,
-                           proxsgd_point, row_factor)
+                           proxsgd_point, row_factor, row_factor_norm)
 from .moment_math import MOMENTS_8BIT, MOMENTS_BF16, STREAM_M, STREAM_S, bf16_decode, bf16_round
 
 # Columns of the per-tensor pointer table. [note: pointer table]
@@ -290,7 +290,10 @@ def _row_tiles(p_ptr, g_ptr, v_ptr, m_ptr, s_ptr, row_start, row_end, n, gs, hyp
                     HAS_GRAD_SCALE, MOMENTS)
         # masked lanes can hold 0/0 (AdaBreg with ε = 0): keep them out of the norms
         u = tl.where(mask, elementwise_shrink(x, hyp[HP_THR_L1], REG), 0.0)
-        factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
+        if n == 1:  # the norm of one element is |u| (bregman_math.h [note: one-element rows])
+            factor = row_factor_norm(tl.sum(tl.abs(u), axis=1), hyp[HP_THR_ROW])
+        else:
+            factor = row_factor(tl.sum(u * u, axis=1), hyp[HP_THR_ROW])
         theta = (u * factor[:, None]) * hyp[HP_PROX_DELTA]
         nnz += _store_theta(p_ptr, offs, theta, mask, P_DTYPE)
     return tl.sum(nnz.to(tl.int64))  # int64 before the sum: a long row may hold 2³¹ non-zeros
