@@ -21,12 +21,19 @@ def row_norms(rows: torch.Tensor) -> torch.Tensor:
     [note: opaque row norms] An op of its own so that torch.compile calls it as it is: inductor
     would generate its own reduction, which sums in another order than eager's kernel and so rounds
     differently; opaque, a compiled reference step computes the same bits as an eager one."""
+    _check_2d(rows)
     return torch.linalg.vector_norm(rows, dim=1, keepdim=True)
 
 
 @row_norms.register_fake
 def _(rows):
+    _check_2d(rows)
     return rows.new_empty((rows.shape[0], 1))
+
+
+def _check_2d(rows: torch.Tensor) -> None:
+    """The op and its fake kernel accept the same inputs: one row per entry of dim 0."""
+    torch._check(rows.dim() == 2, lambda: f"row_norms: expected a 2-D tensor of rows, got {rows.dim()} dims")
 
 
 def _row_norms_setup(ctx, inputs, output):
@@ -45,5 +52,7 @@ row_norms.register_autograd(_row_norms_backward, setup_context=_row_norms_setup)
 def row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
     """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
     norm = row_norms(rows)
-    # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows
-    return torch.where(norm > thr, 1.0 - thr / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny), 0.0)
+    # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows. thr as a tensor:
+    # `thr / tensor` is tensor.reciprocal() * thr, two roundings (backends/rounding.py: division)
+    ratio = norm.new_full((), thr) / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny)
+    return torch.where(norm > thr, 1.0 - ratio, 0.0)

@@ -257,13 +257,22 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
     if fmt != "fp32":
         _check_compact_moments(tensors, hyper, fmt)
         states = states[:1]  # the dual; the moments were checked
-    device = params[0].device
+    if fmt != "8bit":  # as the compiled ops: scales given where none are read would be ignored
+        for name, scales in (("exp_avg_scales", tensors.exp_avg_scales), ("exp_avg_sq_scales", tensors.exp_avg_sq_scales)):
+            if scales:
+                raise ValueError(f"{name}: only 8-bit moments have block scales; this call's moments are {fmt} "
+                                 "(pass an empty list, or moments='8bit' with 8-bit codes)")
+    device, first_dtype = params[0].device, params[0].dtype
     for i, (p, g) in enumerate(zip(params, grads)):
         dtype, shape = p.dtype, p.shape
         if dtypes is not None and dtype not in dtypes:
             raise TypeError(f"params[{i}]: supported dtypes are {[str(d) for d in dtypes]}, got {dtype}")
         if not p.is_floating_point():
             raise TypeError(f"params[{i}]: expected a floating-point tensor, got {dtype}")
+        if dtype != first_dtype:  # as the compiled ops: one dtype per call, whatever the backend
+            raise TypeError(f"params[{i}] is {dtype}, params[0] {first_dtype}: all params of one call share one "
+                            "dtype; split the lists by dtype (the optimizer classes bucket them so), or for a model "
+                            "converted after its first step: opt.load_state_dict(opt.state_dict())")
         if p.device != device:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {device}: one device per call")
         if g.shape != shape or not g.is_floating_point() or g.device != device or (dtypes and g.dtype not in dtypes):
@@ -346,6 +355,14 @@ def undo_step(advanced: list[torch.Tensor], found_inf: torch.Tensor | None, capt
 
 def _add_to_counts(steps: list[torch.Tensor], found_inf: torch.Tensor | None, sign: float) -> None:
     if not steps:
+        return
+    if torch.compiler.is_compiling() and len(set(map(id, steps))) < len(steps):
+        # a counter shared by several params (the functional API allows it): compiled, a foreach
+        # add of a list that repeats a tensor adds once; eager adds once per entry. (At trace time
+        # only: the check costs nothing per compiled step.)
+        amount = sign if found_inf is None else (found_inf.reshape(()) == 0).to(torch.float32) * sign
+        for s in steps:
+            s.add_(amount if found_inf is None else amount.to(s.device))
         return
     if found_inf is None:
         torch._foreach_add_(steps, sign)

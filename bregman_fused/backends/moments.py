@@ -5,8 +5,9 @@ fewer bytes; the dual v, the master copy of θ, always stays in the state dtype 
 
 * ``"bf16"``: m and s in bfloat16, written with *stochastic rounding* [note: bf16 rounding].
 * ``"8bit"``: one byte per element and one float32 scale per block of ``BLOCK`` elements
-  [note: 8-bit code]. Params with fewer than ``MIN_8BIT_NUMEL`` elements, of fewer than 2 dims, or
-  not contiguous keep fp32 moments (``storage``), as bitsandbytes' ``min_8bit_size`` does.
+  [note: 8-bit code]. Params with fewer than ``MIN_8BIT_NUMEL`` elements, of fewer than 2 dims,
+  with dim-0 rows shorter than ``MIN_8BIT_ROW`` elements, or not contiguous keep fp32 moments
+  (``storage``), as bitsandbytes' ``min_8bit_size`` does for small tensors.
 
 Every backend decodes the stored moments to float32, runs the fp32 update of contract.Hyper's kind
 (the same op sequence as fp32 moments), uses the new fp32 m and s for this step's dual update,
@@ -57,7 +58,7 @@ import torch
 
 from . import rounding
 
-__all__ = ["FORMATS", "BLOCK", "MIN_8BIT_NUMEL", "storage", "format_of", "scale_shape", "check_moments",
+__all__ = ["FORMATS", "BLOCK", "MIN_8BIT_NUMEL", "MIN_8BIT_ROW", "storage", "format_of", "scale_shape", "check_moments",
            "decode_m", "decode_s", "encode_m", "encode_s", "to_storage", "random_bits", "round_bf16"]
 
 FORMATS = ("fp32", "bf16", "8bit")
@@ -65,6 +66,10 @@ BLOCK = 256
 # Below this many elements a param keeps fp32 moments with "8bit" (bitsandbytes' default
 # min_8bit_size): the bytes saved are negligible and short rows waste scale bytes.
 MIN_8BIT_NUMEL = 4096
+# Nor do params whose dim-0 rows are shorter than this: every row has scales of its own (blocks
+# never straddle rows, so never a shard), so one moment costs 1 + 4·⌈L/256⌉/L bytes per element
+# for rows of L elements: at most 1.25 from L = 16 on, but 5 (more than fp32's 4) for L = 1.
+MIN_8BIT_ROW = 16
 Q_SIGNED = 127.0
 Q_UNSIGNED = 255.0
 SR_STREAM_M, SR_STREAM_S = 0, 1  # which moment a random bit stream belongs to
@@ -82,7 +87,8 @@ def check_moments(moments) -> str:
 
 def storage(p: torch.Tensor, moments: str) -> str:
     """The format a param's moments are stored in under the optimizer option ``moments``."""
-    if moments == "8bit" and (p.dim() < 2 or p.numel() < MIN_8BIT_NUMEL or not p.is_contiguous()):
+    if moments == "8bit" and (p.dim() < 2 or p.numel() < MIN_8BIT_NUMEL or not p.is_contiguous()
+                              or math.prod(p.shape[1:]) < MIN_8BIT_ROW):
         return "fp32"
     return moments
 
@@ -122,14 +128,14 @@ def _unblocks(x: torch.Tensor, shape) -> torch.Tensor:
 def decode_m(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """m = sign(c)·c²·(a/127²), float32."""
     f = _blocks(codes).to(torch.float32)
-    step = (scale / Q_SIGNED**2).unsqueeze(-1)
+    step = rounding.div(scale, Q_SIGNED**2).unsqueeze(-1)
     return _unblocks((f * f.abs()) * step, codes.shape)
 
 
 def decode_s(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """s = r² with r = q²·(b/255²), float32."""
     f = _blocks(codes).to(torch.float32)
-    r = (f * f) * (scale / Q_UNSIGNED**2).unsqueeze(-1)
+    r = (f * f) * rounding.div(scale, Q_UNSIGNED**2).unsqueeze(-1)
     return _unblocks(r * r, codes.shape)
 
 

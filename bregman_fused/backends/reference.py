@@ -13,6 +13,7 @@ from . import moments, rounding
 from .contract import Hyper, Kind, StepTensors, state_dtype
 
 
+@torch.no_grad()  # it writes params in place, as the fused ops do: also leaves that require grad
 def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: torch.Tensor | None = None,
          found_inf: torch.Tensor | None = None, capturable: bool = False) -> torch.Tensor:
     """Update the params and their states in place; return the non-zeros of each new θ (int64).
@@ -67,7 +68,7 @@ def step(tensors: StepTensors, hyper: Hyper, reg: Regularizer, *, grad_scale: to
                 rounding.lerp_(m, g, one_minus_beta1)
                 s.mul_(hyper.beta2).add_(g.mul(one_minus_beta2).mul_(g))
                 root = rounding.sqrt(s)
-                denom = (root / hyper.bc2_sqrt(t)).add_(hyper.eps)
+                denom = rounding.div(root, hyper.bc2_sqrt(t)).add_(hyper.eps)
                 v.sub_(m.div(denom).mul_(hyper.step_size(t)))
                 if compact:
                     _store(tensors, i, m, (s, root))
