@@ -14,9 +14,10 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     ``{"bytes": B, "params": N, "per_param": B / N}``.
 
     For AdaBreg with fp32 params the ratio is 12 (dual, m, s in float32) with ``moments="fp32"``,
-    8 with ``"bf16"`` (torch's Adam: 8), and 4 + 2 + 8/256 per element of the 8-bit params with
-    ``"8bit"`` (one float32 scale per 256-element block of each of m and s), plus 12 for the params
-    that keep fp32 moments (backends/moments.py). Step counters add 4 bytes per tensor. Tensors
+    8 with ``"bf16"`` (torch's Adam: 8), and 4 + 2·(1 + 4·⌈L/256⌉/L) per element of the 8-bit params
+    with ``"8bit"``, L their dim-0 row length (one float32 scale per 256-element block of each row of
+    each of m and s: ≈ 6.03 for L a multiple of 256), plus 12 for the params that keep fp32 moments
+    (backends/moments.py). Step counters add 4 bytes per tensor. Tensors
     held in lists, tuples or dicts of a state (LBFGS's history) count too, each storage once."""
     storages: dict[tuple, int] = {}
     total = 0

@@ -258,3 +258,22 @@ def test_state_bytes_counts_tensors_in_lists_once_per_storage():
                 for v in state.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)}
     assert len(state["old_dirs"]) > 0
     assert bf.state_bytes(opt)["bytes"] == sum(storages.values())
+
+
+def test_a_checkpoint_taken_at_momentum_zero_keeps_the_buffer_in_the_groups_format():
+    """LinBreg at momentum 0 (a scheduler's choice) keeps its 8-bit buffer untouched for when momentum
+    returns; a checkpoint taken then resumes the same codes, not a float32 buffer."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 300))
+    uninterrupted = bf.LinBreg([p], lr=0.1, momentum=0.9, moments="8bit", backend="cpu")
+    p.grad = torch.randn_like(p)
+    uninterrupted.step()
+    uninterrupted.param_groups[0]["momentum"] = 0.0
+    uninterrupted.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = bf.LinBreg([q], lr=0.1, momentum=0.9, moments="8bit", backend="cpu")
+    resumed.load_state_dict(uninterrupted.state_dict())
+    assert set(resumed.state[q]) == set(uninterrupted.state[p])
+    for key, value in uninterrupted.state[p].items():
+        assert resumed.state[q][key].dtype == value.dtype and torch.equal(resumed.state[q][key], value), key
+    assert bf.state_bytes(resumed) == bf.state_bytes(uninterrupted)

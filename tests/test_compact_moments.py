@@ -2,6 +2,7 @@
 backend against it, and the optimizer around them (states, buckets, conversions, bytes)."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -104,6 +105,28 @@ def test_small_1d_and_non_contiguous_params_keep_fp32_with_8bit():
     assert moments.storage(torch.empty(10_000), "8bit") == "fp32"  # 1-D
     assert moments.storage(torch.empty(64, 80).t(), "8bit") == "fp32"  # not contiguous
     assert moments.storage(torch.empty(3), "bf16") == "bf16"
+    # rows of fewer than MIN_8BIT_ROW elements: every row has its own scales
+    assert moments.storage(torch.empty(4096, 1), "8bit") == "fp32"
+    assert moments.storage(torch.empty(1000, 5, 1, 3), "8bit") == "fp32"
+    assert moments.storage(torch.empty(300, 16, 1, 1), "8bit") == "8bit"
+
+
+@pytest.mark.parametrize("shape", [(4096, 1), (8192, 2), (1000, 15), (300, 16), (50_000, 16), (64, 257), (1024, 1024)])
+def test_8bit_state_bytes_follow_the_documented_formula_and_never_exceed_fp32(shape):
+    def per_param(fmt):
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = bf.AdaBreg([p], moments=fmt, backend="cpu")
+        p.grad = torch.ones(shape)
+        opt.step()
+        return bf.state_bytes(opt)["bytes"] / p.numel()
+
+    row = math.prod(shape[1:])
+    compact = row >= moments.MIN_8BIT_ROW
+    formula = 4 + 2 * (1 + 4 * -(-row // 256) / row) if compact else 12.0
+    step_counter = 4 / math.prod(shape)
+    assert per_param("8bit") == pytest.approx(formula + step_counter)
+    assert per_param("8bit") <= 6.5 + step_counter or not compact
+    assert per_param("8bit") <= per_param("fp32")
 
 
 # ---- every fused backend against the spec -------------------------------------------------------

@@ -193,3 +193,24 @@ def test_grads_that_come_and_go_recheck_only_what_changed():
     lin2.grad = torch.randn_like(lin2)
     with pytest.raises(ValueError, match="KernelL1L2"):
         opt.step()
+
+
+@pytest.mark.parametrize("merge", ["|=", "update", "setdefault"])
+def test_a_state_merged_into_opt_state_is_tracked_like_an_assigned_one(merge):
+    # dict's own |= stores the new dict unwrapped: a tensor replaced in it later would go unnoticed
+    w, b, opt = _model_opt(bf.AdaBreg, backend="cpu")
+    for seed in range(2):
+        _step([w, b], opt, seed)
+    if merge == "|=":
+        opt.state |= {w: {}}
+    elif merge == "update":
+        opt.state.update({w: {}})
+    else:
+        del opt.state[w]
+        opt.state.setdefault(w, {})
+    for seed in range(2, 4):
+        _step([w, b], opt, seed)
+    new = torch.zeros_like(opt.state[w]["exp_avg"])
+    opt.state[w]["exp_avg"] = new
+    _step([w, b], opt, 4)
+    assert opt.state[w]["exp_avg"] is new and new.abs().sum() > 0  # the step updated the tensor now there

@@ -39,8 +39,8 @@ class LinBreg(BregmanOptimizer):
         delta: δ of the elastic net J_δ = J + ‖·‖²/(2δ); θ = prox_{δJ}(δ·v).
         momentum: β > 0 uses the paper's form m ← β·m + (1−β)·τ·g; v ← v − m.
         moments: how the momentum buffer is stored: ``"fp32"`` (default), ``"bf16"`` (stochastic
-            rounding) or ``"8bit"`` (block-wise codes; params under 4096 elements, 1-D or not
-            contiguous keep fp32); see backends/moments.py. The dual stays float32.
+            rounding) or ``"8bit"`` (block-wise codes; params under 4096 elements, 1-D, with
+            dim-0 rows under 16 elements or not contiguous keep fp32); see backends/moments.py. The dual stays float32.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         capturable: keep step counts on the params' device and accept a device tensor lr, so that
             the step can be captured in a CUDA graph.
@@ -100,7 +100,8 @@ class AdaBreg(BregmanOptimizer):
         eps: ε added to the denominator.
         moments: how m and s are stored: ``"fp32"`` (default, 12 B of state per fp32 param),
             ``"bf16"`` (stochastic rounding; 8 B, Adam's) or ``"8bit"`` (block-wise codes, ≈ 6 B;
-            params under 4096 elements, 1-D or not contiguous keep fp32); see backends/moments.py.
+            params under 4096 elements, 1-D, with dim-0 rows under 16 elements or not contiguous
+            keep fp32); see backends/moments.py.
 
     With ``reg=NoReg()`` and δ = 1 this is Adam, equal to torch's to a few ulps (the spec rounds
     every op once; README: The math).

@@ -138,7 +138,9 @@ def load_state_dict(opt, sd: dict[str, Any], torch_load: Callable[[dict[str, Any
         saved, new = saved_state.get(pid, {}), {}
         for key, value in saved.items():
             if key in opt._moment_keys:
-                moment_states.restore(new, saved, key, p, opt._moments_format(group_of[pid], p))
+                # the group's format even where its step keeps no moments now (LinBreg at momentum
+                # 0 keeps its buffer, as a step leaves it, for when momentum returns)
+                moment_states.restore(new, saved, key, p, moment_states.target_format(p, group_of[pid]))
             elif not key.endswith(moment_states.SCALE_SUFFIX):
                 new[key] = opt._place_state(key, value, p, group_of[pid])
         restored.append((p, new))

@@ -127,3 +127,7 @@ class TrackedState(defaultdict):
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
+
+    def __ior__(self, other):  # dict's |= would store the values as they are, unwrapped
+        self.update(other)
+        return self
