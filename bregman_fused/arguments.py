@@ -20,7 +20,9 @@ def finite(name: str, value: Any) -> float:
             value = float(value)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"Invalid {name}: {value!r} (must be a number)") from None
-    if not math.isfinite(value):
+    # not math.isfinite: under torch.compile a float that changed between steps is a SymFloat, which
+    # math.isfinite does not take; x − x is 0 for a finite x, NaN for ±inf and NaN
+    if not value - value == 0.0:
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
     return value
 

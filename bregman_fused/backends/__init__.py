@@ -63,6 +63,10 @@ class Backend:
         return not self.fused_regs_only or fused_code(reg) is not None
 
 
+# [note: triton under compile] The launcher packs tensor addresses (data_ptr) into launch tables,
+# which dynamo cannot trace: under torch.compile the Triton step runs eagerly, as a graph break
+# (fullgraph=True refuses it; the cpu/cuda ops are opaque custom ops and trace whole).
+@torch.compiler.disable
 def _triton_step(tensors, hyper, reg, **amp):
     from . import triton as triton_backend  # imported on first use: importing Triton takes seconds
 

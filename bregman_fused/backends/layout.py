@@ -106,13 +106,17 @@ def kernel_views(params, grads, states, group_sizes):
                 # the usual dense case: the kernels walk p and its partners as they are, in the same
                 # flat order (csrc/flat_layout.h checks it again); no view per tensor and step
                 continue
+        # whether p is walked in place: no copy of it joined writeback (a data_ptr comparison would
+        # say the same, but torch.compile(fullgraph=True) cannot trace one)
+        before = len(writeback)
         out_p[i] = _view(p, order, writeback)
+        param_in_place = len(writeback) == before
         out_g[i] = _view(grads[i], order, None)
         param_copied = len(writeback)
         for lst, out in zip(states, out_s):
             if lst:
                 out[i] = _view(lst[i], order, writeback)
-        if len(writeback) > param_copied and out_p[i].data_ptr() == p.data_ptr():
+        if len(writeback) > param_copied and param_in_place:
             _warn_state_layout(i, p, [lst[i] for lst in states if lst])
     return out_p, out_g, out_s, writeback
 
