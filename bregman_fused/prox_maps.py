@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from .scalar_tensors import scalar_like
+
 __all__ = ["soft_threshold", "row_norms", "row_scale"]
 
 
 def soft_threshold(x: torch.Tensor, thr: float) -> torch.Tensor:
     """sign(x)·max(|x| − thr, 0), written x − clamp(x, −thr, thr) as the kernels write it: the same
     values (x ∓ thr rounded once), and the same bits where the forms differ: +0.0 where x is zeroed
-    (sign(x)·0 gave −0.0 for negative x) and x's own NaN (torch.sign gave the positive one)."""
-    return x - torch.clamp(x, -thr, thr)
+    (sign(x)·0 gave −0.0 for negative x) and x's own NaN (torch.sign gave the positive one). thr
+    as a tensor: scalar_tensors [note: numbers as tensors]."""
+    bound = scalar_like(x, thr)
+    return x - torch.clamp(x, -bound, bound)
 
 
 @torch.library.custom_op("bregman_fused::row_norms", mutates_args=())
@@ -53,6 +57,6 @@ def row_scale(rows: torch.Tensor, thr: float) -> torch.Tensor:
     """max(1 − thr/‖row‖, 0) per row; 0 for a zero row (thr ≥ 0)."""
     norm = row_norms(rows)
     # where norm <= thr the row vanishes; the clamp also avoids 0/0 for zero rows. thr as a tensor:
-    # `thr / tensor` is tensor.reciprocal() * thr, two roundings (backends/rounding.py: division)
-    ratio = norm.new_full((), thr) / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny)
+    # scalar_tensors [note: numbers as tensors]
+    ratio = scalar_like(norm, thr) / torch.clamp(norm, min=torch.finfo(norm.dtype).tiny)
     return torch.where(norm > thr, 1.0 - ratio, 0.0)

@@ -174,12 +174,13 @@ def test_scheduler_tensor_lr_does_not_recompile_per_value():
         assert torch.equal(p, q)
 
 
-def _compiled_equals_eager(backend, edit=lambda opt, k: None, fullgraph=True, device="cpu", make=_model_and_opt):
+def _compiled_equals_eager(backend, edit=lambda opt, k: None, fullgraph=True, device="cpu", make=_model_and_opt,
+                           dynamic=None):
     torch._dynamo.reset()
     model, opt = make(backend, device=device)
     twin, twin_opt = make(backend, device=device)
-    step = torch.compile(opt.step, fullgraph=fullgraph)
-    for k in range(4):
+    step = torch.compile(opt.step, fullgraph=fullgraph, dynamic=dynamic)
+    for k in range(5):
         _set_grads(model, k)
         _set_grads(twin, k)
         step()
@@ -203,9 +204,14 @@ def _set_lamda(opt, k):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_op), "reference"])
 @pytest.mark.parametrize("edit", [_set_lr, _set_lamda], ids=["float-lr", "lamda"])
-def test_fullgraph_steps_recompile_for_a_changed_float_hyperparameter(backend, edit):
-    # dynamo makes a float that changed between calls a SymFloat: the argument checks must take it
-    _compiled_equals_eager(backend, edit)
+@pytest.mark.parametrize("kind", ["adabreg", "proxsgd", "linbreg_momentum"])
+@pytest.mark.parametrize("dynamic", [None, True], ids=["dynamic-auto", "dynamic"])
+def test_fullgraph_steps_follow_a_changed_float_hyperparameter(backend, edit, kind, dynamic):
+    # dynamo makes a float that changed between calls a SymFloat: the argument checks must take it,
+    # and the spec must not hand it to an op whose compiled form keeps its first value (ProxSGD's
+    # threshold lr·λ as clamp bounds: scalar_tensors [note: numbers as tensors])
+    _compiled_equals_eager(backend, edit, dynamic=dynamic,
+                           make=lambda backend, device: _model_and_opt(backend, kind=kind, device=device))
 
 
 def _transposed_weight(backend, device="cpu"):

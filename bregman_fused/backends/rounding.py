@@ -11,7 +11,7 @@ the torch ops that round differently:
 - division by a Python number: torch's CUDA kernels multiply by the number's reciprocal (one
   bit can be lost), and ``number / tensor`` is ``tensor.reciprocal() * number`` on every device.
   The spec divides by a 0-d tensor on the operand's device instead (``div``), which every
-  device divides, rounding once.
+  device divides, rounding once (scalar_tensors.py [note: numbers as tensors]).
 What is left (mul, div of tensors, add, sub, min/max, where, casts) rounds the same in every torch
 kernel and in inductor's generated code. So the reference computes the kernels' bits for the
 element-wise maps, and ``torch.compile`` of a reference step computes eager's bits.
@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..scalar_tensors import scalar_like
 
 
 def sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -61,4 +63,4 @@ def to_float32(x: float) -> float:
 def div(x: torch.Tensor, b: float) -> torch.Tensor:
     """x / b rounded once on every device (the kernels' division): b as a 0-d tensor of x's dtype on
     x's device, since torch's CUDA kernels multiply by a host number's reciprocal instead."""
-    return x / x.new_full((), b)
+    return x / scalar_like(x, b)

@@ -73,7 +73,9 @@ class LinBreg(BregmanOptimizer):
     _warned_moments = False
 
     def _state_signature(self, group):
-        return (group["momentum"] > 0, group["moments"])
+        # a bool, not the comparison: under torch.compile a changed momentum is a SymFloat, and this
+        # signature is kept between steps (a kept SymBool fails the next trace's comparison)
+        return (True if group["momentum"] > 0 else False, group["moments"])
 
     def _uses_moments(self, group):
         return group["momentum"] > 0
