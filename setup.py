@@ -30,8 +30,17 @@ def _load_build_spec():
     return module
 
 
+def _switch(name: str, default: str) -> str:
+    """An on/off build switch: "1", "0", or unset (default). Another value is refused, not read as
+    on or off: BREGMAN_FUSED_BUILD_CPU=false used to build the extension all the same."""
+    value = os.environ.get(name, default).strip()
+    if value not in ("0", "1", ""):
+        raise SystemExit(f"setup.py: {name}={value!r}: expected 1 (on) or 0 (off), or unset for the default")
+    return value
+
+
 def _want_cuda(cuda_home) -> bool:
-    switch = os.environ.get("BREGMAN_FUSED_BUILD_CUDA", "")
+    switch = _switch("BREGMAN_FUSED_BUILD_CUDA", "")
     if switch == "0":
         return False
     if switch == "1":
@@ -43,7 +52,7 @@ def _want_cuda(cuda_home) -> bool:
 
 def extensions():
     build = _load_build_spec()
-    if os.environ.get("BREGMAN_FUSED_BUILD_CUDA", "") != "0" and not (os.environ.get("CUDA_HOME") or
+    if _switch("BREGMAN_FUSED_BUILD_CUDA", "") != "0" and not (os.environ.get("CUDA_HOME") or
                                                                      os.environ.get("CUDA_PATH")):
         # before torch.utils.cpp_extension reads it: torch's own guess fails for a wrapper nvcc
         # (_build.py [note: toolkit from nvcc])
@@ -57,7 +66,7 @@ def extensions():
     cpu_extension, cuda_extension = build.cpu_extension, build.cuda_extension
 
     modules = []
-    if os.environ.get("BREGMAN_FUSED_BUILD_CPU", "1") != "0":
+    if _switch("BREGMAN_FUSED_BUILD_CPU", "1") != "0":
         modules.append(cpu_extension(ROOT))
     if _want_cuda(CUDA_HOME) and glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
         modules.append(cuda_extension(ROOT))

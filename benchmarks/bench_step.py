@@ -67,11 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's default). On a shared, busy CPU "
                          "use 1: with every core taken, each parallel region waits for a descheduled thread")
-    ap.add_argument("--csv", default=None, help="CSV path (default: benchmarks/results/<machine>-<date>.csv; rows are appended)")
+    ap.add_argument("--csv", default=None, help="CSV path (default: benchmarks/results/<machine>-<date>.csv; rows are "
+                                                "appended; --quick writes one only to an explicit --csv)")
     ap.add_argument("--no-csv", action="store_true", help="print the table only")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke preset: workload tiny, fp32, 5 reps, 1 warm-up, all providers except "
-                         "compiled-reference (explicit options still win)")
+                         "compiled-reference (explicit options still win); no CSV unless --csv is given, since "
+                         "smoke numbers are no results")
     args = ap.parse_args(argv)
     if args.quick:
         args.workloads = args.workloads or ["tiny"]
@@ -137,7 +139,8 @@ def main(argv=None) -> list[dict]:
             "(other processes hold the cores); consider --threads 1")
     log(table_header())
     all_rows: list[dict] = []
-    csv_path = None if args.no_csv else (args.csv or os.path.join(
+    # a smoke run's rows must not land in the results of the day (they share its default file name)
+    csv_path = None if args.no_csv or (args.quick and not args.csv) else (args.csv or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"{info['machine']}-{_dt.datetime.now(_dt.timezone.utc).date().isoformat()}.csv"))
 
     def emit(rows: list[dict]) -> None:

@@ -93,3 +93,12 @@ def test_compiled_reference_provider_steps():
     step = build_provider("compiled-reference", "adabreg", params, grads, make_reg("l1"), "l1")
     step()
     step()  # a second call reuses the graph (steps and states live in the closure)
+
+
+def test_bench_step_quick_without_csv_writes_no_results_file(tmp_path, monkeypatch):
+    # its default file is the day's results file (machine and date): smoke rows must not join it
+    written = []
+    monkeypatch.setattr(bench_step, "write_csv", lambda path, rows: written.append(path))
+    bench_step.main(["--quick", "--workloads", "tiny", "--reps", "1", "--providers", "reference,copy",
+                     "--optimizers", "linbreg", "--device", "cpu"])
+    assert written == []

@@ -281,3 +281,13 @@ def test_the_gpu_sessions_availability_check_runs():
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "cuda on cuda:" in out.stdout and "triton on cuda:" in out.stdout
+
+
+@pytest.mark.parametrize("switch", ["BREGMAN_FUSED_BUILD_CPU", "BREGMAN_FUSED_BUILD_CUDA"])
+def test_a_build_switch_other_than_0_or_1_is_refused(switch):
+    # "false" used to build the CPU extension all the same; "true" meant "auto" for CUDA
+    env = {**os.environ, "BREGMAN_FUSED_BUILD_CPU": "0", "BREGMAN_FUSED_BUILD_CUDA": "0", switch: "false"}
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert f"{switch}='false': expected 1 (on) or 0 (off)" in out.stderr

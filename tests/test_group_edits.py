@@ -214,3 +214,24 @@ def test_a_state_merged_into_opt_state_is_tracked_like_an_assigned_one(merge):
     opt.state[w]["exp_avg"] = new
     _step([w, b], opt, 4)
     assert opt.state[w]["exp_avg"] is new and new.abs().sum() > 0  # the step updated the tensor now there
+
+
+@pytest.mark.parametrize("cls", [bf.LinBreg, bf.AdaBreg, bf.ProxSGD])
+def test_torch_optim_keywords_to_a_constructor_are_judged_as_group_keys(cls):
+    p = [torch.nn.Parameter(torch.randn(3))]
+    # no-op values and implementation choices: accepted, and nothing kept (they ask for nothing)
+    opt = cls(p, maximize=False, weight_decay=0, foreach=True, fused=False, differentiable=False)
+    assert not {"maximize", "weight_decay", "foreach", "fused"} & set(opt.param_groups[0])
+    with pytest.raises(ValueError, match=r"has no option 'weight_decay' \(weight_decay=0.0001\): .*reg="):
+        cls(p, weight_decay=1e-4)
+    with pytest.raises(ValueError, match="has no option 'maximize'.*negate the loss"):
+        cls(p, maximize=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lamda'; did you mean reg=bf.L1"):
+        cls(p, lamda=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        cls(p, bogus=1)
+
+
+def test_an_option_of_another_bregman_optimizer_as_a_keyword_names_its_owner():
+    with pytest.raises(TypeError, match=r"'momentum' is an option of LinBreg"):
+        bf.AdaBreg([torch.nn.Parameter(torch.randn(3))], momentum=0.9)

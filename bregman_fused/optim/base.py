@@ -57,7 +57,8 @@ class BregmanOptimizer(Optimizer):
     # GradScaler hands over ``grad_scale`` / ``found_inf`` instead of unscaling itself
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict[str, Any], backend: str):
+    def __init__(self, params, defaults: dict[str, Any], backend: str, torch_keywords: dict[str, Any] | None = None):
+        checks.check_torch_keywords(type(self).__name__, torch_keywords or {})
         # backend is an attribute, not a group key: a checkpoint must not pin the backend it was saved with
         self.backend = backends.check_name(backend)
         super().__init__(params, defaults)

@@ -79,6 +79,27 @@ def check_options(owner: str, group: dict[str, Any], defaults: dict[str, Any]) -
                              f"sets it: remove the key (options of {owner}: {', '.join(sorted(own_options(defaults)))})")
 
 
+def check_torch_keywords(owner: str, keywords: dict[str, Any]) -> None:
+    """Keyword arguments a constructor got beyond its own: torch.optim's options, judged as in a
+    param group (refused unless at their no-op value, saying what to do instead; foreach/fused take
+    any value: backend= decides), and not kept, since they ask for nothing. Any other keyword is a
+    TypeError, as Python's own, with what was likely meant."""
+    for key, value in keywords.items():
+        if key in _TORCH_OPTIONS:
+            no_op, instead = _TORCH_OPTIONS[key]
+            if not _is_no_op(value, no_op):
+                raise ValueError(f"{owner} has no option {key!r} ({key}={value!r}): {instead}. Remove the argument, "
+                                 f"or set it to {no_op!r}")
+        elif key not in _IMPLEMENTATION_KEYS:
+            if key in _BREGMAN_OPTIONS:
+                hint = f" ({key!r} is an option of {_BREGMAN_OPTIONS[key]})"
+            elif key.lower() in _MEANT:
+                hint = f"; did you mean {_MEANT[key.lower()]}?"
+            else:
+                hint = ""
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {key!r}{hint}")
+
+
 def _is_no_op(value: Any, no_op: Any) -> bool:
     """``value`` equals the no-op value (False, or 0): a Python, numpy or one-element tensor scalar."""
     if isinstance(value, torch.Tensor):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -53,10 +53,11 @@ class LinBreg(BregmanOptimizer):
     _moment_keys = ("momentum_buffer",)  # made at the first step with momentum > 0
 
     def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, delta: float = 1.0,
-                 momentum: float = 0.0, backend: str = "auto", capturable: bool = False, moments: str = "fp32"):
+                 momentum: float = 0.0, backend: str = "auto", capturable: bool = False, moments: str = "fp32",
+                 **torch_keywords: Any):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, momentum=momentum,
                         capturable=capturable, moments=moments)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, torch_keywords)
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -114,10 +115,10 @@ class AdaBreg(BregmanOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, reg: Regularizer | None = None, delta: float = 1.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, backend: str = "auto",
-                 capturable: bool = False, moments: str = "fp32"):
+                 capturable: bool = False, moments: str = "fp32", **torch_keywords: Any):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), delta=delta, betas=betas, eps=eps,
                         capturable=capturable, moments=moments)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, torch_keywords)
 
     def _check_group(self, group):
         super()._check_group(group)
@@ -164,9 +165,9 @@ class ProxSGD(BregmanOptimizer):
     _has_dual = False
 
     def __init__(self, params: Iterable, lr: float = 0.1, reg: Regularizer | None = None, backend: str = "auto",
-                 capturable: bool = False):
+                 capturable: bool = False, **torch_keywords: Any):
         defaults = dict(lr=lr, reg=reg if reg is not None else NoReg(), capturable=capturable)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, torch_keywords)
 
     def _state_lists(self, group, params, states, fmt):
         return {}
