@@ -10,7 +10,9 @@ _registered: set[str] = set()
 
 
 def _counts_like(params, grad_scale, found_inf) -> torch.Tensor:
-    # an empty call answers on the device of the AMP scalars if any, else the CPU (as the ops do)
+    # an empty call answers on the device of the AMP scalars, as the ops do. Without params and AMP
+    # scalars there is no tensor to dispatch on: torch cannot call the op at all (functional.fused_step
+    # returns before it), and the CPU answer here only serves a fake call made by hand.
     where = params[0] if params else (found_inf if found_inf is not None else grad_scale)
     device = where.device if where is not None else torch.device("cpu")
     return torch.empty(len(params), dtype=torch.int64, device=device)
