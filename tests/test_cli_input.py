@@ -1,0 +1,85 @@
+"""Command-line input the train, export and signal CLIs must refuse in one ``error:`` line naming
+the flag (exit status 2, no traceback) instead of running something else than asked."""
+from __future__ import annotations
+
+import pytest
+
+from bregman_fused.train import main, parse_args, resolve_args
+
+QUICK = ["--epochs", "1", "--max-batches", "1", "--no-plot", "--no-progress", "--device", "cpu", "--quiet"]
+
+
+def _refused(capsys, argv, *words):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "error:" in err and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-5"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "-3"], "--epochs"),
+    (["--max-batches", "-1"], "--max-batches"),
+    (["--threads", "-1"], "--threads"),
+    (["--num-workers", "-2"], "--num-workers"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--preset", "mlp-mnist", "--lr-schedule", "plateau", "--plateau-factor", "2"], "--plateau-factor"),
+    (["--device", "meta"], "--device"),
+])
+def test_bad_numbers_and_devices_are_refused_naming_the_flag(capsys, argv, flag):
+    _refused(capsys, argv, flag)
+
+
+def test_max_batches_0_still_means_no_limit():
+    assert resolve_args(parse_args(["--max-batches", "0"]))["max_batches"] == 0
+    assert main(["--epochs", "1", "--max-batches", "0", "--no-plot", "--no-progress", "--device", "cpu",
+                 "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("argv, flag, why", [
+    (["--moments", "8bit"], "--moments", "--momentum 0"),
+    (["--optim", "adabreg", "--momentum", "0.9"], "--momentum", "adabreg"),
+    (["--optim", "proxsgd", "--momentum", "0.9"], "--momentum", "proxsgd"),
+    (["--optim", "proxsgd", "--moments", "bf16"], "--moments", "ProxSGD"),
+    (["--optim", "proxsgd", "--delta", "2"], "--delta", "ProxSGD"),
+    (["--lamda-conv", "0.1"], "--lamda-conv", "no conv layers"),
+    (["--conv-reg", "l1"], "--conv-reg", "no conv layers"),
+    (["--bn-shift", "0.1"], "--bn-shift", "no BatchNorm"),
+    (["--preset", "convnet-fashionmnist", "--bn-shift", "0.1"], "--bn-shift", "no BatchNorm"),
+    (["--plateau-factor", "0.5"], "--plateau-factor", "lr schedule"),
+    (["--preset", "mlp-mnist", "--lr-schedule", "none", "--plateau-patience", "2"], "--plateau-patience", "none"),
+    (["--augment", "true"], "--augment", "digits"),
+    (["--keep-checkpoints"], "--keep-checkpoints", "--out-dir"),
+    (["--download"], "--download", "digits"),
+    (["--lamda-step", "0.1"], "--lamda-step", "--target-density"),
+    (["--compare", "linbreg", "proxsgd", "--moments", "8bit"], "--moments", "none of the compared"),
+    (["--compare", "adabreg", "proxsgd", "--momentum", "0.9"], "--momentum", "none of the compared"),
+])
+def test_options_the_run_would_ignore_are_refused(capsys, argv, flag, why):
+    _refused(capsys, argv, flag, why)
+
+
+def test_a_presets_own_values_do_not_count_as_given():
+    # vgg13-mnist5k sets bn_shift 0.1 and the plateau keys (lr schedule none); resnet18 sets augment
+    for argv in (["--preset", "vgg13-mnist5k", "--optim", "proxsgd"], ["--preset", "resnet18-cifar10"],
+                 ["--preset", "resnet18-cifar10", "--dataset", "fashionmnist", "--model", "densenet"]):
+        parse_args(argv)
+    cfg = resolve_args(parse_args(["--momentum", "0.9", "--moments", "8bit"]))
+    assert (cfg["momentum"], cfg["moments"]) == (0.9, "8bit")
+
+
+def test_compare_gives_each_flag_to_the_optimizers_it_concerns():
+    args = parse_args(["--compare", "sgd", "linbreg", "adabreg", "proxsgd", "--lamda", "0.2", "--momentum", "0.5",
+                       "--moments", "bf16", "--delta", "2"])
+    cfgs = {o: resolve_args(args, o) for o in args.compare}
+    assert cfgs["sgd"]["lamda"] == 0.0 and cfgs["linbreg"]["lamda"] == cfgs["adabreg"]["lamda"] == 0.2
+    assert cfgs["sgd"]["momentum"] == cfgs["linbreg"]["momentum"] == 0.5 and cfgs["adabreg"]["momentum"] == 0.0
+    assert cfgs["adabreg"]["moments"] == "bf16" and cfgs["proxsgd"]["moments"] == "fp32"
+    assert cfgs["linbreg"]["delta"] == cfgs["adabreg"]["delta"] == 2.0 and cfgs["proxsgd"]["delta"] == 1.0
