@@ -83,3 +83,56 @@ def test_compare_gives_each_flag_to_the_optimizers_it_concerns():
     assert cfgs["sgd"]["momentum"] == cfgs["linbreg"]["momentum"] == 0.5 and cfgs["adabreg"]["momentum"] == 0.0
     assert cfgs["adabreg"]["moments"] == "bf16" and cfgs["proxsgd"]["moments"] == "fp32"
     assert cfgs["linbreg"]["delta"] == cfgs["adabreg"]["delta"] == 2.0 and cfgs["proxsgd"]["delta"] == 1.0
+
+
+# -- python -m bregman_fused.export -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """(a single run's --out-dir, a --compare run's --out-dir), one batch each."""
+    root = tmp_path_factory.mktemp("runs")
+    assert main([*QUICK, "--out-dir", str(root / "run")]) == 0
+    assert main([*QUICK, "--compare", "sgd", "linbreg", "--out-dir", str(root / "cmp")]) == 0
+    return root / "run", root / "cmp"
+
+
+def _export_refused(capsys, argv, *words):
+    from bregman_fused.export.cli import main as export_main
+
+    with pytest.raises(SystemExit) as exit_:
+        export_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("extra, flag", [(["--batch", "0"], "--batch"), (["--batch", "-2"], "--batch"),
+                                         (["--measure-batch", "0"], "--measure-batch")])
+def test_export_refuses_batches_below_1(capsys, tmp_path, trained_runs, extra, flag):
+    _export_refused(capsys, [str(trained_runs[0]), "--out", str(tmp_path / "out"), *extra], flag)
+
+
+def test_export_refuses_an_out_that_is_a_file_or_empty(capsys, tmp_path, trained_runs):
+    (tmp_path / "file").write_text("")
+    _export_refused(capsys, [str(trained_runs[0]), "--out", str(tmp_path / "file")], "--out", "is a file")
+    _export_refused(capsys, [str(trained_runs[0]), "--out", ""], "--out is empty")
+
+
+def test_export_of_a_folder_that_is_no_checkpoint_says_so(capsys, tmp_path, trained_runs):
+    from bregman_fused.export.cli import main as export_main
+
+    (tmp_path / "empty").mkdir()
+    assert export_main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint folder" in err and "incomplete" not in err
+    cmp = trained_runs[1]
+    assert export_main([str(cmp), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint folder" in err and str(cmp / "linbreg") in err and str(cmp / "sgd") in err
+    # a checkpoint folder cut short (DCP's shards without the train state) is still called incomplete
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "__0_0.distcp").write_bytes(b"")
+    assert export_main([str(cut), "--out", str(tmp_path / "out")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert export_main([str(trained_runs[0]), "--out", str(tmp_path / "out"), "--quiet"]) == 0
