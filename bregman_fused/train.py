@@ -30,7 +30,6 @@ from .experiments.presets import DEFAULT_PRESET, FIELDS, OPTIMIZERS, PRESETS, re
 
 __all__ = ["build_parser", "parse_args", "resolve_args", "train", "compare", "main"]
 
-COMPARE_FILES = ("compare.json", "compare.csv", "compare.png")  # what compare() writes into --out-dir
 _RUN_KEYS = ("seed", "backend", "device", "threads", "out_dir", "resume", "overwrite", "max_batches", "fake_data", "data_dir",
              "download", "num_workers", "quiet", "fsdp", "plot", "progress", "keep_checkpoints")
 
@@ -234,10 +233,8 @@ def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) ->
     _check_export(args, base)
     ctx = ctx or setup(base["device"])
     out_dir = base["out_dir"]
-    if out_dir and not base.get("resume"):  # every run's folder checked before the first one trains
-        for path, files, prefixes in [(out_dir, COMPARE_FILES, ()),
-                                      *[(os.path.join(out_dir, o), ckpt.RUN_FILES, ckpt.RUN_PREFIXES) for o in optims]]:
-            ckpt.claim_out_dir(path, bool(base.get("overwrite")), ctx, files, prefixes)
+    if out_dir and not base.get("resume"):  # the compare files, every OPTIM/ and a single run, before any trains
+        ckpt.claim_out_dir(out_dir, bool(base.get("overwrite")), ctx, compare=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for optim in optims:
         cfg = resolve_args(args, optim)

@@ -136,3 +136,24 @@ def test_export_of_a_folder_that_is_no_checkpoint_says_so(capsys, tmp_path, trai
     assert export_main([str(cut), "--out", str(tmp_path / "out")]) == 2
     assert "incomplete" in capsys.readouterr().err
     assert export_main([str(trained_runs[0]), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+# -- --out-dir: a single run and a --compare never share a folder -----------------------------------
+def test_a_single_run_into_a_compare_folder_and_back_is_refused_unless_overwrite(capsys, tmp_path, trained_runs):
+    import shutil
+
+    single, compared = tmp_path / "single", tmp_path / "compared"
+    shutil.copytree(trained_runs[0], single)
+    shutil.copytree(trained_runs[1], compared)
+    assert main([*QUICK, "--out-dir", str(compared)]) == 2
+    err = capsys.readouterr().err
+    assert "--out-dir" in err and "--compare run" in err and "--overwrite" in err
+    assert main([*QUICK, "--compare", "sgd", "adam", "--out-dir", str(single)]) == 2
+    err = capsys.readouterr().err
+    assert "--out-dir" in err and "single run" in err and "--overwrite" in err
+    assert (compared / "compare.json").exists() and (single / "checkpoint").exists()  # nothing was touched
+
+    assert main([*QUICK, "--out-dir", str(compared), "--overwrite"]) == 0
+    assert sorted(p.name for p in compared.iterdir()) == ["checkpoint", "history.csv", "history.json"]
+    assert main([*QUICK, "--compare", "sgd", "adam", "--out-dir", str(single), "--overwrite"]) == 0
+    assert sorted(p.name for p in single.iterdir()) == ["adam", "compare.csv", "compare.json", "sgd"]
