@@ -157,3 +157,34 @@ def test_a_single_run_into_a_compare_folder_and_back_is_refused_unless_overwrite
     assert sorted(p.name for p in compared.iterdir()) == ["checkpoint", "history.csv", "history.json"]
     assert main([*QUICK, "--compare", "sgd", "adam", "--out-dir", str(single), "--overwrite"]) == 0
     assert sorted(p.name for p in single.iterdir()) == ["adam", "compare.csv", "compare.json", "sgd"]
+
+
+# -- python -m bregman_fused.experiments.signal --------------------------------------------------------
+def test_signal_has_its_own_help(capsys):
+    from bregman_fused.experiments import signal
+
+    with pytest.raises(SystemExit) as exit_:
+        signal.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "bregman_fused.experiments.signal" in out
+    assert "--bn-shift" in out and "--epochs" not in out and "--compare" not in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "convnet-mnist5k", "--epochs", "3"], ["--epochs", "training option"]),
+    (["--preset", "convnet-mnist5k", "--out-dir=x"], ["--out-dir", "training option"]),
+    (["--preset", "convnet-mnist5k", "--compare", "sgd"], ["--compare", "training option"]),
+    (["--preset", "convnet-mnist5k", "--export"], ["--export", "training option"]),
+    (["--preset", "convnet-mnist5k", "--batch-size", "0"], ["--batch-size"]),
+    ([], ["no conv layers", "mlp"]),
+    (["--preset", "vgg13-mnist5k", "--model", "mlp"], ["no conv layers", "--model mlp"]),
+])
+def test_signal_refuses_training_flags_bad_numbers_and_models_without_convs(capsys, argv, words):
+    from bregman_fused.experiments import signal
+
+    with pytest.raises(SystemExit) as exit_:
+        signal.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "error:" in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)

@@ -127,7 +127,7 @@ def applicable_overrides(preset: str, optim: str, overrides: dict[str, Any]) -> 
 def inapplicable_flag(args: argparse.Namespace) -> str | None:
     """The first option the user gave that the run (every run of a --compare) would ignore."""
     preset = args.preset
-    compared = list(args.compare or [])
+    compared = list(getattr(args, "compare", None) or [])
     optims = compared or [args.optim or PRESETS[preset].optim]
     overrides = user_overrides(args)
     dropped = [applicable_overrides(preset, o, overrides)[1] for o in optims]
@@ -139,9 +139,9 @@ def inapplicable_flag(args: argparse.Namespace) -> str | None:
                         f"{reason}; drop it")
             return f"{_flag(key)} does not apply to this run: {reason}; drop it"
     cfg = {**PRESETS[preset].resolved(optims[0]), **overrides}
-    if args.keep_checkpoints and not args.out_dir:
+    if getattr(args, "keep_checkpoints", False) and not getattr(args, "out_dir", None):
         return "--keep-checkpoints keeps copies of the checkpoints saved into --out-dir; pass --out-dir too"
-    if args.download and cfg["dataset"] in BUNDLED_DATASETS:
+    if getattr(args, "download", False) and cfg["dataset"] in BUNDLED_DATASETS:
         return (f"--download does not apply to --dataset {cfg['dataset']}: it is bundled (nothing to download); "
                 "drop it")
     return None
