@@ -2,7 +2,10 @@
 the flag (exit status 2, no traceback) instead of running something else than asked."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from bregman_fused.train import main, parse_args, resolve_args
 
@@ -188,3 +191,93 @@ def test_signal_refuses_training_flags_bad_numbers_and_models_without_convs(caps
     assert exit_.value.code == 2 and "error:" in err and "Traceback" not in err, err
     for w in words:
         assert w in err, (w, err)
+
+
+# -- --download -----------------------------------------------------------------------------------------
+class _Offline:
+    """A torchvision data set class whose download fails as without a network."""
+
+    def __init__(self, root, train=True, download=False, transform=None):
+        import urllib.error
+
+        if download:
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/, got:\n"
+                               f"{urllib.error.URLError('Name or service not known')}")
+        raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+
+def test_a_failed_download_is_one_error_line_naming_the_data_set_and_folder(capsys, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _Offline)
+    assert main(["--preset", "mlp-mnist", "--download", "--data-dir", str(tmp_path), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err, err
+    assert "MNIST" in err and str(tmp_path) in err and "without --download" in err and "Name or service" in err
+
+
+class _Recorded:
+    """A small data set that logs (rank, download) when built; rank 0's download takes 0.3 s."""
+
+    def __init__(self, root, train=True, download=False, transform=None):
+        import time
+
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        with open(os.path.join(root, "log"), "a") as f:
+            f.write(f"{rank} {int(download)} start {time.time()}\n")
+        if download:
+            if os.environ.get("OFFLINE_RANK0") == "1":
+                raise RuntimeError("Error downloading: no network")
+            time.sleep(0.3)
+        with open(os.path.join(root, "log"), "a") as f:
+            f.write(f"{rank} {int(download)} end {time.time()}\n")
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        return torch.zeros(1, 28, 28), 0
+
+
+def _download_worker(rank, world, init_file, root, offline):
+    import torch.distributed as dist
+
+    from bregman_fused.experiments import data
+
+    os.environ["OFFLINE_RANK0"] = "1" if offline else "0"
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data.load("mnist", root, download=True, dataset_cls=_Recorded)
+        outcome = "ok"
+    except data.DatasetNotFoundError as e:
+        outcome = f"DatasetNotFoundError {e}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(root, f"outcome{rank}"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_under_a_process_group_rank_0_downloads_first_and_the_others_wait(tmp_path, offline):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    procs = mp.spawn(_download_worker, args=(2, str(tmp_path / "store"), str(tmp_path), offline), nprocs=2,
+                     join=False)
+    for p in procs.processes:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs.processes), [p.exitcode for p in procs.processes]
+    outcomes = [(tmp_path / f"outcome{r}").read_text() for r in (0, 1)]
+    if offline:  # rank 0's failure reaches rank 1 (no rank waits forever)
+        assert all(o.startswith("DatasetNotFoundError") and "no network" in o for o in outcomes), outcomes
+        return
+    assert outcomes == ["ok", "ok"]
+    events = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+    rank1 = [e for e in events if e[0] == "1"]
+    assert rank1 and all(e[1] == "0" for e in rank1)  # the others never download
+    rank0_done = max(float(e[3]) for e in events if e[0] == "0" and e[2] == "end")
+    assert min(float(e[3]) for e in rank1) >= rank0_done  # ... and load only once rank 0 is done
