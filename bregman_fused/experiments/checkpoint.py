@@ -27,7 +27,8 @@ import torch.distributed as dist
 from .parallel import Context, barrier
 
 __all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists",
-           "RUN_FILES", "COMPARE_FILES", "run_outputs", "compare_outputs", "claim_out_dir", "save", "load", "rng_state", "set_rng_state"]
+           "RUN_FILES", "COMPARE_FILES", "run_outputs", "compare_outputs", "claim_out_dir", "save", "load",
+           "rng_state", "set_rng_state"]
 
 FORMAT = "bregman_fused.train/1"
 # What may differ between a run and its resumption: how long it runs, where and on what it runs,

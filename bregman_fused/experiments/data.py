@@ -211,11 +211,12 @@ def _torchvision(name: str, info: DatasetInfo, data_dir: str, download: bool, tr
     try:
         return dataset_cls(data_dir, train=train, download=download, transform=transform)
     except Exception as e:  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
-        if download:  # no network, a refused mirror, a full disk: torchvision raises RuntimeError, URLError, OSError …
+        if download:  # no network, a refused mirror, a full disk: RuntimeError, URLError, OSError …
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
             cause = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
             raise DatasetNotFoundError(
-                f"downloading {info.torchvision_name} ({name}) into {os.path.abspath(data_dir)!r} failed ({cause[:300]}). "
+                f"downloading {info.torchvision_name} ({name}) into {os.path.abspath(data_dir)!r} failed "
+                f"({cause[:300]}). "
                 "Check the network, or place the data set's files there as torchvision lays them out (e.g. "
                 f"{info.torchvision_name}/raw/) and run without --download.") from e
         if not isinstance(e, RuntimeError) or "not found" not in str(e).lower():
