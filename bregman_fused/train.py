@@ -23,13 +23,13 @@ import os
 import sys
 from typing import Any, Sequence
 
+from .experiments import flag_checks
 from .experiments.init_plan import describe as describe_init
 from .experiments.init_plan import has_convs
 from .experiments.presets import DEFAULT_PRESET, FIELDS, OPTIMIZERS, PRESETS, resolve
 
 __all__ = ["build_parser", "parse_args", "resolve_args", "train", "compare", "main"]
 
-COMPARE_FILES = ("compare.json", "compare.csv", "compare.png")  # what compare() writes into --out-dir
 _RUN_KEYS = ("seed", "backend", "device", "threads", "out_dir", "resume", "overwrite", "max_batches", "fake_data", "data_dir",
              "download", "num_workers", "quiet", "fsdp", "plot", "progress", "keep_checkpoints")
 
@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="experiment (default: digits)")
     p.add_argument("--optim", choices=OPTIMIZERS, default=None, help="optimizer (default: the preset's)")
     p.add_argument("--compare", nargs="+", choices=OPTIMIZERS, metavar="OPTIM",
-                   help="train several optimizers with the same seed and plot them together (into --out-dir/OPTIM/)")
+                   help="train several optimizers with the same seed and plot them together (into --out-dir/OPTIM/); "
+                        "a hyper-parameter flag applies to the compared optimizers it concerns (--momentum to "
+                        "sgd/linbreg, --lamda and --delta to the regularized ones, --moments to those that keep "
+                        "moments) and is refused only when it concerns none of them")
     hp = p.add_argument_group("hyper-parameters (default: the preset's value for the optimizer)")
     for name, (typ, help_text) in FIELDS.items():
         choices = getattr(typ, "choices", None)
@@ -102,7 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argparse does (one ``error:`` line, exit status 2) before anything runs."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = _conflicting_flags(args) or _device_problem(args)
+    problem = (_conflicting_flags(args) or flag_checks.bad_number(args) or flag_checks.inapplicable_flag(args)
+               or _device_problem(args))
     if problem:
         parser.exit(2, f"{parser.prog}: error: {problem}\n")
     return args
@@ -134,6 +138,8 @@ def _device_problem(args: argparse.Namespace) -> str | None:
             device = torch.device(args.device)
         except RuntimeError:
             return f"--device {args.device!r} is not a torch device; use auto, cpu, cuda or cuda:N"
+        if device.type not in ("cpu", "cuda"):  # meta, mps, xpu …: the loop and the backends run on cpu/cuda only
+            return f"--device {args.device}: runs train on cpu or cuda only; use auto, cpu, cuda or cuda:N"
         if device.type == "cuda" and gpus == 0:
             return (f"--device {args.device}: no CUDA GPU is visible to torch here (torch.cuda.is_available() is "
                     "False); use --device cpu or --device auto")
@@ -155,7 +161,10 @@ def resolve_args(args: argparse.Namespace, optim: str | None = None) -> dict[str
     """The run's full configuration: preset values, then the command line's."""
     a = vars(args)
     # only the flags that were given are in the namespace (default=SUPPRESS): "--init-scale none" overrides too
-    cfg = resolve(a["preset"], optim or a.get("optim"), {k: a[k] for k in FIELDS if k in a})
+    overrides = {k: a[k] for k in FIELDS if k in a}
+    if optim is not None and a.get("compare"):  # a flag goes to the compared optimizers it concerns
+        overrides = flag_checks.applicable_overrides(a["preset"], optim, overrides)[0]
+    cfg = resolve(a["preset"], optim or a.get("optim"), overrides)
     cfg.update({k: a.get(k) for k in _RUN_KEYS if k in a})
     return cfg
 
@@ -224,10 +233,8 @@ def compare(args: argparse.Namespace, optims: Sequence[str], ctx: Any = None) ->
     _check_export(args, base)
     ctx = ctx or setup(base["device"])
     out_dir = base["out_dir"]
-    if out_dir and not base.get("resume"):  # every run's folder checked before the first one trains
-        for path, files, prefixes in [(out_dir, COMPARE_FILES, ()),
-                                      *[(os.path.join(out_dir, o), ckpt.RUN_FILES, ckpt.RUN_PREFIXES) for o in optims]]:
-            ckpt.claim_out_dir(path, bool(base.get("overwrite")), ctx, files, prefixes)
+    if out_dir and not base.get("resume"):  # the compare files, every OPTIM/ and a single run, before any trains
+        ckpt.claim_out_dir(out_dir, bool(base.get("overwrite")), ctx, compare=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for optim in optims:
         cfg = resolve_args(args, optim)

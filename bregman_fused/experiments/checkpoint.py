@@ -27,7 +27,8 @@ import torch.distributed as dist
 from .parallel import Context, barrier
 
 __all__ = ["CheckpointError", "FORMAT", "IDENTITY_KEYS", "RUN_ONLY_KEYS", "identity", "checkpoint_dir", "exists",
-           "RUN_FILES", "run_outputs", "claim_out_dir", "save", "load", "rng_state", "set_rng_state"]
+           "RUN_FILES", "COMPARE_FILES", "run_outputs", "compare_outputs", "claim_out_dir", "save", "load",
+           "rng_state", "set_rng_state"]
 
 FORMAT = "bregman_fused.train/1"
 # What may differ between a run and its resumption: how long it runs, where and on what it runs,
@@ -57,6 +58,7 @@ def exists(path: str) -> bool:
 # what a run writes into its --out-dir: history.*, the checkpoint and its save/keep copies, --export
 RUN_FILES = ("history.json", "history.csv", "history.png", "checkpoint", "checkpoint.tmp", "checkpoint.old", "export")
 RUN_PREFIXES = ("checkpoint-epoch",)  # --keep-checkpoints copies
+COMPARE_FILES = ("compare.json", "compare.csv", "compare.png")  # what train --compare writes into --out-dir
 
 
 def run_outputs(out_dir: str, files: tuple[str, ...] = RUN_FILES, prefixes: tuple[str, ...] = RUN_PREFIXES) -> list[str]:
@@ -66,22 +68,47 @@ def run_outputs(out_dir: str, files: tuple[str, ...] = RUN_FILES, prefixes: tupl
     return sorted(n for n in os.listdir(out_dir) if n in files or n.startswith(prefixes))
 
 
-def claim_out_dir(out_dir: str, overwrite: bool, ctx: Context, files: tuple[str, ...] = RUN_FILES,
-                  prefixes: tuple[str, ...] = RUN_PREFIXES) -> None:
-    """A new run into ``out_dir``: refuse when another run's outputs are there, unless ``overwrite``;
-    then remove them first, so that no old checkpoint, kept copy or export outlives the new run."""
-    found = run_outputs(out_dir, files, prefixes)
-    if found and not overwrite:
-        raise CheckpointError(f"--out-dir {out_dir!r} holds another run ({', '.join(found)}); pass --resume to "
-                              "continue it, --overwrite to replace it, or choose another --out-dir")
-    if found and ctx.main:
-        for name in found:
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+def compare_outputs(out_dir: str) -> list[str]:
+    """What a ``train --compare`` wrote into ``out_dir``: compare.*, and "OPTIM/" for each optimizer's
+    subfolder that holds a run, sorted."""
+    from .presets import OPTIMIZERS
+
+    found = run_outputs(out_dir, COMPARE_FILES, ())
+    return found + sorted(f"{o}/" for o in OPTIMIZERS if run_outputs(os.path.join(out_dir, o)))
+
+
+def claim_out_dir(out_dir: str, overwrite: bool, ctx: Context, compare: bool = False) -> None:
+    """A new run or --compare into ``out_dir``: refuse when another run's or --compare's outputs are
+    there, unless ``overwrite``; then remove them first, so that no old checkpoint, kept copy,
+    export or compared run outlives the new one (a single run and a --compare into the same folder
+    would mix their files: export and --resume would then find the other's). ``compare``: the new
+    one is a --compare."""
+    single, compared = run_outputs(out_dir), compare_outputs(out_dir)
+    if (single or compared) and not overwrite:
+        found = ", ".join(single + compared)
+        if bool(compared) == compare:  # the same kind: --resume can continue it
+            raise CheckpointError(f"--out-dir {out_dir!r} holds another {'--compare ' if compare else ''}run "
+                                  f"({found}); pass --resume to continue it, --overwrite to replace it, or choose "
+                                  "another --out-dir")
+        there, new = ("a --compare run", "a single run") if compared else ("a single run", "a --compare")
+        raise CheckpointError(f"--out-dir {out_dir!r} holds {there} ({found}): {new} into it would mix with it; "
+                              "choose another --out-dir, or pass --overwrite to replace it")
+    if ctx.main:
+        for name in single + [n for n in compared if not n.endswith("/")]:
+            _remove(os.path.join(out_dir, name))
+        for sub in (os.path.join(out_dir, n) for n in compared if n.endswith("/")):
+            for name in run_outputs(sub):  # only the run's files: anything else the user put there stays
+                _remove(os.path.join(sub, name))
+            if not os.listdir(sub):
+                os.rmdir(sub)
     barrier(ctx)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 # -- RNG ------------------------------------------------------------------------------------------

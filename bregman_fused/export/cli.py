@@ -41,6 +41,8 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     if os.path.isdir(ckpt.checkpoint_dir(path)) and not ckpt.exists(path):
         path = ckpt.checkpoint_dir(path)  # the run's --out-dir
+    elif os.path.isdir(path) and not _has_checkpoint_files(path):
+        raise ExportError(_not_a_checkpoint(path))
     try:
         state = ckpt.read_train_state(path)
     except ckpt.CheckpointError as e:
@@ -65,6 +67,27 @@ def load_checkpoint(path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), {**identity, "input_shape": list(info.shape), "path": path}
 
 
+def _has_checkpoint_files(path: str) -> bool:
+    """Whether ``path`` holds what a save writes (its train state or DCP's shards): a folder that holds
+    some of it is a checkpoint cut short, one that holds none is another folder altogether."""
+    from ..experiments.checkpoint import STATE_FILE
+
+    return any(n == STATE_FILE or n == ".metadata" or n.endswith(".distcp") for n in os.listdir(path))
+
+
+def _not_a_checkpoint(path: str) -> str:
+    from ..experiments import checkpoint as ckpt
+
+    runs = sorted(os.path.join(path, n) for n in os.listdir(path)
+                  if os.path.isdir(ckpt.checkpoint_dir(os.path.join(path, n))))
+    if runs:  # a --compare output: one run per optimizer, each in its own folder
+        return (f"{path!r} is not a checkpoint folder but holds runs in its subfolders ({', '.join(runs)}), as "
+                "train --compare writes them; export one of those: python -m bregman_fused.export "
+                f"{runs[0]} --out DIR")
+    return (f"{path!r} is not a checkpoint folder (no checkpoint/ subfolder, no train_state.pt); CHECKPOINT is "
+            "the --out-dir of a python -m bregman_fused.train run or its checkpoint folder")
+
+
 def _dense_bytes(model: torch.nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -74,6 +97,8 @@ def _dense_bytes(model: torch.nn.Module) -> int:
 def export_checkpoint(path: str, out_dir: str, *, batch: int = 8, threshold: float = DENSITY_THRESHOLD,
                       min_numel: int = MIN_NUMEL, measure_batch: int | None = None, seed: int = 0) -> str:
     """Export the checkpoint at ``path`` into ``out_dir``; return the report text (also in report.txt)."""
+    if batch < 1:
+        raise ExportError(f"--batch {batch}: shrink needs at least 1 example input; pass --batch 1 or more")
     model, identity = load_checkpoint(path)
     x = torch.randn(batch, *identity["input_shape"], generator=torch.Generator().manual_seed(seed))
     small = shrink(model, x)
@@ -118,8 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bad_argument(args: argparse.Namespace) -> str | None:
+    """A value no export can use, as an ``error:`` text naming its flag (checked before any loading)."""
+    if args.batch < 1:
+        return f"--batch {args.batch}: shrink needs at least 1 example input; pass --batch 1 or more"
+    if args.measure_batch is not None and args.measure_batch < 1:
+        return f"--measure-batch {args.measure_batch}: must be a positive batch size (or leave it out)"
+    if args.min_numel < 0:
+        return f"--min-numel {args.min_numel}: must be 0 or a positive number of weights"
+    if not args.out.strip():
+        return "--out is empty: name the folder that sparse.pt, shrunk.pt and report.txt go into"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out!r} is a file, not a folder: name a new or existing folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _bad_argument(args)
+    if problem:
+        parser.error(problem)
     try:
         text = export_checkpoint(args.checkpoint, args.out, batch=args.batch, threshold=args.threshold,
                                  min_numel=args.min_numel, measure_batch=args.measure_batch)
