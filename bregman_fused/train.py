@@ -163,7 +163,7 @@ def resolve_args(args: argparse.Namespace, optim: str | None = None) -> dict[str
     # only the flags that were given are in the namespace (default=SUPPRESS): "--init-scale none" overrides too
     overrides = {k: a[k] for k in FIELDS if k in a}
     if optim is not None and a.get("compare"):  # a flag goes to the compared optimizers it concerns
-        overrides = flag_checks.applicable_overrides(a["preset"], optim, overrides)[0]
+        overrides = flag_checks.applicable_overrides(a["preset"], optim, overrides, a.get("fake_data"))[0]
     cfg = resolve(a["preset"], optim or a.get("optim"), overrides)
     cfg.update({k: a.get(k) for k in _RUN_KEYS if k in a})
     return cfg

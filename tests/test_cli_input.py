@@ -69,6 +69,19 @@ def test_options_the_run_would_ignore_are_refused(capsys, argv, flag, why):
     _refused(capsys, argv, flag, why)
 
 
+def test_values_that_ask_for_nothing_pass_where_their_option_does_not_apply():
+    # as the optimizers pass torch.optim's no-op options: a sweep may give --momentum 0 to every optimizer
+    for argv in (["--optim", "adabreg", "--momentum", "0"], ["--optim", "linbreg", "--moments", "fp32"],
+                 ["--optim", "proxsgd", "--delta", "1"], ["--optim", "sgd", "--lamda", "0"]):
+        parse_args(argv)
+    assert resolve_args(parse_args(["--optim", "adabreg", "--momentum", "0"]))["momentum"] == 0.0
+
+
+def test_augment_applies_to_mnist5k_through_fake_data():
+    # --fake-data takes mnist5k through the torchvision path, which augments (data.load)
+    parse_args(["--preset", "mlp-mnist5k", "--fake-data", "32", "--augment", "true"])
+
+
 def test_a_presets_own_values_do_not_count_as_given():
     # vgg13-mnist5k sets bn_shift 0.1 and the plateau keys (lr schedule none); resnet18 sets augment
     for argv in (["--preset", "vgg13-mnist5k", "--optim", "proxsgd"], ["--preset", "resnet18-cifar10"],

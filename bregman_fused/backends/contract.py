@@ -356,18 +356,18 @@ def undo_step(advanced: list[torch.Tensor], found_inf: torch.Tensor | None, capt
 def _add_to_counts(steps: list[torch.Tensor], found_inf: torch.Tensor | None, sign: float) -> None:
     if not steps:
         return
+    # with found_inf (capturable): one per count where the step ran; device ops only, no host read
+    ran = sign if found_inf is None else (found_inf.reshape(()) == 0).to(torch.float32) * sign
     if torch.compiler.is_compiling() and len(set(map(id, steps))) < len(steps):
         # a counter shared by several params (the functional API allows it): compiled, a foreach
         # add of a list that repeats a tensor adds once; eager adds once per entry. (At trace time
         # only: the check costs nothing per compiled step.)
-        amount = sign if found_inf is None else (found_inf.reshape(()) == 0).to(torch.float32) * sign
         for s in steps:
-            s.add_(amount if found_inf is None else amount.to(s.device))
+            s.add_(ran if found_inf is None else ran.to(s.device))
         return
     if found_inf is None:
         torch._foreach_add_(steps, sign)
         return
-    ran = (found_inf.reshape(()) == 0).to(torch.float32) * sign  # device ops only: no host read
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for s in steps:
         by_device.setdefault(s.device, []).append(s)

