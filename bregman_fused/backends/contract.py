@@ -258,7 +258,8 @@ def check_tensors(tensors: StepTensors, hyper: Hyper, dtypes: tuple[torch.dtype,
         _check_compact_moments(tensors, hyper, fmt)
         states = states[:1]  # the dual; the moments were checked
     if fmt != "8bit":  # as the compiled ops: scales given where none are read would be ignored
-        for name, scales in (("exp_avg_scales", tensors.exp_avg_scales), ("exp_avg_sq_scales", tensors.exp_avg_sq_scales)):
+        for name, scales in (("exp_avg_scales", tensors.exp_avg_scales),
+                             ("exp_avg_sq_scales", tensors.exp_avg_sq_scales)):
             if scales:
                 raise ValueError(f"{name}: only 8-bit moments have block scales; this call's moments are {fmt} "
                                  "(pass an empty list, or moments='8bit' with 8-bit codes)")
