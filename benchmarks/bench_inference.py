@@ -256,12 +256,15 @@ def calibrate(args, info, log) -> list[dict]:
             lin = torch.nn.Linear(n, n).eval()
             sparsify_(lin, d, linear="elementwise", conv=None, generator=torch.Generator().manual_seed(0))
             models = {"dense": lin, "onednn": mkldnn.to_mkldnn(copy.deepcopy(lin)), "sparse": export.SparseLinear.from_linear(lin)}
-            med = {k: statistics.median(v) for k, v in time_case(models, torch.randn(batch, n), args.reps,
-                                                                 torch.device("cpu")).items()}
+            samples = {k: sorted(v) for k, v in time_case(models, torch.randn(batch, n), args.reps,
+                                                          torch.device("cpu")).items()}
+            med = {k: statistics.median(v) for k, v in samples.items()}
             for k in models:
                 rows.append(dict(info, date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                                  loadavg_1m=loadavg(), device="cpu", workload=f"calibrate-linear{n}",
                                  density=f"{d:.4f}", batch=batch, provider=k, median_ms=f"{med[k]:.4f}",
+                                 p20_ms=f"{percentile(samples[k], 0.2):.4f}", p80_ms=f"{percentile(samples[k], 0.8):.4f}",
+                                 reps=len(samples[k]),
                                  speedup_vs_dense=f"{med['dense'] / med[k]:.2f}",
                                  speedup_vs_onednn=f"{med['onednn'] / med[k]:.2f}", status="ok"))
             log(f"  linear {n}x{n} d={d:<5} b={batch:<4d} dense {med['dense']:8.3f} ms  onednn {med['onednn']:8.3f} ms"
@@ -281,7 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="digits: a run's --out-dir (default: train one now)")
     p.add_argument("--calibrate", action="store_true", help="only the break-even sweep of one Linear layer")
     p.add_argument("--quick", action="store_true", help="smoke run: mlp4096 at 2 %% and digits, batches 1,32, 3 reps")
-    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<machine>-inference-<date>.csv)")
+    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<machine>-inference-<date>.csv, "
+                                               "appended; --quick writes one only to an explicit --csv)")
+    p.add_argument("--no-csv", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     if args.quick:
         args.workloads, args.densities, args.batches, args.reps = "digits,mlp4096", "0.02", "1,32", 3
@@ -310,7 +315,10 @@ def main(argv=None) -> list[dict]:
         for w in args.workloads:
             for d in (args.densities if w == "mlp4096" else [None]):
                 rows += run_workload(w, d, args.batches, args, device, info, log)
-    date = _dt.date.today().isoformat()
+    # a smoke run's rows must not land in the results of the day (they share its default file name)
+    if args.no_csv or (args.quick and not args.csv):
+        return rows
+    date = _dt.datetime.now(_dt.timezone.utc).date().isoformat()  # UTC, as bench_step's file names
     path = args.csv or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"{info['machine']}-inference-{date}.csv")
     write_csv(path, rows, CSV_COLUMNS)

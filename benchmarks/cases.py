@@ -17,6 +17,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import bregman_fused as bf
+from bregman_fused.backends import moments  # noqa: E402  (after the path set-up above)
 
 OPTIMIZERS = ("linbreg", "linbreg-momentum", "adabreg", "proxsgd")
 # the optimizers with moments, with compact moments (moments="bf16" / "8bit"): "adabreg-8bit" etc.
@@ -96,18 +97,30 @@ def make_reg(name: str):
     return {"l1": lambda: bf.L1(lamda=LAMDA), "group": lambda: bf.GroupL1L2(lamda=LAMDA), "none": bf.NoReg}[name]()
 
 
-def bytes_per_elt(optimizer: str, dtype: torch.dtype) -> int:
+def bytes_per_elt(optimizer: str, dtype: torch.dtype, params=None) -> float:
     """docs/design.md §2 floors: params/grads in ``dtype``; Bregman states fp32 (torch Adam: param dtype);
-    compact moments 2 (bf16) or 1 (8-bit codes; their block scales, 4 B per 256, are not counted)."""
+    compact moments 2 (bf16) or 1 (8-bit codes; their block scales, 4 B per 256, are not counted).
+
+    ``params``: with compact moments, each param counts in the format its moments are stored in
+    (backends/moments.storage: with "8bit", small, 1-D, non-contiguous and short-row params keep
+    fp32 moments), weighted by its elements; without them, every param is taken as compact."""
     p = torch.empty((), dtype=dtype).element_size()
     s = 8 if dtype == torch.float64 else 4
     kind, fmt = split_kind(optimizer)
-    m = {"fp32": s, "bf16": 2, "8bit": 1}[fmt]  # bytes of one stored moment
-    return {
-        "linbreg": 2 * p + 2 * s,           # read g, v; write v, θ
-        "linbreg-momentum": 2 * p + 2 * s + 2 * m,  # read g, v, m; write m, v, θ
-        "adabreg": 2 * p + 2 * s + 4 * m,   # read g, v, m, s; write m, s, v, θ
-        "proxsgd": 3 * p,                   # read θ, g; write θ
-        "adam": 7 * p,                      # torch fused Adam: read p, g, m, s; write p, m, s
-        "sgd": 3 * p,                       # torch SGD (no momentum): read p, g; write p
-    }[kind]
+
+    def floor(moments_format: str) -> int:
+        m = {"fp32": s, "bf16": 2, "8bit": 1}[moments_format]  # bytes of one stored moment
+        return {
+            "linbreg": 2 * p + 2 * s,           # read g, v; write v, θ
+            "linbreg-momentum": 2 * p + 2 * s + 2 * m,  # read g, v, m; write m, v, θ
+            "adabreg": 2 * p + 2 * s + 4 * m,   # read g, v, m, s; write m, s, v, θ
+            "proxsgd": 3 * p,                   # read θ, g; write θ
+            "adam": 7 * p,                      # torch fused Adam: read p, g, m, s; write p, m, s
+            "sgd": 3 * p,                       # torch SGD (no momentum): read p, g; write p
+        }[kind]
+
+    numel = sum(t.numel() for t in params) if params else 0
+    if fmt == "fp32" or numel == 0:
+        return floor(fmt)
+    total = sum(t.numel() * floor(moments.storage(t, fmt)) for t in params)
+    return total // numel if total % numel == 0 else total / numel

@@ -17,21 +17,28 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the same workloads and providers as bench_step.py
-from cases import CHANNELS_LAST_WORKLOADS, DTYPES, OPTIMIZERS, REGS, WORKLOADS  # noqa: E402
+from cases import ALL_OPTIMIZERS, CHANNELS_LAST_WORKLOADS, DTYPES, REGS, WORKLOADS  # noqa: E402
 from cases import make_reg, make_tensors, workload_shapes  # noqa: E402
-from providers import PROVIDERS, build_provider  # noqa: E402
+from providers import ANCHOR_OPTIMIZER, PROVIDERS, build_provider  # noqa: E402
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--provider", default="cuda", choices=PROVIDERS)
     ap.add_argument("--workload", default="resnet18", choices=WORKLOADS)
-    ap.add_argument("--optimizer", default="adabreg", choices=OPTIMIZERS + ("adam", "sgd"))
+    ap.add_argument("--optimizer", default="adabreg", choices=ALL_OPTIMIZERS + tuple(ANCHOR_OPTIMIZER.values()),
+                    help="one of ours for our providers; adam / sgd for torch-adam-fused / torch-sgd")
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--reg", default="l1", choices=REGS)
     ap.add_argument("--steps", type=int, default=20, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=25, help="rows of each table")
     args = ap.parse_args(argv)
+    anchor_optimizer = ANCHOR_OPTIMIZER.get(args.provider)
+    if anchor_optimizer is not None and args.optimizer != anchor_optimizer:
+        ap.error(f"--provider {args.provider} times torch's {anchor_optimizer}: pass --optimizer {anchor_optimizer}")
+    if anchor_optimizer is None and args.optimizer in ANCHOR_OPTIMIZER.values():
+        ap.error(f"--optimizer {args.optimizer} is torch's: profile it with --provider "
+                 f"{next(p for p, o in ANCHOR_OPTIMIZER.items() if o == args.optimizer)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = workload_shapes(args.workload)

@@ -54,7 +54,9 @@ def _ours(kind: str, params, reg, backend: str):
                           backend=backend, moments=moments)
     if kind == "adabreg":
         return bf.AdaBreg(params, lr=lr, reg=reg, delta=DELTA, betas=BETAS, eps=EPS, backend=backend, moments=moments)
-    return bf.ProxSGD(params, lr=lr, reg=reg, backend=backend)
+    if kind == "proxsgd":
+        return bf.ProxSGD(params, lr=lr, reg=reg, backend=backend)
+    raise ValueError(f"no optimizer of this project is called {kind!r}")
 
 
 def _compiled_reference(kind: str, params, grads, reg):
@@ -100,11 +102,15 @@ def build_provider(provider: str, kind: str, params, grads, reg, reg_name: str) 
     """Return a zero-argument step function; raise Skip with the reason if it cannot run here."""
     device = params[0].device
     if provider == "copy":
-        nbytes = bytes_per_elt(kind, params[0].dtype) * sum(p.numel() for p in params)
+        nbytes = round(bytes_per_elt(kind, params[0].dtype, params) * sum(p.numel() for p in params))
         n = (nbytes + 7) // 8  # src and dst each hold half the bytes: a copy reads one, writes the other
         src = torch.randn(n, device=device, dtype=torch.float32)
         dst = torch.empty_like(src)
         return lambda: dst.copy_(src)
+    if kind in PEER and provider not in ANCHOR_OPTIMIZER:  # it would run one of ours in its place
+        anchor = next(a for a, opt in ANCHOR_OPTIMIZER.items() if opt == kind)
+        raise ValueError(f"provider {provider!r} runs this project's optimizers; {kind!r} is torch's, timed by the "
+                         f"provider {anchor!r}")
     moments = split_kind(kind)[1]
     if moments != "fp32" and provider in ("research-loop", "compiled-reference"):
         raise Skip(f"{provider} has fp32 moments only")

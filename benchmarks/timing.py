@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from cases import CHANNELS_LAST_WORKLOADS, DTYPES, bytes_per_elt, make_reg, make_tensors, workload_shapes
+from cases import CHANNELS_LAST_WORKLOADS, DTYPES, bytes_per_elt, make_reg, make_tensors, split_kind, workload_shapes
 from providers import ANCHOR_OPTIMIZER, PEER, Skip, build_provider
 from report import loadavg
 
@@ -93,10 +93,16 @@ def finish_row(row: dict, numel: int, walls: list[float], device_times: list[flo
             row["timing"] = "device"
             med = statistics.median(dts)
         else:  # the step waited for the GPU (a host read) or outlasted the spin: gaps inside device_ms
-            row["note"] = (row["note"] + " host work not hidden (the step reads from the GPU): "
-                           "ratios and GB/s from wall time").strip()
+            row["note"] = (row["note"] + " host work not hidden (a read from the GPU, or more host work than the "
+                           "spin covers): ratios and GB/s from wall time").strip()
     row["gb_s"] = f"{row['bytes_per_elt'] * numel / med / 1e9:.3f}"
     row["_median"] = med
+
+
+def _state_dtype(optimizer: str) -> str:
+    """The states of our providers: fp32 (dual and moments), or fp32 duals with compact moments."""
+    fmt = split_kind(optimizer)[1]
+    return "fp32" if fmt == "fp32" else f"fp32, {fmt} moments"
 
 
 def _build_steps(workload, dtype_name, kind, providers, shapes, params, grads, args, device, info, sync,
@@ -113,8 +119,9 @@ def _build_steps(workload, dtype_name, kind, providers, shapes, params, grads, a
         row = dict(date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **info,
                    provider=provider, optimizer=opt_name, reg=args.reg if provider not in ANCHOR_OPTIMIZER else "",
                    workload=workload, n_tensors=len(shapes), numel=numel, dtype=dtype_name,
-                   state_dtype=dtype_name if provider in ANCHOR_OPTIMIZER else "fp32", device=str(device),
-                   bytes_per_elt=bytes_per_elt(opt_name, dtype), warmup=args.warmup, loadavg_1m=loadavg(),
+                   state_dtype=dtype_name if provider in ANCHOR_OPTIMIZER else _state_dtype(opt_name),
+                   device=str(device), bytes_per_elt=bytes_per_elt(opt_name, dtype, params), warmup=args.warmup,
+                   loadavg_1m=loadavg(),
                    status="ok", note="")
         rows[provider] = row
         if provider == "compiled-reference" and len(shapes) > args.compile_max_tensors:
@@ -190,9 +197,9 @@ def _fill_ratios(rows: dict, kind: str) -> None:
             copy_gbs = float(copy["gb_s"])
             row["copy_gb_s"] = f"{copy_gbs:.3f}"
             row["pct_of_copy"] = f"{100 * float(row['gb_s']) / copy_gbs:.1f}"
-        if research is not None and "_median" in research:
-            # wall time both: the research loop reads from the GPU every step, so its host work
-            # is never hidden, and the comparison is of whole synchronized steps
+        if research is not None and "_median" in research and provider != "copy":
+            # wall time both: whole synchronized steps, the research loop's per-tensor Python work
+            # included (the copy is no optimizer: it gets no speed-up)
             row["speedup_vs_research"] = f"{research['_wall'] / row['_wall']:.2f}"
             if provider in ANCHOR_OPTIMIZER:
                 row["note"] = (row["note"] + f" speed-up vs research-loop {kind}").strip()

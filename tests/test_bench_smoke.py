@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/bench_step.py: a --quick run on the tiny workload writes the CSV it promises."""
+"""Smoke tests of benchmarks/bench_step.py (a --quick run on the tiny workload writes the CSV it
+promises) and bench_inference.py, and of the byte counts their GB/s rest on."""
 import csv
 import math
 import os
@@ -8,8 +9,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the benchmark's modules import each other by name
+import bench_inference  # noqa: E402
 import bench_step  # noqa: E402
-from cases import workload_shapes  # noqa: E402
+import torch  # noqa: E402
+from cases import bytes_per_elt, workload_shapes  # noqa: E402
 from report import CSV_COLUMNS  # noqa: E402
 from timing import finish_row  # noqa: E402
 
@@ -102,3 +105,36 @@ def test_bench_step_quick_without_csv_writes_no_results_file(tmp_path, monkeypat
     bench_step.main(["--quick", "--workloads", "tiny", "--reps", "1", "--providers", "reference,copy",
                      "--optimizers", "linbreg", "--device", "cpu"])
     assert written == []
+
+
+def test_8bit_byte_counts_follow_the_params_that_keep_fp32_moments():
+    # moments.storage: a 1-D or small param keeps fp32 moments with "8bit" (32 B/elt for AdaBreg),
+    # a large 2-D one stores codes (20 B/elt); the count is the elements' weighted mean
+    big, small = torch.empty(64, 256), torch.empty(4096)
+    assert bytes_per_elt("adabreg-8bit", torch.float32, [big]) == 20
+    assert bytes_per_elt("adabreg-8bit", torch.float32, [small]) == 32
+    assert bytes_per_elt("adabreg-8bit", torch.float32, [big, small]) == pytest.approx(20 * 0.8 + 32 * 0.2)
+    assert bytes_per_elt("adabreg", torch.float32, [big, small]) == 32
+
+
+def test_bench_inference_quick_writes_no_results_file_and_calibration_rows_carry_their_spread(tmp_path,
+                                                                                                monkeypatch):
+    written = []
+    monkeypatch.setattr(bench_inference, "write_csv", lambda path, rows, columns: written.append(path))
+    bench_inference.main(["--quick", "--workloads", "mlp4096", "--batches", "1"])
+    assert written == []  # its default file is the day's results file
+    path = tmp_path / "calibrate.csv"
+    monkeypatch.undo()
+    rows = bench_inference.main(["--quick", "--calibrate", "--batches", "1", "--csv", str(path)])
+    assert path.exists() and rows
+    assert all(float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]) and r["reps"] == 3 for r in rows)
+
+
+def test_our_providers_refuse_torchs_optimizers_instead_of_running_one_of_ours():
+    # build_provider("cpu", "adam") used to fall through to ProxSGD (profile_step.py --optimizer adam)
+    from providers import build_provider
+
+    params, grads = [torch.randn(4, 3)], [torch.randn(4, 3)]
+    for provider in ("cpu", "reference", "research-loop"):
+        with pytest.raises(ValueError, match="is torch's, timed by the provider 'torch-adam-fused'"):
+            build_provider(provider, "adam", params, grads, None, "l1")
