@@ -16,6 +16,7 @@ import torch
 from bregman_fused.experiments import checkpoint as ckpt
 from bregman_fused.train import main, parse_args, train
 
+from dcp_files import dcp_tensors
 from test_experiments import FAST
 
 
@@ -104,26 +105,6 @@ def test_compare_writes_each_run_and_the_combined_plot(tmp_path):
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def _params(ckpt_dir):
-    """Model + optimizer tensors of a DCP checkpoint, flattened {name: tensor}."""
-    import torch.distributed.checkpoint as dcp  # noqa: F401
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dst = ckpt_dir + ".pt"
-    dcp_to_torch_save(ckpt_dir, dst)
-    out = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                out[prefix + str(k)] = v
-
-    walk(torch.load(dst, weights_only=False))
-    return out
-
-
 @pytest.mark.parametrize("argv", [
     # digits (tensor fast path), AdaBreg, LR plateau schedule that fires and a λ scheduler
     ["--optim", "adabreg", "--plateau-patience", "0", "--lr-schedule", "plateau", "--target-density", "0.0"],
@@ -138,7 +119,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, argv):
     resumed = train(parse_args([*common, "--epochs", "3", "--out-dir", str(tmp_path / "part"), "--resume"]))
     _same(first, full[:1])
     _same(resumed, full)
-    a, b = _params(str(tmp_path / "full" / "checkpoint")), _params(str(tmp_path / "part" / "checkpoint"))
+    a, b = dcp_tensors(str(tmp_path / "full" / "checkpoint")), dcp_tensors(str(tmp_path / "part" / "checkpoint"))
     assert a.keys() == b.keys() and len(a) > 4
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-identical params and optimizer states

@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dcp_files import dcp_tensors
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
@@ -65,24 +67,6 @@ def _history(out) -> list[dict]:
         return json.load(f)["history"]
 
 
-def _tensors(ckpt_dir: str) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dst = ckpt_dir + ".pt"
-    dcp_to_torch_save(ckpt_dir, dst)
-    flat = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                flat[prefix + str(k)] = v
-
-    walk(torch.load(dst, weights_only=False))
-    return flat
-
-
 def test_fsdp_cli_checkpoint_resumes_on_one_process(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     # 2 FSDP2 ranks for 2 epochs, keeping the epoch-1 DCP checkpoint: the uninterrupted 2-rank run
@@ -102,7 +86,7 @@ def test_fsdp_cli_checkpoint_resumes_on_one_process(tmp_path):
     for key in ("train_loss", "val_loss", "test_loss", "density", "reg"):
         assert math.isfinite(h1[1][key]), key
         assert h1[1][key] == pytest.approx(h2[1][key], rel=1e-4, abs=1e-6), key
-    a, b = _tensors(str(one / "checkpoint")), _tensors(str(two / "checkpoint"))
+    a, b = dcp_tensors(str(one / "checkpoint")), dcp_tensors(str(two / "checkpoint"))
     assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=2e-6, msg=k)
@@ -119,7 +103,7 @@ def test_ddp_cli_logs_on_rank_0_only_and_matches_one_process(tmp_path):
     h2, h1 = _history(ddp), _history(one)
     for key in ("train_loss", "test_loss", "density", "reg"):
         assert h2[0][key] == pytest.approx(h1[0][key], rel=1e-4, abs=1e-6), key
-    a, b = _tensors(str(ddp / "checkpoint")), _tensors(str(one / "checkpoint"))
+    a, b = dcp_tensors(str(ddp / "checkpoint")), dcp_tensors(str(one / "checkpoint"))
     assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=2e-5, atol=2e-6, msg=k)
