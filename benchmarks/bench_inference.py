@@ -263,7 +263,8 @@ def calibrate(args, info, log) -> list[dict]:
                 rows.append(dict(info, date_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                                  loadavg_1m=loadavg(), device="cpu", workload=f"calibrate-linear{n}",
                                  density=f"{d:.4f}", batch=batch, provider=k, median_ms=f"{med[k]:.4f}",
-                                 p20_ms=f"{percentile(samples[k], 0.2):.4f}", p80_ms=f"{percentile(samples[k], 0.8):.4f}",
+                                 p20_ms=f"{percentile(samples[k], 0.2):.4f}",
+                                 p80_ms=f"{percentile(samples[k], 0.8):.4f}",
                                  reps=len(samples[k]),
                                  speedup_vs_dense=f"{med['dense'] / med[k]:.2f}",
                                  speedup_vs_onednn=f"{med['onednn'] / med[k]:.2f}", status="ok"))
